@@ -1,0 +1,116 @@
+"""`segprompt` command line: prepare, train and eval (typer + rich).
+
+The CLI only parses arguments and prints; all work happens in :mod:`segprompt.engine` and
+:mod:`segprompt.data`. User errors (:class:`SegpromptError`) print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from segprompt.errors import SegpromptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Parameter-efficient and text-guided semantic segmentation experiments.")
+console = Console()
+err_console = Console(stderr=True)
+
+PREPARERS = ("synthetic",)
+
+
+@app.command()
+def prepare(
+    dataset: Annotated[str, typer.Argument(help=f"Dataset to prepare: {', '.join(PREPARERS)}.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the prepared layout to.")],
+    seed: Annotated[int, typer.Option(help="synthetic: generator seed.")] = 0,
+    num_classes: Annotated[int, typer.Option(help="synthetic: classes, background included (2..32).")] = 6,
+    image_size: Annotated[int, typer.Option(help="synthetic: square image side in pixels.")] = 128,
+    train: Annotated[int, typer.Option(help="synthetic: training images.")] = 64,
+    val: Annotated[int, typer.Option(help="synthetic: validation images.")] = 16,
+    test: Annotated[int, typer.Option(help="synthetic: test images.")] = 16,
+    domain_shift: Annotated[float, typer.Option(help="synthetic: appearance shift in [0, 1] "
+                                                     "(0 = source domain, 1 = fully shifted target).")] = 0.0,
+    force: Annotated[bool, typer.Option(help="Redo it; an existing folder is moved aside, not deleted.")] = False,
+) -> None:
+    """Write a dataset in the prepared layout (img_dir/, ann_dir/, meta.json)."""
+    if dataset not in PREPARERS:
+        raise SegpromptError(f"unknown dataset '{dataset}'; `segprompt prepare` knows: {', '.join(PREPARERS)}")
+    from segprompt.data.synthetic import generate_synthetic
+
+    meta = generate_synthetic(out, seed=seed, num_classes=num_classes, image_size=(image_size, image_size),
+                              counts={"train": train, "val": val, "test": test}, domain_shift=domain_shift,
+                              force=force)
+    console.print(f"[green]prepared[/] {meta.name} at {out}: "
+                  + ", ".join(f"{k} {v}" for k, v in meta.splits.items()) + f"; {meta.num_classes} classes")
+
+
+@app.command("train")
+def train_cmd(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE (YAML scalar); repeatable.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default results/<recipe>/<timestamp>/).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="'auto' (latest run of the recipe, or --out) or a checkpoint/run path.")] = None,
+    load_from: Annotated[Optional[Path], typer.Option(help="Initialise weights from a checkpoint; the iteration counter starts at 0.")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved recipe and exit.")] = False,
+) -> None:
+    """Train a recipe on one CPU, one GPU, or under torchrun (DDP)."""
+    from segprompt.config import dump_recipe, load_recipe
+
+    overrides = set_ or []
+    if print_config:
+        console.print(dump_recipe(load_recipe(recipe, overrides)), markup=False, highlight=False)
+        return
+    if resume and load_from:
+        raise SegpromptError("--resume continues a run; --load-from starts a new one from weights: use one")
+    from segprompt.engine.train import train
+
+    train(recipe, overrides, out=out, resume=resume, load_from=load_from)
+
+
+@app.command("eval")
+def eval_cmd(
+    target: Annotated[Path, typer.Argument(help="A run directory, or a recipe (then --checkpoint PATH).")],
+    checkpoint: Annotated[str, typer.Option(help="best | last | PATH.")] = "best",
+    mode: Annotated[Optional[str], typer.Option(help="whole | slide (default: the recipe's).")] = None,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Multi-scale + flip test-time augmentation.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split to evaluate (default data.val_split).")] = None,
+    save_preds: Annotated[Optional[Path], typer.Option(help="Write index PNGs and colour overlays here.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
+) -> None:
+    """Evaluate a checkpoint: aAcc, mIoU, mAcc, mDice, mFscore and a per-class table."""
+    if mode is not None and mode not in ("whole", "slide"):
+        raise SegpromptError(f"--mode '{mode}' is not one of: whole, slide")
+    from segprompt.engine.evaluate import evaluate_checkpoint
+    from segprompt.engine.metrics import format_table
+
+    run_dir, result = evaluate_checkpoint(target, checkpoint=checkpoint, overrides=set_ or [], mode=mode, tta=tta,
+                                          split=split, save_preds=save_preds)
+    if _is_main():
+        console.print(format_table(result))
+        console.print(f"wrote {run_dir / 'eval.json'}")
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _user_message(e: SegpromptError) -> str:
+    # DataLoader workers re-raise with the worker's traceback in the text: keep the message.
+    text = str(e)
+    marker = "SegpromptError: "
+    return text.rsplit(marker, 1)[-1].strip() if marker in text else text
+
+
+def main() -> None:
+    try:
+        app()
+    except SegpromptError as e:
+        err_console.print(f"[bold red]error:[/] {_user_message(e)}", markup=True, highlight=False)
+        sys.exit(2)

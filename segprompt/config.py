@@ -1,0 +1,488 @@
+"""YAML recipes: `base:` inheritance, `--set` overrides and strict, typed validation.
+
+A recipe is a YAML mapping with the sections of :class:`Recipe`. ``base:`` names one file or a
+list of files (relative to the recipe) whose contents are merged first, later ones winning; the
+recipe itself wins over its bases. Mappings merge key by key and lists are replaced whole. A
+mapping that names a component (a ``name:`` key) is replaced whole when the name changes, so a
+recipe can swap ``model.backbone`` without inheriting the old backbone's options.
+
+Validation is strict: an unknown key is an error naming the file that set it, the key path and
+the closest valid key; a wrong type names the key and the expected type. Components
+(``model.backbone``, heads, ``loss``, ``tuning``) are checked against their constructor's
+signature, so every option a recipe can set is an argument of an explicit constructor.
+
+Written by hand rather than with pydantic or OmegaConf because the messages must name the file
+in the inheritance chain that set a key and suggest the closest valid key, and component options
+are validated from constructor signatures; neither library does either.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from segprompt.errors import SegpromptError
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+
+
+class Component(dict):
+    """Marker type: a mapping ``{name: <constructor>, **kwargs}`` checked against a table."""
+
+
+def _tables() -> dict[str, tuple[dict[str, Any], set[str]]]:
+    """Component tables: kind -> (name -> constructor, arguments the builder supplies itself)."""
+    from segprompt.models import BACKBONES, HEADS, LOSSES
+    from segprompt.tuning import METHODS
+
+    injected = {"in_channels", "num_classes", "ignore_index", "align_corners", "loss"}
+    return {
+        "backbone": (BACKBONES, {"in_channels"}),
+        "head": (HEADS, injected),
+        "loss": (LOSSES, {"ignore_index"}),
+        "tuning": (METHODS, set()),
+    }
+
+
+@dataclass
+class ModelConfig:
+    backbone: typing.Annotated[Component, "backbone"] = field(
+        default_factory=lambda: Component(name="resnet", depth=18, base_channels=16)
+    )
+    decode_head: typing.Annotated[Component, "head"] = field(
+        default_factory=lambda: Component(name="fcn", channels=32, in_index=-1)
+    )
+    aux_heads: list[typing.Annotated[Component, "head"]] = field(default_factory=list)
+    pretrained: str | None = None  # local backbone checkpoint file
+    align_corners: bool = False
+
+
+@dataclass
+class TrainPipelineConfig:
+    scale: tuple[int, int] | None = None  # (long, short) as MMSegmentation's (w, h) scale
+    ratio_range: tuple[float, float] | None = None
+    scales: list[tuple[int, int]] | None = None  # discrete scale list, one drawn per sample
+    keep_ratio: bool = True
+    crop_size: tuple[int, int] | None = None  # (h, w)
+    cat_max_ratio: float = 1.0
+    flip_prob: float = 0.5
+    photometric: bool = True
+
+
+@dataclass
+class TestPipelineConfig:
+    scale: tuple[int, int] | None = None
+    keep_ratio: bool = True
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # which `segprompt prepare DATASET` makes `root`
+    root: str = "data/synthetic"
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 8  # global batch: world size x per-process batch x accumulation steps
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB, 0..255 units
+    std: tuple[float, float, float] = IMAGENET_STD
+    train: TrainPipelineConfig = field(default_factory=TrainPipelineConfig)
+    test: TestPipelineConfig = field(default_factory=TestPipelineConfig)
+    skip_bad_images: bool = False  # skip unreadable images (counted, summarised) instead of failing
+
+
+@dataclass
+class ParamGroupConfig:
+    pattern: str  # regular expression searched in parameter names; the first match wins
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    grad_clip: float | None = None  # max global L2 norm of the gradients
+    accum_steps: int = 1
+
+
+@dataclass
+class ScheduleConfig:
+    iters: int = 40
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6  # lr at iteration 0 = ratio x poly lr (MMSegmentation's linear warm-up)
+    power: float = 0.9
+    min_lr: float = 1e-4
+
+
+@dataclass
+class EvaluationConfig:
+    interval: int = 0  # evaluate every N iterations; 0 = only at the end
+    metric: str = "mIoU"  # selects the best checkpoint
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: tuple[int, int] | None = None  # slide window (h, w)
+    stride: tuple[int, int] | None = None
+    slide_batch: int = 4  # windows per forward pass
+    tta: bool = False
+    tta_scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    tta_flip: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000  # write checkpoints/last.pt every N iterations (and at the end)
+    keep: int = 0  # also keep the newest N checkpoints/iter_<N>.pt
+    save_full_model: bool = False  # default: only what training changed + frozen-weights reference
+
+
+@dataclass
+class RuntimeConfig:
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["off", "fp16", "bf16"] = "off"
+    num_workers: int = 2
+    log_interval: int = 10
+    find_unused_parameters: bool = False
+    cudnn_benchmark: bool = False
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tuning: typing.Annotated[Component, "tuning"] = field(default_factory=lambda: Component(name="full"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: typing.Annotated[Component, "loss"] = field(
+        default_factory=lambda: Component(name="cross_entropy")
+    )
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and merging
+
+
+@dataclass
+class _Source:
+    """Which file (or `--set`) set each key path, for error messages."""
+
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def of(self, path: str) -> str:
+        while path:
+            if path in self.origin:
+                return self.origin[path]
+            path = path.rpartition(".")[0]
+        return self.origin.get("", "<recipe>")
+
+
+def _record(src: _Source, d: Any, prefix: str, where: str) -> None:
+    src.origin[prefix] = where
+    if isinstance(d, dict):
+        for k, v in d.items():
+            _record(src, v, f"{prefix}.{k}" if prefix else str(k), where)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        b = out.get(k)
+        if isinstance(b, dict) and isinstance(v, dict) and not (
+            "name" in v and "name" in b and v["name"] != b["name"]
+        ):
+            out[k] = _merge(b, v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise SegpromptError(f"recipe '{path}' does not exist")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SegpromptError(f"recipe '{path}' is not valid YAML: {e}") from e
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise SegpromptError(f"recipe '{path}' must be a mapping of sections, got {type(d).__name__}")
+    return d
+
+
+def _load_tree(path: Path, src: _Source, stack: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise SegpromptError(f"recipe inheritance loops: {chain}")
+    d = _read_yaml(path)
+    bases = d.pop("base", None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    elif not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
+        raise SegpromptError(f"{path}: 'base' must be a file name or a list of file names")
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, _load_tree((path.parent / b), src, (*stack, path)))
+    _record(src, d, "", str(path))
+    src.origin.pop("", None)
+    return _merge(merged, d)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a','b','c'], YAML-parsed value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SegpromptError(f"--set '{item}': expected KEY.PATH=VALUE, e.g. --set optimizer.lr=0.02")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise SegpromptError(f"--set '{item}': the value is not valid YAML ({e})") from e
+    return key.strip().split("."), value
+
+
+def _apply_override(tree: dict, keys: list[str], value: Any, item: str) -> None:
+    node: Any = tree
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, k, keys[: i + 1], item)]
+            continue
+        if k not in node or node[k] is None:
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, (dict, list)):
+            raise SegpromptError(f"--set '{item}': '{'.'.join(keys[: i + 1])}' is a value, not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, keys, item)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, k: str, keys: list[str], item: str) -> int:
+    try:
+        idx = int(k)
+        node[idx]
+    except (ValueError, IndexError):
+        raise SegpromptError(
+            f"--set '{item}': '{'.'.join(keys)}' indexes a list of {len(node)} items; use 0..{len(node) - 1}"
+        ) from None
+    return idx
+
+
+def resolve_tree(path: str | Path, overrides: list[str] = ()) -> tuple[dict, _Source]:
+    src = _Source()
+    tree = _load_tree(Path(path), src)
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(tree, keys, value, item)
+        _record(src, value, ".".join(keys), f"--set {item}")
+    return tree, src
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load, merge and validate a recipe; raises SegpromptError with a precise message."""
+    tree, src = resolve_tree(path, overrides)
+    return validate(tree, src)
+
+
+def recipe_from_dict(d: dict, where: str = "<config>") -> Recipe:
+    src = _Source({"": where})
+    _record(src, d, "", where)
+    return validate(copy.deepcopy(d), src)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(tree: dict, src: _Source) -> Recipe:
+    return _check(tree, Recipe, "", src)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is typing.Annotated:
+        return "a component mapping with 'name'"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (section)"
+    if tp is Any:
+        return "any value"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fail(src: _Source, path: str, msg: str) -> typing.NoReturn:
+    raise SegpromptError(f"{src.of(path)}: {msg}")
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    m = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f"; did you mean '{m[0]}'?" if m else ""
+
+
+def _check(value: Any, tp: Any, path: str, src: _Source) -> Any:
+    origin = typing.get_origin(tp)
+    shown = path or "<top level>"
+    if tp is Any:
+        return value
+    if origin is typing.Annotated:
+        base, kind = typing.get_args(tp)
+        return _check_component(value, kind, path, src)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(value, a, path, src)
+            except SegpromptError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        _fail(src, path, f"'{shown}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            _fail(src, path, f"'{shown}' must be {_type_name(tp)}, got {value!r}"
+                  + _closest(str(value), [str(a) for a in allowed]))
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(src, path, f"'{shown}' must be {_type_name(tp)}, got {value!r}")
+        return _check_dataclass(value, tp, path, src)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            _fail(src, path, f"'{shown}' must be {_type_name(tp)}, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                _fail(src, path, f"'{shown}' must be {_type_name(tp)}, got {value!r}")
+            return tuple(_check(v, a, f"{path}.{i}", src) for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_check(v, inner, f"{path}.{i}", src) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(src, path, f"'{shown}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(src, path, f"'{shown}' must be bool (true/false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(src, path, f"'{shown}' must be int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(src, path, f"'{shown}' must be float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(src, path, f"'{shown}' must be str, got {value!r}")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {path}")
+
+
+def _check_dataclass(value: dict, tp: type, path: str, src: _Source) -> Any:
+    hints = typing.get_type_hints(tp, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    for k in value:
+        if k not in fields:
+            key = f"{path}.{k}" if path else str(k)
+            valid = [f"{path}.{n}" if path else n for n in fields]
+            _fail(src, key, f"unknown key '{key}'" + _closest(key, valid))
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name in value:
+            kwargs[name] = _check(value[name], hints[name], key, src)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            _fail(src, path, f"'{key}' is required ({_type_name(hints[name])})")
+    return tp(**kwargs)
+
+
+def _check_component(value: Any, kind: str, path: str, src: _Source) -> Component:
+    table, injected = _tables()[kind]
+    if not isinstance(value, dict) or "name" not in value:
+        _fail(src, path, f"'{path}' must be a mapping with 'name' (one of: {', '.join(sorted(table))})")
+    name = value["name"]
+    if name not in table:
+        _fail(src, f"{path}.name", f"'{path}.name' is {name!r}, not one of: {', '.join(sorted(table))}"
+              + _closest(str(name), list(table)))
+    ctor = table[name]
+    sig = inspect.signature(ctor)
+    hints = typing.get_type_hints(ctor.__init__ if inspect.isclass(ctor) else ctor, include_extras=True)
+    params = {
+        p.name: p for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in injected
+    }
+    out = Component(name=name)
+    for k, v in value.items():
+        if k == "name":
+            continue
+        key = f"{path}.{k}"
+        if k not in params:
+            _fail(src, key, f"unknown key '{key}' for {kind} '{name}'"
+                  + _closest(key, [f"{path}.{p}" for p in params]))
+        out[k] = _check(v, hints.get(k, Any), key, src)
+    for p in params.values():
+        if p.default is p.empty and p.name not in out:
+            _fail(src, path, f"'{path}.{p.name}' is required for {kind} '{name}'")
+    return out
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj

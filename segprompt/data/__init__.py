@@ -1,0 +1,1 @@
+"""Datasets over the prepared layout, training/test transforms and dataset preparation."""

@@ -1,0 +1,150 @@
+"""The one dataset class, over the prepared layout every `segprompt prepare` writes.
+
+``ROOT/img_dir/<split>/<stem>.<ext>`` with ``ROOT/ann_dir/<split>/<stem>.png`` (single-channel
+uint8 train IDs, 255 = ignore) and ``ROOT/meta.json``. Labels are never shifted here: every
+remapping happened once, at prepare time. Each sample is checked as it is read (readable image,
+equal image/label sizes, label values in {0..K-1, ignore}), so a wrong label fails with the file
+name instead of a device-side assert or a silently wrong metric.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta
+from segprompt.data.transforms import TestTransform, TrainTransform, label_to_tensor, to_tensor
+from segprompt.errors import SegpromptError
+
+IMG_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm")
+
+
+class BadImage(Exception):
+    """An image that could not be decoded (may be skipped when the recipe allows it)."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise BadImage(f"cannot read image '{path}': the file is missing, empty or corrupt")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: Path) -> np.ndarray:
+    lbl = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if lbl is None:
+        raise SegpromptError(f"cannot read label '{path}': the file is missing, empty or corrupt")
+    if lbl.ndim != 2 or lbl.dtype != np.uint8:
+        raise SegpromptError(
+            f"label '{path}' must be a single-channel 8-bit PNG of class ids (got shape {lbl.shape}, "
+            f"{lbl.dtype}); re-run `segprompt prepare`, which writes labels in that form")
+    return lbl
+
+
+class SegDataset(Dataset):
+    """Training items are ``(index, augmentation seed)`` pairs from the sampler; test items are indices."""
+
+    def __init__(self, root: str | Path, split: str, meta: DatasetMeta, *,
+                 train_transform: TrainTransform | None = None, test_transform: TestTransform | None = None,
+                 skip_bad_images: bool = False):
+        self.root = Path(root)
+        self.split = split
+        self.meta = meta
+        self.num_classes = meta.num_classes
+        self.ignore_index = meta.ignore_index
+        self.train_transform = train_transform
+        self.test_transform = test_transform
+        self.skip_bad_images = skip_bad_images
+        img_dir, ann_dir = self.root / IMG_DIR / split, self.root / ANN_DIR / split
+        for d in (img_dir, ann_dir):
+            if not d.is_dir():
+                have = sorted(p.name for p in (self.root / IMG_DIR).glob("*") if p.is_dir())
+                raise SegpromptError(f"split folder '{d}' does not exist (splits prepared in "
+                                     f"'{self.root}': {', '.join(have) or 'none'})")
+        # Sorted explicitly: glob order is not stable across file systems.
+        self.images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMG_EXTS)
+        if not self.images:
+            raise SegpromptError(f"split folder '{img_dir}' holds no images")
+        self.labels = [ann_dir / f"{p.stem}.png" for p in self.images]
+        missing = [str(p) for p in self.labels if not p.is_file()]
+        if missing:
+            raise SegpromptError(f"{len(missing)} image(s) in '{img_dir}' have no label in '{ann_dir}', "
+                                 f"e.g. '{missing[0]}'")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def check_label(self, lbl: np.ndarray, path: Path) -> None:
+        k = self.num_classes
+        if lbl.max() < k:
+            return
+        bad = np.unique(lbl[(lbl >= k) & (lbl != self.ignore_index)])
+        if bad.size:
+            raise SegpromptError(
+                f"label '{path}' has values {bad.tolist()} outside {{0..{k - 1}, {self.ignore_index}}} "
+                f"for {k} classes; re-run `segprompt prepare` (binary masks must be stored as 0/1, "
+                f"not 0/255)")
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        img = read_image(self.images[i])
+        lbl = read_label(self.labels[i])
+        if img.shape[:2] != lbl.shape:
+            raise SegpromptError(
+                f"image '{self.images[i]}' is {img.shape[1]}x{img.shape[0]} but its label '{self.labels[i]}' "
+                f"is {lbl.shape[1]}x{lbl.shape[0]} (width x height); they must be equal")
+        self.check_label(lbl, self.labels[i])
+        return img, lbl
+
+    def _load_or_skip(self, i: int) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
+        skipped: list[str] = []
+        for j in range(len(self)):
+            idx = (i + j) % len(self)
+            try:
+                img, lbl = self.load(idx)
+                return idx, img, lbl, skipped
+            except BadImage as e:
+                if not self.skip_bad_images:
+                    raise SegpromptError(f"{e}. Fix or remove it, or set data.skip_bad_images: true "
+                                         f"to skip unreadable images") from None
+                skipped.append(str(self.images[idx]))
+        raise SegpromptError(f"no readable image in '{self.root / IMG_DIR / self.split}'")
+
+    def __getitem__(self, item: Any) -> dict[str, Any]:
+        if isinstance(item, tuple):  # training: (index, augmentation seed)
+            i, seed = item
+            idx, img, lbl, skipped = self._load_or_skip(i)
+            img, lbl = self.train_transform(img, lbl, np.random.default_rng(seed))
+            return {"img": to_tensor(img), "label": label_to_tensor(lbl), "stem": self.images[idx].stem,
+                    "skipped": skipped}
+        # Evaluation never substitutes another image for a bad one: that would count it twice.
+        try:
+            img, lbl = self.load(item)
+        except BadImage as e:
+            if not self.skip_bad_images:
+                raise SegpromptError(f"{e}. Fix or remove it, or set data.skip_bad_images: true "
+                                     f"to skip unreadable images") from None
+            return {"img": None, "skipped": [str(self.images[item])]}
+        if self.test_transform is not None:
+            img = self.test_transform(img)
+        return {"img": to_tensor(img), "label": label_to_tensor(lbl), "stem": self.images[item].stem,
+                "path": str(self.images[item]), "skipped": []}
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images and labels; skipped (unreadable) items only contribute their file names."""
+    skipped = [s for b in batch for s in b["skipped"]]
+    batch = [b for b in batch if b["img"] is not None]
+    if not batch:
+        return {"img": None, "skipped": skipped}
+    out: dict[str, Any] = {"img": torch.stack([b["img"] for b in batch]),
+                           "label": torch.stack([b["label"] for b in batch]),
+                           "stem": [b["stem"] for b in batch],
+                           "skipped": skipped}
+    if "path" in batch[0]:
+        out["path"] = [b["path"] for b in batch]
+    return out

@@ -1,0 +1,72 @@
+"""`ROOT/meta.json`: what every `segprompt prepare` writes beside the prepared images.
+
+The prepared layout is ``ROOT/img_dir/<split>/<stem>.<ext>``, ``ROOT/ann_dir/<split>/<stem>.png``
+(single-channel uint8 train IDs, 255 = ignore) and ``ROOT/meta.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segprompt.errors import SegpromptError
+from segprompt.io import atomic_write_json
+
+META_FILE = "meta.json"
+IMG_DIR = "img_dir"
+ANN_DIR = "ann_dir"
+
+
+@dataclass
+class DatasetMeta:
+    name: str
+    classes: list[str]
+    palette: list[list[int]]  # RGB per class
+    ignore_index: int = 255
+    splits: dict[str, int] = field(default_factory=dict)  # split -> number of samples
+    label_values: dict[str, list[int]] = field(default_factory=dict)  # split -> values found
+    extra: dict[str, Any] = field(default_factory=dict)  # converter-specific facts (sources, options)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["num_classes"] = self.num_classes
+        return d
+
+
+def write_meta(root: str | Path, meta: DatasetMeta) -> None:
+    if len(meta.palette) != len(meta.classes):
+        raise ValueError(f"palette has {len(meta.palette)} colours for {len(meta.classes)} classes")
+    atomic_write_json(Path(root) / META_FILE, meta.to_json())
+
+
+def read_meta(root: str | Path, dataset: str = "DATASET") -> DatasetMeta:
+    """Read ROOT/meta.json; a missing root names the `segprompt prepare` command that makes it."""
+    root = Path(root)
+    path = root / META_FILE
+    if not root.is_dir():
+        raise SegpromptError(
+            f"dataset root '{root}' does not exist. Create it with "
+            f"`segprompt prepare {dataset} --out {root}`"
+            + ("" if dataset == "synthetic" else " --src <folder with the official archives>")
+            + " (or point data.root at an existing prepared folder)."
+        )
+    if not path.is_file():
+        raise SegpromptError(
+            f"'{path}' is missing: '{root}' is not a prepared dataset. Run "
+            f"`segprompt prepare {dataset} --out {root}` to prepare it."
+        )
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SegpromptError(f"'{path}' is not valid JSON ({e}); re-run `segprompt prepare`.") from e
+    d.pop("num_classes", None)
+    try:
+        return DatasetMeta(**d)
+    except TypeError as e:
+        raise SegpromptError(f"'{path}' does not have the fields segprompt writes: {e}") from e

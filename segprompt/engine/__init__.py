@@ -1,0 +1,1 @@
+"""The engine: one training loop, evaluation, inference, metrics, checkpoints and run directories."""

@@ -1,0 +1,124 @@
+"""Checkpoints: what training changed, plus everything needed to resume bit-exactly.
+
+By default a checkpoint stores only the trainable parameters and the buffers that training
+updates (those of modules in training mode, so the statistics of frozen BatchNorm layers are
+left out), together with a reference to where the frozen weights come from: the pretrained
+file and its SHA-256, or the seed the model was initialised with. ``checkpoint.save_full_model``
+stores the whole model instead. Every write is atomic (:mod:`segprompt.io`).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from segprompt.errors import SegpromptError
+from segprompt.io import atomic_torch_save, sha256_file
+
+
+def changed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and the buffers of modules that are in training mode."""
+    was_training = model.training
+    model.train()
+    live = {id(m) for m in model.modules() if m.training}
+    state: dict[str, torch.Tensor] = {}
+    for mod_name, m in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for n, p in m.named_parameters(recurse=False):
+            if p.requires_grad:
+                state[prefix + n] = p.detach().clone()
+        if id(m) in live:
+            for n, b in m.named_buffers(recurse=False):
+                if b is not None and n not in m._non_persistent_buffers_set:
+                    state[prefix + n] = b.detach().clone()
+    model.train(was_training)
+    return state
+
+
+def model_state(model: nn.Module, full: bool) -> dict[str, torch.Tensor]:
+    if full:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return changed_state_dict(model)
+
+
+def frozen_source(pretrained: str | None, seed: int) -> dict[str, Any]:
+    if pretrained:
+        return {"type": "file", "path": str(Path(pretrained).resolve()), "sha256": sha256_file(pretrained)}
+    return {"type": "seed", "seed": seed}
+
+
+def check_frozen_source(ckpt: dict, pretrained: str | None, where: str) -> None:
+    """A trainable-only checkpoint is only valid on top of the same frozen weights."""
+    src = ckpt.get("frozen_source", {})
+    if ckpt.get("full_model") or src.get("type") != "file":
+        return
+    if not pretrained or not Path(pretrained).is_file():
+        raise SegpromptError(
+            f"checkpoint '{where}' stores only the trained parameters; its frozen weights come from "
+            f"'{src['path']}' (sha256 {src['sha256'][:12]}...). Put that file back there or set "
+            f"model.pretrained to its new location")
+    digest = sha256_file(pretrained)
+    if digest != src["sha256"]:
+        raise SegpromptError(
+            f"checkpoint '{where}' was trained on frozen weights with sha256 {src['sha256'][:12]}... but "
+            f"'{pretrained}' has sha256 {digest[:12]}...; use the original file")
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, **fields: Any) -> None:
+    atomic_torch_save(fields, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SegpromptError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise SegpromptError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e})") from e
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, *,
+                     allow_partial: bool = False) -> None:
+    """Load ``state`` into ``model``; every trainable tensor must be present unless ``allow_partial``."""
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise SegpromptError(f"checkpoint '{where}' has keys this model does not: {unexpected[:8]}"
+                             + (" ..." if len(unexpected) > 8 else ""))
+    if not allow_partial:
+        needed = changed_state_dict(model)
+        missing = sorted(set(needed) - set(state))
+        if missing:
+            raise SegpromptError(f"checkpoint '{where}' lacks trained tensors of this model: {missing[:8]}"
+                                 + (" ..." if len(missing) > 8 else ""))
+    mismatched = [k for k, v in state.items() if own[k].shape != v.shape]
+    if mismatched:
+        raise SegpromptError(f"checkpoint '{where}' has tensors of other shapes: "
+                             + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                                         for k in mismatched[:5]))
+    model.load_state_dict(state, strict=False)

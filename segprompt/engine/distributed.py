@@ -1,0 +1,143 @@
+"""Process-group setup under `torchrun` and the few collectives the engine needs.
+
+One code path for every launch: a plain ``segprompt train`` is world size 1 with no process
+group; under ``torchrun`` (one node or ``--nnodes`` many) the environment variables it sets
+select NCCL on GPUs and gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            from segprompt.errors import SegpromptError
+
+            raise SegpromptError("runtime.device is 'cuda' but no CUDA device is visible; "
+                                 "use --set runtime.device=cpu (or auto)")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_name: str) -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistEnv(rank, world, local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """Batch statistics over all processes for CPU (gloo) runs.
+
+    Written here because torch's ``nn.SyncBatchNorm`` refuses CPU tensors. The sums go through
+    the autograd-aware ``all_reduce`` of ``torch.distributed.nn``, so gradients flow through the
+    global statistics exactly as in a single process that sees the whole batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        dims = [0, 2, 3]
+        n_local = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = dist_fn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), n_local]))
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c:2 * c] / n - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Swap trainable BatchNorm layers for synchronised ones (the caller does so only when the
+    world size is > 1). Frozen subtrees (``keep_eval``) keep their fixed statistics and plain BN."""
+    if getattr(model, "keep_eval", False):
+        return model
+    if isinstance(model, nn.BatchNorm2d):
+        if device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        new = CPUSyncBatchNorm(model.num_features, model.eps, model.momentum, model.affine,
+                               model.track_running_stats)
+        new.load_state_dict(model.state_dict())
+        if model.affine:
+            new.weight.requires_grad_(model.weight.requires_grad)
+            new.bias.requires_grad_(model.bias.requires_grad)
+        return new.train(model.training)
+    for name, child in model.named_children():
+        model.add_module(name, convert_sync_batchnorm(child, device))
+    return model

@@ -1,0 +1,135 @@
+"""Distributed evaluation: each rank predicts its shard, confusion matrices are summed.
+
+Every image is evaluated exactly once across ranks (no padded duplicates, no drops), the
+prediction is compared at the label's resolution, and only a KxK matrix per rank is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from segprompt.config import Recipe
+from segprompt.data.dataset import SegDataset, collate, read_image
+from segprompt.data.sampler import eval_shard
+from segprompt.data.transforms import normalize
+from segprompt.engine.distributed import DistEnv, all_gather_object
+from segprompt.engine.inference import inference, save_prediction
+from segprompt.engine.metrics import ConfusionMatrix, compute_metrics
+from segprompt.engine.progress import progress_bar
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *, mode: str | None = None,
+             tta: bool | None = None, save_preds: Path | None = None, show_progress: bool = True) -> dict[str, Any]:
+    ev = cfg.evaluation
+    mode = mode or ev.mode
+    tta = ev.tta if tta is None else tta
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=1, sampler=eval_shard(len(dataset), env.world_size, env.rank),
+                        num_workers=cfg.runtime.num_workers, collate_fn=collate,
+                        pin_memory=env.device.type == "cuda", generator=torch.Generator())
+    cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=env.device)
+    skipped: list[str] = []
+    palette = dataset.meta.palette
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), \
+            progress_bar(show_progress and env.is_main) as bar:
+        task = bar.add_task("eval", total=len(loader), info="")
+        for batch in loader:
+            skipped += batch["skipped"]
+            bar.update(task, advance=1)
+            if batch["img"] is None:
+                continue
+            img = normalize(batch["img"].to(env.device, non_blocking=True), cfg.data.mean, cfg.data.std)
+            label = batch["label"].to(env.device, non_blocking=True)
+            with autocast(env.device, cfg.runtime.amp):
+                logits = inference(model, img, tuple(label.shape[-2:]), mode=mode, crop_size=ev.crop_size,
+                                   stride=ev.stride, batch_size=ev.slide_batch,
+                                   scales=ev.tta_scales if tta else [1.0], flip=ev.tta_flip and tta,
+                                   align_corners=cfg.model.align_corners)
+            pred = logits.argmax(1)
+            cm.update(pred, label)
+            if save_preds is not None:
+                for i, stem in enumerate(batch["stem"]):
+                    save_prediction(save_preds, stem, pred[i].to(torch.uint8).cpu().numpy(),
+                                    read_image(Path(batch["path"][i])), palette)
+    cm.all_reduce()
+    model.train(was_training)
+    metrics = compute_metrics(cm.mat.cpu(), dataset.meta.classes)
+    all_skipped = sorted(s for part in all_gather_object(skipped) for s in part)
+    metrics["images"] = len(dataset) - len(all_skipped)
+    metrics["skipped_images"] = all_skipped
+    metrics["mode"] = mode
+    metrics["tta"] = bool(tta)
+    return metrics
+
+
+def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrides: list[str] = (),
+                        mode: str | None = None, tta: bool | None = None, split: str | None = None,
+                        save_preds: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """``segprompt eval``: a run directory (its config and ``best``/``last`` checkpoint) or a recipe
+    with ``--checkpoint PATH``. Writes ``eval.json`` into the run directory; an earlier one is
+    moved to ``eval_history/`` first, never overwritten."""
+    from segprompt.config import load_recipe
+    from segprompt.engine import checkpoint as ckpt
+    from segprompt.engine import distributed as dist_utils
+    from segprompt.engine.build import build_eval_dataset, build_model, dataset_meta
+    from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, LAST, default_run_dir
+    from segprompt.errors import SegpromptError
+    from segprompt.io import atomic_write_json
+
+    target = Path(target)
+    if target.is_dir():
+        if not (target / CONFIG).is_file():
+            raise SegpromptError(f"'{target}' is not a run directory: '{target / CONFIG}' is missing")
+        cfg = load_recipe(target / CONFIG, overrides)
+        run_dir = target
+        named = {"best": target / CKPT_DIR / BEST, "last": target / CKPT_DIR / LAST}
+        ckpt_path = named.get(checkpoint, Path(checkpoint))
+    else:
+        cfg = load_recipe(target, overrides)
+        if checkpoint in ("best", "last"):
+            raise SegpromptError(f"evaluating recipe '{target}' needs --checkpoint PATH "
+                                 f"(best/last only make sense for a run directory)")
+        ckpt_path = Path(checkpoint)
+        run_dir = default_run_dir(target).with_name("eval-" + default_run_dir(target).name)
+    if save_preds is not None:
+        save_preds = Path(save_preds)
+        if save_preds.exists() and any(save_preds.iterdir()):
+            raise SegpromptError(f"--save-preds folder '{save_preds}' is not empty; choose a new folder")
+    env = dist_utils.init_distributed(cfg.runtime.device)
+    try:
+        meta = dataset_meta(cfg)
+        state = ckpt.load_checkpoint(ckpt_path)
+        ckpt.check_frozen_source(state, cfg.model.pretrained, str(ckpt_path))
+        model = build_model(cfg, meta)
+        ckpt.load_model_state(model, state["model"], str(ckpt_path))
+        model.to(env.device)
+        dataset = build_eval_dataset(cfg, meta, split)
+        result = evaluate(model, dataset, cfg, env, mode=mode, tta=tta, save_preds=save_preds)
+        result = {"checkpoint": str(ckpt_path), "iter": state.get("iteration"), "split": dataset.split, **result}
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            out = run_dir / "eval.json"
+            if out.exists():
+                history = run_dir / "eval_history"
+                history.mkdir(exist_ok=True)
+                out.rename(history / f"eval-{int(out.stat().st_mtime)}-{len(list(history.iterdir()))}.json")
+            atomic_write_json(out, result)
+        return run_dir, result
+    finally:
+        dist_utils.cleanup()

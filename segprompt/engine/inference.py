@@ -1,0 +1,188 @@
+"""Whole-image, sliding-window and test-time-augmented inference, and prediction export.
+
+The sliding-window grid, padding and overlap averaging follow MMSegmentation's
+``EncoderDecoder.slide_inference``; multi-scale + flip augmentation averages softmax
+probabilities as mmseg's ``SegTTAModel`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segprompt.io import atomic_write_bytes
+
+__all__ = ["MODES", "whole_inference", "slide_inference", "inference", "colorize", "save_prediction"]
+
+Model = Callable[[Tensor], Tensor]
+MODES = ("whole", "slide")
+
+
+def _resize(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+@torch.no_grad()
+def whole_inference(
+    model: Model, img: Tensor, out_size: tuple[int, int], align_corners: bool = False
+) -> Tensor:
+    """Run ``model`` once on the full image and resize its logits to ``out_size``."""
+    return _resize(model(img), out_size, align_corners)
+
+
+def _windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """mmseg's 1-D window grid: the last window is shifted back to end at the border."""
+    spans = []
+    for i in range(max(size - crop + stride - 1, 0) // stride + 1):
+        end = min(i * stride + crop, size)
+        spans.append((max(end - crop, 0), end))
+    return spans
+
+
+@torch.no_grad()
+def slide_inference(
+    model: Model,
+    img: Tensor,
+    out_size: tuple[int, int],
+    crop_size: tuple[int, int],
+    stride: tuple[int, int],
+    batch_size: int = 4,
+    align_corners: bool = False,
+) -> Tensor:
+    """Sliding-window inference with overlapping crops whose logits are averaged.
+
+    Crops of all windows (and all images of the batch) are stacked and run ``batch_size`` at a
+    time. A crop smaller than ``crop_size`` (the image is smaller than the crop) is zero-padded at
+    the bottom/right and the padded part of its logits is discarded.
+    """
+    (ch, cw), (sh, sw) = crop_size, stride
+    if not (0 < sh <= ch and 0 < sw <= cw):
+        raise ValueError(
+            f"slide inference needs 0 < stride <= crop_size, got stride {stride} and crop_size {crop_size}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    b, _, h, w = img.shape
+    windows = [(y1, y2, x1, x2) for y1, y2 in _windows(h, ch, sh) for x1, x2 in _windows(w, cw, sw)]
+    crops = [(window, i) for window in windows for i in range(b)]
+    count = img.new_zeros((1, 1, h, w))
+    for y1, y2, x1, x2 in windows:
+        count[..., y1:y2, x1:x2] += 1
+
+    preds: Tensor | None = None
+    for start in range(0, len(crops), batch_size):
+        chunk = crops[start : start + batch_size]
+        batch = torch.stack([img[i, :, y1:y2, x1:x2] for (y1, y2, x1, x2), i in chunk])
+        batch = F.pad(batch, (0, cw - batch.shape[-1], 0, ch - batch.shape[-2]))
+        logits = _resize(model(batch), (ch, cw), align_corners)
+        if preds is None:
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            preds = logits.new_zeros((b, logits.shape[1], h, w), dtype=dtype)
+        for logit, ((y1, y2, x1, x2), i) in zip(logits, chunk):
+            preds[i, :, y1:y2, x1:x2] += logit[:, : y2 - y1, : x2 - x1]
+    return _resize(preds / count.to(preds.dtype), out_size, align_corners)
+
+
+@torch.no_grad()
+def inference(
+    model: Model,
+    img: Tensor,
+    out_size: tuple[int, int],
+    *,
+    mode: str = "whole",
+    crop_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    batch_size: int = 4,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    align_corners: bool = False,
+) -> Tensor:
+    """Segment ``img`` (B x 3 x h x w, normalised) into B x K x ``out_size`` scores.
+
+    ``mode`` is ``'whole'`` or ``'slide'`` (which needs ``crop_size`` and ``stride``). With one
+    pass (one scale, no flip) the result is that pass's raw logits. With several passes
+    (multi-scale and/or horizontal flip test-time augmentation) each pass rescales the image by
+    its factor (bilinear), runs ``mode``, un-flips flipped logits, and the result is the mean of
+    the passes' **softmax probabilities** at ``out_size``, as in mmseg's ``SegTTAModel``: logits
+    of different scales are not calibrated against each other, probabilities are comparable.
+    The argmax is the prediction either way.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode {mode!r}; valid modes: {', '.join(map(repr, MODES))}")
+    if mode == "slide" and (crop_size is None or stride is None):
+        raise ValueError("mode 'slide' needs both crop_size and stride")
+    passes = [(scale, flipped) for scale in scales for flipped in ((False, True) if flip else (False,))]
+    if not passes:
+        raise ValueError("scales must name at least one scale factor")
+    h, w = img.shape[-2:]
+
+    def run(scale: float, flipped: bool) -> Tensor:
+        x = _resize(img, (int(h * scale + 0.5), int(w * scale + 0.5)), align_corners)
+        if flipped:
+            x = x.flip(-1)
+        if mode == "whole":
+            logits = whole_inference(model, x, out_size, align_corners)
+        else:
+            logits = slide_inference(model, x, out_size, crop_size, stride, batch_size, align_corners)
+        return logits.flip(-1) if flipped else logits
+
+    if len(passes) == 1:
+        return run(*passes[0])
+    probs = sum(run(scale, flipped).softmax(dim=1) for scale, flipped in passes)
+    return probs / len(passes)
+
+
+def colorize(pred: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """Map an H x W array of class ids to an H x W x 3 uint8 RGB image; unknown ids are black."""
+    colors = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    out = np.zeros((*pred.shape, 3), dtype=np.uint8)
+    known = (pred >= 0) & (pred < len(colors))
+    out[known] = colors[pred[known]]
+    return out
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError(f"cv2 could not encode {path.name} (shape {image.shape}, dtype {image.dtype})")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+def save_prediction(
+    out_dir: Path,
+    stem: str,
+    pred: np.ndarray,
+    image_rgb: np.ndarray,
+    palette: Sequence[Sequence[int]],
+    alpha: float = 0.5,
+) -> tuple[Path, Path]:
+    """Write ``<stem>.png`` (uint8 class ids) and ``<stem>_overlay.png`` (colours blended on the image).
+
+    ``pred`` is H x W of class ids in [0, 255]; ``image_rgb`` is the H x W x 3 uint8 RGB image;
+    ``alpha`` is the weight of the prediction colours. Both files are written atomically.
+    Returns the two paths.
+    """
+    pred = np.asarray(pred)
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.dtype != np.uint8 or image_rgb.shape != (*pred.shape, 3):
+        raise ValueError(
+            f"image_rgb must be a uint8 array of shape {(*pred.shape, 3)} to match pred, "
+            f"got {image_rgb.dtype} {image_rgb.shape}"
+        )
+    if pred.size and (pred.min() < 0 or pred.max() > 255):
+        raise ValueError(f"class ids must fit a uint8 PNG (0..255), got range {pred.min()}..{pred.max()}")
+    out_dir = Path(out_dir)
+    index_path = out_dir / f"{stem}.png"
+    overlay_path = out_dir / f"{stem}_overlay.png"
+    overlay = cv2.addWeighted(image_rgb, 1.0 - alpha, colorize(pred, palette), alpha, 0.0)
+    _write_png(index_path, pred.astype(np.uint8))
+    _write_png(overlay_path, cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+    return index_path, overlay_path

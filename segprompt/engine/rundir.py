@@ -1,0 +1,125 @@
+"""Run directories: config, environment, metrics, log and checkpoints of one run.
+
+``results/<recipe>/<timestamp>/`` (or ``--out DIR``) holds ``config.yaml`` (the resolved recipe),
+``env.json`` (versions, git commit, world size, seed), ``metrics.jsonl``, ``train.log`` and
+``checkpoints/``. An existing run directory is never overwritten: a new run needs a new folder,
+and only ``--resume`` continues an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segprompt import __version__
+from segprompt.errors import SegpromptError
+from segprompt.io import atomic_write_json, atomic_write_text
+
+CONFIG = "config.yaml"
+CKPT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def default_run_dir(recipe: str | Path, results: str | Path = "results") -> Path:
+    return Path(results) / Path(recipe).stem / time.strftime("%Y%m%d-%H%M%S")
+
+
+def new_run_dir(path: Path) -> Path:
+    """Create ``path`` for a new run; refuse a folder that already holds anything."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise SegpromptError(
+            f"run directory '{path}' already exists and is not empty; choose another --out, or "
+            f"continue that run with `segprompt train ... --out {path} --resume auto`")
+    (path / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_latest_run(recipe: str | Path, results: str | Path = "results") -> Path | None:
+    """The newest run of this recipe under ``results/`` that has a last checkpoint."""
+    root = Path(results) / Path(recipe).stem
+    runs = sorted((p for p in root.glob("*") if (p / CKPT_DIR / LAST).is_file()), key=lambda p: p.name)
+    return runs[-1] if runs else None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def environment(world_size: int, seed: int, device: torch.device) -> dict[str, Any]:
+    import cv2
+    import numpy
+
+    env = {
+        "segprompt": __version__, "git_commit": git_commit(), "python": sys.version.split()[0],
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "numpy": numpy.__version__, "opencv": cv2.__version__, "platform": platform.platform(),
+        "hostname": socket.gethostname(), "argv": sys.argv, "world_size": world_size, "seed": seed,
+        "device": str(device), "threads": torch.get_num_threads(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_run_files(run: Path, config_yaml: str, env: dict[str, Any]) -> None:
+    atomic_write_text(run / CONFIG, config_yaml)
+    name = "env.json"
+    if (run / name).exists():  # a resumed run keeps the first environment record too
+        name = f"env-resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_json(run / name, env)
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; one JSON object per line, flushed at once."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, **record: Any) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def setup_logging(run: Path | None, is_main: bool) -> logging.Logger:
+    log = logging.getLogger("segprompt")
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    if is_main:
+        from rich.logging import RichHandler
+
+        log.addHandler(RichHandler(show_path=False, markup=False, rich_tracebacks=False))
+        if run is not None:
+            fh = logging.FileHandler(run / "train.log")
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(fh)
+    return log

@@ -1,0 +1,314 @@
+"""The training loop: iteration-based, one code path for CPU, one GPU and DDP under torchrun.
+
+Read top to bottom: set up the process group and the run directory, build the model (tuning
+method applied, so frozen parameters are frozen before DDP wraps it), the optimizer, the poly
+schedule and the resumable sampler, restore a checkpoint if resuming, then loop: accumulate
+gradients over micro-batches, check the loss is finite on every rank, clip, step, log, evaluate
+every ``evaluation.interval`` iterations (keeping the best checkpoint) and write
+``checkpoints/last.pt`` every ``checkpoint.interval`` iterations.
+
+Resuming restores the model, optimizer, scheduler, grad scaler, iteration, data order (the
+sampler restarts at the saved step) and every RNG state of every rank, so on CPU in
+deterministic mode a resumed run ends bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from segprompt.config import Recipe, dump_recipe, load_recipe
+from segprompt.data.dataset import collate
+from segprompt.data.sampler import TrainBatchSampler
+from segprompt.data.transforms import normalize
+from segprompt.engine import checkpoint as ckpt
+from segprompt.engine import distributed as dist_utils
+from segprompt.engine.build import build_eval_dataset, build_model, build_train_dataset, dataset_meta
+from segprompt.engine.evaluate import autocast, evaluate
+from segprompt.engine.metrics import format_table
+from segprompt.engine.optim import build_optimizer, build_scheduler
+from segprompt.engine.progress import progress_bar
+from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, LAST, MetricsLog, default_run_dir, environment,
+                                     find_latest_run, new_run_dir, setup_logging, write_run_files)
+from segprompt.errors import SegpromptError
+from segprompt.io import atomic_write_json
+
+# Keys that may differ between a run's saved config and the recipe it is resumed with.
+RESUME_FREE_KEYS = ("runtime.num_workers", "runtime.log_interval")
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    cfg: Recipe
+    resume_from: Path | None
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _check_same_config(saved: Recipe, now: Recipe, run_dir: Path) -> None:
+    a, b = _flatten(saved.to_dict()), _flatten(now.to_dict())
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_KEYS)]
+    if diff:
+        shown = "; ".join(f"{k}: run has {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:6])
+        raise SegpromptError(
+            f"cannot resume '{run_dir}': the recipe differs from the run's {CONFIG} ({shown}). Resume with "
+            f"the same recipe and --set values, or start a new run (a new --out)")
+
+
+def plan_run(recipe: str | Path, overrides: list[str], out: str | Path | None, resume: str | None) -> RunPlan:
+    """Decide the run directory and the checkpoint to resume from (rank 0 only)."""
+    cfg = load_recipe(recipe, overrides)
+    if resume is None:
+        return RunPlan(new_run_dir(Path(out) if out else default_run_dir(recipe)), cfg, None)
+    if resume == "auto":
+        run_dir = Path(out) if out else find_latest_run(recipe)
+        if run_dir is None or not (run_dir / CKPT_DIR / LAST).is_file():
+            if run_dir is not None and (run_dir / CONFIG).is_file():
+                # the run died before its first checkpoint: start it again in the same place
+                _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
+                return RunPlan(run_dir, cfg, None)
+            return RunPlan(new_run_dir(run_dir or default_run_dir(recipe)), cfg, None)
+        ckpt_path = run_dir / CKPT_DIR / LAST
+    else:
+        p = Path(resume)
+        ckpt_path = p / CKPT_DIR / LAST if p.is_dir() else p
+        if not ckpt_path.is_file():
+            raise SegpromptError(f"--resume '{resume}': no checkpoint at '{ckpt_path}'")
+        run_dir = ckpt_path.parent.parent
+        if out and Path(out).resolve() != run_dir.resolve():
+            raise SegpromptError(f"--resume '{resume}' belongs to run '{run_dir}', not --out '{out}'")
+    if (run_dir / CONFIG).is_file():
+        _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
+    return RunPlan(run_dir, cfg, ckpt_path)
+
+
+def seed_everything(seed: int, deterministic: bool, benchmark: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _micro_batch(cfg: Recipe, world: int) -> int:
+    g, acc = cfg.data.batch_size, cfg.optimizer.accum_steps
+    if acc < 1 or g % (world * acc):
+        raise SegpromptError(
+            f"data.batch_size {g} (the global batch) is not divisible by world size {world} x "
+            f"optimizer.accum_steps {acc}; change one of them")
+    return g // (world * acc)
+
+
+def train(recipe: str | Path, overrides: list[str] = (), *, out: str | Path | None = None,
+          resume: str | None = None, load_from: str | Path | None = None) -> Path:
+    """Run (or resume) one training run; returns its run directory."""
+    pre = load_recipe(recipe, overrides)
+    env = dist_utils.init_distributed(pre.runtime.device)
+    try:
+        plan = None
+        error = None
+        if env.is_main:
+            try:
+                plan = plan_run(recipe, overrides, out, resume)
+            except SegpromptError as e:
+                error = str(e)
+        plan, error = dist_utils.broadcast_object((plan, error))
+        if error:
+            raise SegpromptError(error)
+        return _train(plan, env, load_from)
+    finally:
+        dist_utils.cleanup()
+
+
+def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None) -> Path:
+    cfg, run_dir = plan.cfg, plan.run_dir
+    log = setup_logging(run_dir if env.is_main else None, env.is_main)
+    seed_everything(cfg.runtime.seed + env.rank, cfg.runtime.deterministic, cfg.runtime.cudnn_benchmark)
+    if env.is_main:
+        write_run_files(run_dir, dump_recipe(cfg), environment(env.world_size, cfg.runtime.seed, env.device))
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
+    meta = dataset_meta(cfg)
+    micro = _micro_batch(cfg, env.world_size)
+
+    model = build_model(cfg, meta)
+    if load_from:
+        state = ckpt.load_checkpoint(load_from)
+        ckpt.load_model_state(model, state.get("model", state), str(load_from), allow_partial=True)
+        log.info("loaded weights from %s (iteration counter starts at 0)", load_from)
+    model.to(env.device)
+    if env.distributed:
+        model = dist_utils.convert_sync_batchnorm(model, env.device)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.schedule)
+    amp = cfg.runtime.amp
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == "fp16")
+    if amp == "bf16" and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SegpromptError("runtime.amp is 'bf16' but this GPU does not support bfloat16; use fp16")
+
+    start_iter, best = 0, None
+    rng_states = None
+    if plan.resume_from is not None:
+        state = ckpt.load_checkpoint(plan.resume_from)
+        ckpt.check_frozen_source(state, cfg.model.pretrained, str(plan.resume_from))
+        ckpt.load_model_state(model, state["model"], str(plan.resume_from))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_iter, best, rng_states = state["iteration"], state["best"], state["rng"]
+        log.info("resumed %s at iteration %d", plan.resume_from, start_iter)
+        metrics_log.write(event="resume", iter=start_iter, checkpoint=str(plan.resume_from))
+
+    net = model
+    if env.distributed:
+        net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                      find_unused_parameters=cfg.runtime.find_unused_parameters)
+    dataset = build_train_dataset(cfg, meta)
+    val_set = build_eval_dataset(cfg, meta)
+    sampler = TrainBatchSampler(len(dataset), micro, world_size=env.world_size, rank=env.rank,
+                                accum_steps=cfg.optimizer.accum_steps, seed=cfg.runtime.seed, start_step=start_iter)
+    nw = cfg.runtime.num_workers
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=nw, collate_fn=collate,
+                        pin_memory=env.device.type == "cuda", persistent_workers=nw > 0,
+                        generator=torch.Generator())
+    batches = iter(loader)
+    if rng_states is not None:
+        if len(rng_states) == env.world_size:
+            ckpt.set_rng_state(rng_states[env.rank])
+        else:
+            log.warning("checkpoint holds RNG states of %d ranks, this run has %d: data order is exact, "
+                        "random layers (dropout) are not", len(rng_states), env.world_size)
+
+    iters, ev = cfg.schedule.iters, cfg.evaluation
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("run %s | %d process(es) on %s | global batch %d = %d x %d micro x %d accum | "
+             "trainable %s / %s parameters (%.2f%%)", run_dir, env.world_size, env.device, cfg.data.batch_size,
+             env.world_size, micro, cfg.optimizer.accum_steps, f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
+
+    def save(name: str, iteration: int) -> None:
+        states = dist_utils.all_gather_object(ckpt.rng_state())
+        if env.is_main:
+            ckpt.save_checkpoint(
+                run_dir / CKPT_DIR / name, model=ckpt.model_state(model, cfg.checkpoint.save_full_model),
+                full_model=cfg.checkpoint.save_full_model,
+                frozen_source=ckpt.frozen_source(cfg.model.pretrained, cfg.runtime.seed),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                iteration=iteration, best=best, rng=states, config=cfg.to_dict())
+        dist_utils.barrier()
+
+    skipped: set[str] = set()
+    net.train()
+    t_log = time.perf_counter()
+    with progress_bar(env.is_main) as bar:
+        task = bar.add_task("train", total=iters, completed=start_iter, info="")
+        for step in range(start_iter, iters):
+            optimizer.zero_grad(set_to_none=True)
+            parts: dict[str, torch.Tensor] = {}
+            for k in range(cfg.optimizer.accum_steps):
+                batch = next(batches)
+                skipped.update(batch["skipped"])
+                img = normalize(batch["img"].to(env.device, non_blocking=True), cfg.data.mean, cfg.data.std)
+                label = batch["label"].to(env.device, non_blocking=True)
+                last_micro = k == cfg.optimizer.accum_steps - 1
+                sync = net.no_sync() if (env.distributed and not last_micro) else contextlib.nullcontext()
+                with sync:
+                    with autocast(env.device, amp):
+                        losses = net(img, label)
+                    loss = sum(losses.values()) / cfg.optimizer.accum_steps
+                    scaler.scale(loss).backward()
+                for name, v in losses.items():
+                    parts[name] = parts.get(name, 0.0) + v.detach().float() / cfg.optimizer.accum_steps
+            values = dist_utils.all_reduce_mean(torch.stack([sum(parts.values()), *parts.values()]))
+            if not torch.isfinite(values).all():
+                last = run_dir / CKPT_DIR / LAST
+                metrics_log.write(event="non_finite_loss", iter=step + 1,
+                                  **{n: float(v) for n, v in zip(["loss", *parts], values.tolist())})
+                raise SegpromptError(
+                    f"non-finite loss at iteration {step + 1} ({', '.join(f'{n}={v:.4g}' for n, v in zip(['loss', *parts], values.tolist()))}); "
+                    f"training stopped without saving. The last good checkpoint is "
+                    + (f"'{last}' (iteration {ckpt.load_checkpoint(last)['iteration']})" if last.is_file() else "none")
+                    + ". Lower optimizer.lr, set optimizer.grad_clip, or check the data")
+            if cfg.optimizer.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.optimizer.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            done = step + 1
+
+            lr = optimizer.param_groups[0]["lr"]
+            info = f"loss {values[0]:.4f} lr {lr:.2e}"
+            bar.update(task, completed=done, info=info)
+            if done % cfg.runtime.log_interval == 0 or done == iters:
+                dt = time.perf_counter() - t_log
+                t_log = time.perf_counter()
+                record = {"iter": done, "lr": lr, "loss": float(values[0]),
+                          **{n: float(v) for n, v in zip(parts, values[1:].tolist())}, "time": dt}
+                metrics_log.write(**record)
+                log.info("iter %d/%d %s", done, iters, info)
+
+            if (ev.interval and done % ev.interval == 0) or done == iters:
+                result = evaluate(model, val_set, cfg, env, show_progress=False)
+                value = result.get(ev.metric)
+                if value is None:
+                    raise SegpromptError(f"evaluation.metric '{ev.metric}' is not one of "
+                                         f"{[k for k, v in result.items() if isinstance(v, float)]}")
+                metrics_log.write(iter=done, split=cfg.data.val_split,
+                                  **{k: v for k, v in result.items() if k != "per_class"})
+                log.info("iter %d eval: %s", done, "  ".join(
+                    f"{k} {result[k]:.2f}" for k in ("aAcc", "mIoU", "mAcc", "mDice") if result[k] is not None))
+                if best is None or value > best["value"]:
+                    best = {"metric": ev.metric, "value": value, "iter": done}
+                    save(BEST, done)
+                if done == iters and env.is_main:
+                    atomic_write_json(run_dir / "eval.json", {"checkpoint": "last", "iter": done, **result})
+                    _print_table(result)
+            if done % cfg.checkpoint.interval == 0 or done == iters:
+                save(LAST, done)
+                if cfg.checkpoint.keep > 0 and env.is_main:
+                    save_keep(run_dir, done, cfg.checkpoint.keep)
+    if skipped:
+        log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), sorted(skipped)[:5])
+        metrics_log.write(event="skipped_images", count=len(skipped), files=sorted(skipped))
+    log.info("done: %s (best %s)", run_dir, best)
+    return run_dir
+
+
+def save_keep(run_dir: Path, iteration: int, keep: int) -> None:
+    """Keep the newest ``keep`` iteration checkpoints beside last/best (hard-linked to last.pt)."""
+    d = run_dir / CKPT_DIR
+    target = d / f"iter_{iteration:07d}.pt"
+    if not target.exists():
+        os.link(d / LAST, target)
+    for old in sorted(d.glob("iter_*.pt"))[:-keep]:
+        old.unlink()
+
+
+def _print_table(result: dict) -> None:
+    from rich.console import Console
+
+    Console().print(format_table(result))

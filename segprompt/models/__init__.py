@@ -1,0 +1,16 @@
+"""Models: backbones, heads, losses and the segmentor that joins them.
+
+The tables below are the names a recipe may use (``model.backbone.name`` and so on); each maps
+to an explicit constructor whose keyword arguments are the recipe's options.
+"""
+
+from segprompt.models.backbones.resnet import ResNet
+from segprompt.models.heads.fcn import FCNHead
+from segprompt.models.losses import CrossEntropyLoss
+from segprompt.models.segmentor import EncoderDecoder
+
+BACKBONES = {"resnet": ResNet}
+HEADS = {"fcn": FCNHead}
+LOSSES = {"cross_entropy": CrossEntropyLoss}
+
+__all__ = ["BACKBONES", "HEADS", "LOSSES", "EncoderDecoder"]

@@ -1,0 +1,1 @@
+"""Backbones that expose their stages (the slots where tuning methods insert modules)."""

@@ -1,0 +1,1 @@
+"""Decode and auxiliary heads."""
