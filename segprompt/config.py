@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import difflib
 import inspect
 import types
@@ -186,6 +187,25 @@ class Recipe:
 # Loading and merging
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e-4`` is a string; recipes mean a float (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+# ints keep their own (earlier-registered) resolver only if we re-add it after the float one
+for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    _Loader.yaml_implicit_resolvers[_first] = sorted(
+        _resolvers, key=lambda r: r[0] != "tag:yaml.org,2002:int")
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 @dataclass
 class _Source:
     """Which file (or `--set`) set each key path, for error messages."""
@@ -224,7 +244,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise SegpromptError(f"recipe '{path}' does not exist")
     try:
-        d = yaml.safe_load(path.read_text())
+        d = yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise SegpromptError(f"recipe '{path}' is not valid YAML: {e}") from e
     if d is None:
@@ -250,8 +270,9 @@ def _load_tree(path: Path, src: _Source, stack: tuple[Path, ...] = ()) -> dict:
     merged: dict = {}
     for b in bases:
         merged = _merge(merged, _load_tree((path.parent / b), src, (*stack, path)))
+    root = src.origin.get("")
     _record(src, d, "", str(path))
-    src.origin.pop("", None)
+    src.origin[""] = root or str(path)
     return _merge(merged, d)
 
 
@@ -261,7 +282,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise SegpromptError(f"--set '{item}': expected KEY.PATH=VALUE, e.g. --set optimizer.lr=0.02")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise SegpromptError(f"--set '{item}': the value is not valid YAML ({e})") from e
     return key.strip().split("."), value
@@ -297,8 +318,8 @@ def _list_index(node: list, k: str, keys: list[str], item: str) -> int:
 
 
 def resolve_tree(path: str | Path, overrides: list[str] = ()) -> tuple[dict, _Source]:
-    src = _Source()
-    tree = _load_tree(Path(path), src)
+    src = _Source({"": "<defaults>"})
+    tree = _merge(Recipe().to_dict(), _load_tree(Path(path), src))
     for item in overrides:
         keys, value = parse_override(item)
         _apply_override(tree, keys, value, item)

@@ -16,12 +16,15 @@ PALETTE = np.array([[0, 0, 255], [255, 0, 0], [0, 255, 0], [255, 255, 0], [255, 
                     [128, 128, 128], [255, 255, 255]], np.uint8)
 
 
+STEP = 30  # class k has label value STEP * k: interpolating two labels gives a value no class has
+
+
 def block_scene(h: int, w: int, seed: int = 0, block: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """An asymmetric label of random blocks, with image = PALETTE[label]."""
+    """An asymmetric label of random blocks, with image = PALETTE[label // STEP]."""
     rng = np.random.default_rng(seed)
     cells = rng.integers(0, len(PALETTE), (-(-h // block), -(-w // block)), dtype=np.uint8)
-    label = np.ascontiguousarray(np.kron(cells, np.ones((block, block), np.uint8))[:h, :w])
-    return PALETTE[label], label
+    classes = np.ascontiguousarray(np.kron(cells, np.ones((block, block), np.uint8))[:h, :w])
+    return PALETTE[classes], classes * STEP
 
 
 def coord_scene(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,8 +35,9 @@ def coord_scene(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode(img: np.ndarray) -> np.ndarray:
+    """The label value whose palette colour is nearest to each pixel."""
     dist = ((img[:, :, None, :].astype(np.int32) - PALETTE[None, None].astype(np.int32)) ** 2).sum(-1)
-    return dist.argmin(-1).astype(np.uint8)
+    return (dist.argmin(-1) * STEP).astype(np.uint8)
 
 
 def uniform_3x3(label: np.ndarray) -> np.ndarray:
@@ -204,6 +208,8 @@ def test_scales_picks_each_listed_scale():
 def test_invalid_resize_options():
     with pytest.raises(ValueError, match="mutually exclusive"):
         TrainTransform(scale=(512, 256), ratio_range=(0.5, 2.0), scales=[(512, 256)])
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        TrainTransform(scale=(512, 256), scales=[(512, 256)])
     with pytest.raises(ValueError, match="base scale"):
         TrainTransform(ratio_range=(0.5, 2.0))
 
@@ -218,7 +224,7 @@ def test_photometric_is_a_per_colour_mapping_that_changes_the_image():
         np.testing.assert_array_equal(out_label, label)
         # Every pixel of the same input colour gets the same output colour (no spatial effects).
         for k in range(len(PALETTE)):
-            colours = np.unique(out_img[label == k], axis=0)
+            colours = np.unique(out_img[label == k * STEP], axis=0)
             assert len(colours) <= 1
         changed += not np.array_equal(out_img, img)
     assert changed >= 12  # all four distortions are skipped with probability 1/16

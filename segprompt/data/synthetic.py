@@ -156,17 +156,16 @@ def _shape_mask(shape: str, h: int, w: int, cx: float, cy: float, r: float, angl
 
 def _texture(kind: str, xx: np.ndarray, yy: np.ndarray, unit: float, rng: np.random.Generator) -> np.ndarray:
     """A [0, 1] pattern over the pixel grid (xx, yy); ``unit`` scales its period with the image."""
-    theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
-    period = rng.uniform(4.5, 8.0) * unit
-    u = (xx * math.cos(theta) + yy * math.sin(theta)) * (2 * np.pi / period) + phase
-    v = (yy * math.cos(theta) - xx * math.sin(theta)) * (2 * np.pi / period) + phase
-    noise = rng.random(xx.shape, dtype=np.float32)
     if kind == "flat":
         return np.zeros_like(xx)
     if kind == "grain":
-        return np.clip((cv2.blur(noise, (3, 3)) - 0.5) * 3 + 0.5, 0, 1)
+        return np.clip((cv2.blur(rng.random(xx.shape, dtype=np.float32), (3, 3)) - 0.5) * 3 + 0.5, 0, 1)
+    theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    period = rng.uniform(4.5, 8.0) * unit
+    u = (xx * math.cos(theta) + yy * math.sin(theta)) * (2 * np.pi / period) + phase
     if kind == "stripes":
         return (np.sin(u) > 0).astype(np.float32)
+    v = (yy * math.cos(theta) - xx * math.sin(theta)) * (2 * np.pi / period) + phase
     if kind == "dots":
         return (np.cos(u) * np.cos(v) > 0.45).astype(np.float32)
     if kind == "checker":

@@ -71,7 +71,8 @@ class TrainTransform:
         flip_prob: probability of a horizontal flip.
         photometric: mmseg ``PhotoMetricDistortion`` (brightness ±32, contrast 0.5–1.5, saturation
             0.5–1.5, hue ±18 on OpenCV's 0–180 scale, each with probability 0.5; contrast before or
-            after saturation/hue at random).
+            after saturation/hue at random). Saturation and hue share one HSV round trip where mmseg
+            makes two; that changes pixels by HSV rounding only (at most a few levels).
         ignore_index: label value of padded pixels, never counted by ``cat_max_ratio``.
     """
 
@@ -89,6 +90,8 @@ class TrainTransform:
         self.scale = _pair(self.scale, "scale")
         self.crop_size = _pair(self.crop_size, "crop_size")
         if self.scales is not None:
+            if self.scale is not None:
+                raise ValueError("scale and scales are mutually exclusive: give one of them")
             if not self.scales:
                 raise ValueError("scales must list at least one (long, short) scale")
             self.scales = [_pair(s, "each of scales") for s in self.scales]
@@ -140,7 +143,7 @@ class TrainTransform:
         if (h, w) == label.shape:
             return img, label
         return (cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR),
-                cv2.resize(label, (w, h), interpolation=cv2.INTER_LINEAR))
+                cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST))
 
     def _crop(self, img: np.ndarray, label: np.ndarray,
               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

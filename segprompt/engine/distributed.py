@@ -7,13 +7,13 @@ select NCCL on GPUs and gloo on CPUs.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -73,11 +73,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_gather_object(obj: Any) -> list[Any]:
+    """Gather a picklable object from every rank. Objects holding tensors travel as
+    ``torch.save`` bytes: unpickling tensors inside ``all_gather_object`` fails in torch 2.13."""
     if not dist.is_initialized():
         return [obj]
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    dist.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -93,12 +97,28 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum that every rank uses is again the sum over ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CPUSyncBatchNorm(nn.BatchNorm2d):
     """Batch statistics over all processes for CPU (gloo) runs.
 
     Written here because torch's ``nn.SyncBatchNorm`` refuses CPU tensors. The sums go through
-    the autograd-aware ``all_reduce`` of ``torch.distributed.nn``, so gradients flow through the
-    global statistics exactly as in a single process that sees the whole batch.
+    an autograd-aware all-reduce, so gradients flow through the global statistics exactly as in
+    a single process that sees the whole batch.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +126,7 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         dims = [0, 2, 3]
         n_local = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = dist_fn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), n_local]))
+        stats = _AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims), n_local]))
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
