@@ -157,3 +157,26 @@ def test_print_config_cli(recipe):
     assert res.exit_code == 0, res.output
     printed = yaml.safe_load(res.output)
     assert printed["optimizer"]["lr"] == 0.3 and printed["schedule"]["iters"] == 6
+
+
+def test_amp_accumulation_clipping_adamw_run(tmp_path, synthetic_root):
+    recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
+    run = train(recipe, ["runtime.amp=bf16", "optimizer.accum_steps=2", "optimizer.grad_clip=1.0",
+                         "optimizer.name=adamw", "optimizer.lr=1e-3", "optimizer.weight_decay=0.01",
+                         "schedule.iters=4", "evaluation.interval=0"], out=tmp_path / "run")
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["iteration"] == 4
+    assert all(s["step"] == 4 for s in state["optimizer"]["state"].values())  # one step per 2 micro-batches
+    assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+    with pytest.raises(SegpromptError, match="data.batch_size 4 .* not divisible by world size 1 x optimizer.accum_steps 3"):
+        train(recipe, ["optimizer.accum_steps=3"], out=tmp_path / "bad")
+
+
+def test_default_run_dir_and_resume_auto_finds_latest_run(tmp_path, synthetic_root, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path / "exp.yaml", synthetic_root)
+    run = train(recipe, ["schedule.iters=2"])
+    assert run.parent == tmp_path.joinpath("results", "exp").relative_to(tmp_path)
+    before = sha256_file(run / "checkpoints" / "last.pt")
+    assert train(recipe, ["schedule.iters=2"], resume="auto") == run
+    assert sha256_file(run / "checkpoints" / "last.pt") == before

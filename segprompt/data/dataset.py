@@ -135,6 +135,11 @@ class SegDataset(Dataset):
                 "path": str(self.images[item]), "skipped": []}
 
 
+def worker_init(_: int) -> None:
+    """DataLoader workers: one OpenCV thread each, or the workers' thread pools fight for cores."""
+    cv2.setNumThreads(0)
+
+
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images and labels; skipped (unreadable) items only contribute their file names."""
     skipped = [s for b in batch for s in b["skipped"]]

@@ -74,6 +74,8 @@ class TrainTransform:
             after saturation/hue at random). Saturation and hue share one HSV round trip where mmseg
             makes two; that changes pixels by HSV rounding only (at most a few levels).
         ignore_index: label value of padded pixels, never counted by ``cat_max_ratio``.
+        pad_value: RGB value of padded image pixels. MMSegmentation pads the *normalized* image
+            with 0, i.e. with the mean colour; the builder passes the rounded ``data.mean``.
     """
 
     scale: tuple[int, int] | None = None
@@ -85,6 +87,7 @@ class TrainTransform:
     flip_prob: float = 0.5
     photometric: bool = True
     ignore_index: int = 255
+    pad_value: tuple[int, int, int] = (0, 0, 0)
 
     def __post_init__(self) -> None:
         self.scale = _pair(self.scale, "scale")
@@ -193,7 +196,7 @@ class TrainTransform:
         if ph <= 0 and pw <= 0:
             return img, label
         ph, pw = max(ph, 0), max(pw, 0)
-        img = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        img = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=tuple(self.pad_value))
         label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=self.ignore_index)
         return img, label
 

@@ -76,9 +76,13 @@ def build_model(cfg: Recipe, meta: DatasetMeta) -> EncoderDecoder:
 
 def build_train_dataset(cfg: Recipe, meta: DatasetMeta) -> SegDataset:
     t = cfg.data.train
-    tf = TrainTransform(scale=t.scale, ratio_range=t.ratio_range, scales=t.scales, keep_ratio=t.keep_ratio,
-                        crop_size=t.crop_size, cat_max_ratio=t.cat_max_ratio, flip_prob=t.flip_prob,
-                        photometric=t.photometric, ignore_index=meta.ignore_index)
+    try:
+        tf = TrainTransform(scale=t.scale, ratio_range=t.ratio_range, scales=t.scales, keep_ratio=t.keep_ratio,
+                            crop_size=t.crop_size, cat_max_ratio=t.cat_max_ratio, flip_prob=t.flip_prob,
+                            photometric=t.photometric, ignore_index=meta.ignore_index,
+                            pad_value=tuple(int(round(m)) for m in cfg.data.mean))
+    except ValueError as e:
+        raise SegpromptError(f"data.train: {e}") from None
     return SegDataset(cfg.data.root, cfg.data.train_split, meta, train_transform=tf,
                       skip_bad_images=cfg.data.skip_bad_images)
 

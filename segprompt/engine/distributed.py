@@ -73,8 +73,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    """Gather a picklable object from every rank. Objects holding tensors travel as
-    ``torch.save`` bytes: unpickling tensors inside ``all_gather_object`` fails in torch 2.13."""
+    """Gather an object from every rank. It travels as ``torch.save`` bytes and is read back with
+    ``weights_only`` loading (``all_gather_object`` failed to unpickle tensors under torch 2.13)."""
     if not dist.is_initialized():
         return [obj]
     buf = io.BytesIO()

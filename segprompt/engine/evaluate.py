@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from segprompt.config import Recipe
-from segprompt.data.dataset import SegDataset, collate, read_image
+from segprompt.data.dataset import SegDataset, collate, read_image, worker_init
 from segprompt.data.sampler import eval_shard
 from segprompt.data.transforms import normalize
 from segprompt.engine.distributed import DistEnv, all_gather_object
@@ -41,7 +41,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=1, sampler=eval_shard(len(dataset), env.world_size, env.rank),
-                        num_workers=cfg.runtime.num_workers, collate_fn=collate,
+                        num_workers=cfg.runtime.num_workers, collate_fn=collate, worker_init_fn=worker_init,
                         pin_memory=env.device.type == "cuda", generator=torch.Generator())
     cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=env.device)
     skipped: list[str] = []

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from segprompt.config import Recipe, dump_recipe, load_recipe
-from segprompt.data.dataset import collate
+from segprompt.data.dataset import collate, worker_init
 from segprompt.data.sampler import TrainBatchSampler
 from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ckpt
@@ -190,7 +190,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
     sampler = TrainBatchSampler(len(dataset), micro, world_size=env.world_size, rank=env.rank,
                                 accum_steps=cfg.optimizer.accum_steps, seed=cfg.runtime.seed, start_step=start_iter)
     nw = cfg.runtime.num_workers
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=nw, collate_fn=collate,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=nw, collate_fn=collate, worker_init_fn=worker_init,
                         pin_memory=env.device.type == "cuda", persistent_workers=nw > 0,
                         generator=torch.Generator())
     batches = iter(loader)

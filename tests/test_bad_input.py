@@ -1,0 +1,120 @@
+"""Each kind of bad input gets a clear message that names the file, key or value, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, write_recipe
+from segprompt.engine.train import train
+from segprompt.errors import SegpromptError
+
+
+def _first(root, kind="ann_dir", split="train"):
+    return sorted((root / kind / split).glob("*.png"))[0]
+
+
+def test_missing_dataset_root_names_the_prepare_command(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "nowhere")
+    with pytest.raises(SegpromptError) as e:
+        train(recipe, out=tmp_path / "run")
+    assert f"`segprompt prepare synthetic --out {tmp_path / 'nowhere'}`" in str(e.value)
+
+
+def test_label_values_outside_the_classes_name_file_and_values(data_copy, tmp_path):
+    path = _first(data_copy)
+    lbl = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    lbl[:2, :2] = 7
+    lbl[-1, -1] = 200
+    cv2.imwrite(str(path), lbl)
+    recipe = write_recipe(tmp_path / "r.yaml", data_copy)
+    with pytest.raises(SegpromptError) as e:
+        train(recipe, ["schedule.iters=40", "data.batch_size=12"], out=tmp_path / "run")
+    msg = str(e.value)
+    assert str(path) in msg and "[7, 200]" in msg and "{0..3, 255}" in msg
+
+
+def test_binary_mask_stored_as_0_255_is_explained(data_copy, tmp_path):
+    path = _first(data_copy)
+    lbl = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(path), np.where(lbl > 0, 254, 0).astype(np.uint8))
+    recipe = write_recipe(tmp_path / "r.yaml", data_copy)
+    with pytest.raises(SegpromptError, match="0/1, not 0/255"):
+        train(recipe, ["schedule.iters=40", "data.batch_size=12"], out=tmp_path / "run")
+
+
+def test_image_label_size_mismatch_names_both_files(data_copy, tmp_path):
+    path = _first(data_copy)
+    lbl = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(path), lbl[:50])
+    recipe = write_recipe(tmp_path / "r.yaml", data_copy)
+    with pytest.raises(SegpromptError) as e:
+        train(recipe, ["schedule.iters=40", "data.batch_size=12"], out=tmp_path / "run")
+    msg = str(e.value)
+    assert str(path) in msg and str(_first(data_copy, "img_dir")) in msg and "64x64" in msg and "64x50" in msg
+
+
+def test_corrupt_image_fails_by_name_or_is_skipped_and_counted(data_copy, tmp_path):
+    bad = _first(data_copy, "img_dir")
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    recipe = write_recipe(tmp_path / "r.yaml", data_copy)
+    with pytest.raises(SegpromptError) as e:
+        train(recipe, ["schedule.iters=3", "data.batch_size=12"], out=tmp_path / "a")
+    assert str(bad) in str(e.value) and "data.skip_bad_images" in str(e.value)
+
+    bad_val = _first(data_copy, "img_dir", "val")
+    bad_val.write_bytes(b"")
+    run = train(recipe, ["schedule.iters=3", "data.batch_size=12", "data.skip_bad_images=true"], out=tmp_path / "b")
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = [r for r in records if r.get("event") == "skipped_images"]
+    assert summary and summary[0]["files"] == [str(bad)]
+    final = json.loads((run / "eval.json").read_text())
+    assert final["images"] == 6 and final["skipped_images"] == [str(bad_val)]  # evaluated once, never replaced
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, synthetic_root):
+    recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
+    run = tmp_path / "run"
+    with pytest.raises(SegpromptError) as e:
+        train(recipe, ["schedule.iters=30", "schedule.warmup_iters=0", "optimizer.lr=1e12", "checkpoint.interval=1",
+                       "evaluation.interval=0"], out=run)
+    msg = str(e.value)
+    assert "non-finite loss at iteration" in msg and str(run / "checkpoints" / "last.pt") in msg
+    failed_at = int(msg.split("non-finite loss at iteration ")[1].split()[0])
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["iteration"] == failed_at - 1 and f"(iteration {failed_at - 1})" in msg
+    assert all(torch.isfinite(v.float()).all() for v in last["model"].values())
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "non_finite_loss" and events[-1]["iter"] == failed_at
+
+
+def test_missing_and_mismatched_pretrained_weights(tmp_path, synthetic_root):
+    recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
+    missing = tmp_path / "weights" / "resnet18.pth"
+    with pytest.raises(SegpromptError) as e:
+        train(recipe, [f"model.pretrained={missing}"], out=tmp_path / "a")
+    assert str(missing) in str(e.value) and "Put the resnet checkpoint file there" in str(e.value)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(1), "stem.0.weight": torch.zeros(4, 3, 3, 3)}, wrong)
+    with pytest.raises(SegpromptError, match=r"do not fit backbone 'resnet': \d+ missing keys .* 1 unexpected keys \['conv.weight'\]"):
+        train(recipe, [f"model.pretrained={wrong}"], out=tmp_path / "b")
+
+
+def test_cli_prints_one_line_error_and_exits_2(tmp_path):
+    res = run_cli("train", str(tmp_path / "none.yaml"))
+    assert res.returncode == 2
+    assert "error:" in res.stderr and "none.yaml' does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_error_from_a_data_worker_is_clean(data_copy, tmp_path):
+    path = _first(data_copy)
+    cv2.imwrite(str(path), np.full((64, 64), 9, np.uint8))
+    recipe = write_recipe(tmp_path / "r.yaml", data_copy)
+    res = run_cli("train", str(recipe), "--out", str(tmp_path / "run"), "--set", "runtime.num_workers=1",
+                  "--set", "data.batch_size=12")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and str(path) in res.stderr.replace("\n", "")
