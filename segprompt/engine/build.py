@@ -17,7 +17,7 @@ from segprompt.data.meta import DatasetMeta, read_meta
 from segprompt.data.transforms import TestTransform, TrainTransform
 from segprompt.errors import SegpromptError
 from segprompt.models import BACKBONES, HEADS, LOSSES, EncoderDecoder
-from segprompt.tuning import METHODS
+from segprompt.tuning import METHODS, TuningContext
 
 
 def _kwargs(component: dict) -> dict:
@@ -52,7 +52,17 @@ def load_backbone_weights(backbone: nn.Module, path: str, backbone_name: str) ->
     backbone.load_state_dict(state)
 
 
-def build_model(cfg: Recipe, meta: DatasetMeta) -> EncoderDecoder:
+def tuning_context(cfg: Recipe, meta: DatasetMeta) -> TuningContext:
+    def prior(res: int):
+        from segprompt.data.class_prior import cached_class_prior
+
+        ds = SegDataset(cfg.data.root, cfg.data.train_split, meta)
+        return cached_class_prior(Path(cfg.data.root), ds.labels, meta.num_classes, meta.ignore_index, res)
+
+    return TuningContext(num_classes=meta.num_classes, ignore_index=meta.ignore_index, class_prior=prior)
+
+
+def build_model(cfg: Recipe, meta: DatasetMeta, ctx: TuningContext | None = None) -> EncoderDecoder:
     """Build under ``runtime.seed`` (so frozen random weights are reproducible), load the
     pretrained backbone, then let the tuning method decide what trains."""
     m = cfg.model
@@ -70,7 +80,9 @@ def build_model(cfg: Recipe, meta: DatasetMeta) -> EncoderDecoder:
         model = EncoderDecoder(backbone, head(m.decode_head), [head(h) for h in m.aux_heads], m.align_corners)
     if m.pretrained:
         load_backbone_weights(model.backbone, m.pretrained, m.backbone["name"])
-    METHODS[cfg.tuning["name"]](**_kwargs(cfg.tuning)).apply(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.runtime.seed + 1)
+        METHODS[cfg.tuning["name"]](**_kwargs(cfg.tuning)).apply(model, ctx or tuning_context(cfg, meta))
     return model
 
 

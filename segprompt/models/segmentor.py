@@ -11,8 +11,9 @@ from segprompt.models.heads.base import DecodeHead
 
 class EncoderDecoder(nn.Module):
     """``forward(img)`` returns the main head's logits resized to the input; ``forward(img, label)``
-    returns the dict of weighted losses (main head, every auxiliary head, and any terms that
-    inserted modules report through :attr:`extra_losses`).
+    returns the dict of weighted losses: main head, every auxiliary head, and the terms of each
+    module in :attr:`loss_providers` (modules a tuning method inserted that have a
+    ``losses(label) -> dict`` method, e.g. the SPM's interim semantic maps, Eq. 5).
 
     Modules flagged ``keep_eval = True`` (frozen parts whose BatchNorm statistics must not move)
     stay in eval mode when the model is put in training mode.
@@ -25,7 +26,7 @@ class EncoderDecoder(nn.Module):
         self.decode_head = decode_head
         self.aux_heads = nn.ModuleList(aux_heads)
         self.align_corners = align_corners
-        self.extra_losses: dict[str, torch.Tensor] = {}
+        self.loss_providers: list[nn.Module] = []  # registered elsewhere in the tree, not owned here
 
     def train(self, mode: bool = True) -> "EncoderDecoder":
         super().train(mode)
@@ -36,7 +37,6 @@ class EncoderDecoder(nn.Module):
         return self
 
     def forward(self, img: torch.Tensor, label: torch.Tensor | None = None):
-        self.extra_losses = {}
         feats = self.backbone(img)
         logits = self.decode_head(feats)
         if label is None:
@@ -44,5 +44,6 @@ class EncoderDecoder(nn.Module):
         losses = {"loss_seg": self.decode_head.loss(logits, label)}
         for i, head in enumerate(self.aux_heads):
             losses[f"loss_aux{i}"] = head.loss(head(feats), label)
-        losses.update(self.extra_losses)
+        for provider in self.loss_providers:
+            losses.update(provider.losses(label))
         return losses

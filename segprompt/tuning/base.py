@@ -1,13 +1,28 @@
 """The tuning-method interface (PEFT's "tuner" idea for segmentation).
 
 A method takes a built :class:`~segprompt.models.segmentor.EncoderDecoder`, decides what trains,
-may insert modules, and may add loss terms (through ``model.extra_losses``). It runs before the
-model is moved to its device or wrapped in DDP, so frozen parameters are frozen before wrapping.
+may insert modules, and may add loss terms (by appending a module with a ``losses(label)`` method
+to ``model.loss_providers``). It runs before the model is moved to its device or wrapped in DDP,
+so frozen parameters are frozen before wrapping.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 from torch import nn
+
+
+@dataclass
+class TuningContext:
+    """What a method may need to know about the task (filled in by the engine)."""
+
+    num_classes: int
+    ignore_index: int = 255
+    # per-pixel class prior of the training split at a given square resolution, shape (K, res, res)
+    class_prior: Callable[[int], np.ndarray] | None = None
 
 
 def freeze(module: nn.Module, bn_eval: bool = True) -> None:
@@ -18,5 +33,5 @@ def freeze(module: nn.Module, bn_eval: bool = True) -> None:
 
 
 class TuningMethod:
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, ctx: TuningContext) -> None:
         raise NotImplementedError

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from segprompt.tuning.base import TuningMethod, freeze
+from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
 
 class FullTuning(TuningMethod):
     """Every parameter trains."""
 
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, ctx: TuningContext) -> None:
         model.requires_grad_(True)
 
 
@@ -20,5 +20,5 @@ class HeadTuning(TuningMethod):
     def __init__(self, bn_eval: bool = True):
         self.bn_eval = bn_eval
 
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, ctx: TuningContext) -> None:
         freeze(model.backbone, self.bn_eval)

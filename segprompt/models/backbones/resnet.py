@@ -1,7 +1,9 @@
 """ResNetV1c (deep stem) with dilated stages, as MMSegmentation's `ResNetV1c` (`shared/reference/spm.md` §2.1).
 
-The network is ``stem -> layer1 .. layer4``; :attr:`ResNet.stages` lists them in order so tuning
-methods can insert modules before each stage. ``depth=101`` with ``strides=(1, 2, 1, 1)``,
+The network is ``stem -> layer1 .. layer4``; :attr:`ResNet.stages` lists them in order. A tuning
+method may set :attr:`stage_hook`, a module called as ``hook(i, x)`` on the input of stage ``i``
+(``i = 0..3``) and once more as ``hook(4, x)`` on the last stage's output (the slot before the
+head); it returns the tensor the network continues with. ``depth=101`` with ``strides=(1, 2, 1, 1)``,
 ``dilations=(1, 1, 2, 4)`` is the "d8" backbone of the SPM paper; ``depth=18`` with a small
 ``base_channels`` is the tiny model of the smoke recipes and the synthetic demo.
 """
@@ -82,6 +84,7 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential(*_conv_bn_relu(in_channels, s // 2, 2), *_conv_bn_relu(s // 2, s // 2),
                                   *_conv_bn_relu(s // 2, s), nn.MaxPool2d(3, 2, 1))
         self.out_indices = tuple(out_indices)
+        self.stage_hook: nn.Module | None = None
         cin = s
         self.stage_in_channels: list[int] = []
         self.out_channels: list[int] = []
@@ -103,11 +106,21 @@ class ResNet(nn.Module):
     def stages(self) -> list[nn.Module]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
+    @property
+    def slot_channels(self) -> list[int]:
+        """Channels at each hook slot: every stage's input, then the last stage's output."""
+        return [*self.stage_in_channels, self.out_channels[-1]]
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         outs = []
+        hook = self.stage_hook
         for i, stage in enumerate(self.stages):
+            if hook is not None:
+                x = hook(i, x)
             x = stage(x)
+            if i == len(self.stages) - 1 and hook is not None:
+                x = hook(i + 1, x)
             if i in self.out_indices:
                 outs.append(x)
         return outs

@@ -1,0 +1,55 @@
+"""Per-pixel class prior of a training split: M0 of the SPM paper (Section 3.1, Eq. 1).
+
+``M0(x, y, c)`` is the fraction of training labels whose (resized) pixel (x, y) is class ``c``.
+Labels are resized with nearest neighbour to ``res x res``; ignored pixels are not counted, and a
+position no label covers gets the uniform distribution, so every pixel sums to 1. The result is
+computed once and cached beside the prepared data (``ROOT/class_prior/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segprompt.errors import SegpromptError
+from segprompt.io import atomic_write_bytes
+
+
+def compute_class_prior(label_paths: list[Path], num_classes: int, ignore_index: int = 255,
+                        res: int = 64) -> np.ndarray:
+    counts = np.zeros((num_classes, res * res), np.float64)
+    pix = np.arange(res * res)
+    for path in label_paths:
+        lbl = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if lbl is None:
+            raise SegpromptError(f"cannot read label '{path}' to compute the class prior")
+        small = cv2.resize(lbl, (res, res), interpolation=cv2.INTER_NEAREST).reshape(-1)
+        valid = (small != ignore_index) & (small < num_classes)
+        np.add.at(counts, (small[valid].astype(np.int64), pix[valid]), 1.0)
+    total = counts.sum(0, keepdims=True)
+    prior = np.where(total > 0, counts / np.maximum(total, 1), 1.0 / num_classes)
+    return prior.reshape(num_classes, res, res).astype(np.float32)
+
+
+def cached_class_prior(root: Path, label_paths: list[Path], num_classes: int, ignore_index: int = 255,
+                       res: int = 64) -> np.ndarray:
+    """:func:`compute_class_prior`, cached under ``root/class_prior/`` by the set of label files."""
+    key = hashlib.sha256("\n".join(sorted(p.name for p in label_paths)).encode()).hexdigest()[:16]
+    cache = Path(root) / "class_prior" / f"prior_k{num_classes}_r{res}_{key}.npy"
+    if cache.is_file():
+        prior = np.load(cache)
+        if prior.shape == (num_classes, res, res):
+            return prior
+    prior = compute_class_prior(label_paths, num_classes, ignore_index, res)
+    try:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, prior)
+        atomic_write_bytes(cache, buf.getvalue())
+    except OSError:
+        pass  # a read-only dataset folder: recompute next time
+    return prior
