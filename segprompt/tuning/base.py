@@ -26,10 +26,14 @@ class TuningContext:
 
 
 def freeze(module: nn.Module, bn_eval: bool = True) -> None:
-    """No gradient, so no optimizer state; with ``bn_eval`` BatchNorm statistics stay as loaded."""
+    """No gradient, so no optimizer state; with ``bn_eval`` its BatchNorm layers stay in eval mode,
+    so their statistics stay as loaded. The flag sits on each norm layer rather than on ``module``,
+    so modules inserted into a frozen part later (prompts, adapters) still train normally."""
     module.requires_grad_(False)
     if bn_eval:
-        module.keep_eval = True
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.keep_eval = True
 
 
 class TuningMethod:

@@ -1,0 +1,157 @@
+"""SPM (Section 3): recurrence, shapes, M0, interim losses, ablation switches, what trains."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from segprompt.data.class_prior import cached_class_prior, compute_class_prior
+from segprompt.data.meta import read_meta
+from segprompt.models.backbones.resnet import ResNet
+from segprompt.models.heads.fcn import FCNHead
+from segprompt.models.losses import CrossEntropyLoss
+from segprompt.models.segmentor import EncoderDecoder
+from segprompt.models.spm import SPM, spm_param_count
+from segprompt.tuning import TuningContext
+from segprompt.tuning.spm import SPMTuning
+
+K = 5
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    bb = ResNet(depth=18, base_channels=8, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2))
+    loss = CrossEntropyLoss()
+    return EncoderDecoder(bb, FCNHead(bb.out_channels[-1], K, channels=8, num_convs=1, loss=loss),
+                          [FCNHead(bb.out_channels[2], K, channels=8, num_convs=1, concat_input=False, in_index=2,
+                                   loss_weight=0.4, loss=loss)])
+
+
+def _prior(res):
+    rng = np.random.default_rng(0)
+    p = rng.random((K, res, res)).astype(np.float32)
+    return p / p.sum(0, keepdims=True)
+
+
+def test_recurrence_shares_weights():
+    torch.manual_seed(0)
+    one = SPM(16, K, channels=16, recurrent=1)
+    three = SPM(16, K, channels=16, recurrent=3)
+    three.load_state_dict(one.state_dict())  # same parameter set whatever R is
+    assert sum(p.numel() for p in one.parameters()) == sum(p.numel() for p in three.parameters())
+    torch.nn.init.normal_(one.prompt_out.weight, std=0.1)
+    three.load_state_dict(one.state_dict())
+    x = torch.randn(2, 16, 9, 11)
+    m = torch.softmax(torch.randn(2, K, 5, 5), 1)
+    f, s = x, m
+    maps = []
+    for _ in range(3):
+        f, s, inter = one(f, s)
+        maps += inter
+    f3, s3, inter3 = three(x, m)
+    torch.testing.assert_close(f3, f)
+    torch.testing.assert_close(s3, s)
+    assert len(inter3) == 3
+    for a, b in zip(inter3, maps):
+        torch.testing.assert_close(a, b)
+
+
+def test_untrained_spm_passes_features_through():
+    spm = SPM(16, K, channels=16, recurrent=2)
+    x = torch.randn(1, 16, 8, 8)
+    f, s, _ = spm(x, torch.full((1, K, 4, 4), 1 / K))
+    assert torch.equal(f, x)
+    torch.testing.assert_close(s.sum(1), torch.ones(1, 8, 8))
+
+
+def test_spm_outputs_match_each_stage_and_losses_are_weighted():
+    model = _model()
+    seen = {}
+    SPMTuning(stages=[1, 2, 3, 4, 5], recurrent=2, channels=16).apply(model, TuningContext(K, class_prior=_prior))
+    chain = model.backbone.stage_hook
+    for slot, spm in chain.spms.items():
+        spm.register_forward_hook(lambda m, inp, out, slot=slot: seen.__setitem__(slot, (inp[0].shape, out)))
+    img, label = torch.randn(2, 3, 64, 64), torch.randint(0, K, (2, 64, 64))
+    losses = model(img, label)
+    channels = model.backbone.slot_channels
+    for slot, (in_shape, (feat, smap, interim)) in seen.items():
+        assert feat.shape == in_shape and in_shape[1] == channels[int(slot) - 1]
+        assert smap.shape == (2, K, *in_shape[-2:]) and len(interim) == 2
+    assert set(losses) == {"loss_seg", "loss_aux0", *[f"loss_spm{i}" for i in range(1, 6)]}
+    # a_i / R per iteration: slot 5 weighs 0.4, slot 1 0.05 (per summed pair of CE terms)
+    ce = CrossEntropyLoss()
+    chain.train()
+    model.backbone(img)
+    interim = dict(chain._interim)
+    expect = 0.4 / 2 * sum(ce(torch.nn.functional.interpolate(m, size=(64, 64), mode="bilinear"), label)
+                           for m in interim[5])
+    torch.testing.assert_close(chain.losses(label)["loss_spm5"], expect)
+
+
+def test_ablation_switches():
+    model = _model()
+    SPMTuning(stages=[1, 2], semantic_learning=False, long_range=False, channels=16).apply(model, TuningContext(K))
+    losses = model(torch.randn(1, 3, 32, 32), torch.randint(0, K, (1, 32, 32)))
+    assert not any(k.startswith("loss_spm") for k in losses)
+    for spm in model.backbone.stage_hook.spms.values():
+        for pdc in (spm.map_pdc, spm.prompt_pdc):
+            assert all(b.dilation == (1, 1) for b in pdc.branches)
+    with pytest.raises(ValueError, match="slots 1..5"):
+        SPMTuning(stages=[6]).apply(_model(), TuningContext(K))
+
+
+def test_only_spm_and_heads_train_and_frozen_parts_stay():
+    model = _model()
+    SPMTuning(stages=[1, 3, 5], channels=16).apply(model, TuningContext(K, class_prior=_prior))
+    frozen = {k: v.clone() for k, v in model.backbone.state_dict().items() if "stage_hook" not in k}
+    from segprompt.config import OptimizerConfig
+    from segprompt.engine.optim import build_optimizer
+
+    opt = build_optimizer(model, OptimizerConfig(lr=0.1, weight_decay=1e-3))
+    model.train()
+    img, label = torch.randn(2, 3, 64, 64), torch.randint(0, K, (2, 64, 64))
+    sum(model(img, label).values()).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters()
+                         if n.startswith(("backbone.stage_hook.", "decode_head.", "aux_heads."))}
+    assert any(".spms.5." in n for n in with_grad) and not any(".spms.2." in n for n in with_grad)
+    opt.step()
+    for k, v in model.backbone.state_dict().items():
+        if "stage_hook" not in k:
+            assert torch.equal(v, frozen[k]), k
+    # M0 travels with the checkpoint; frozen BN statistics do not
+    from segprompt.engine.checkpoint import changed_state_dict
+
+    state = changed_state_dict(model)
+    assert "backbone.stage_hook.prior" in state and not any("running_mean" in k and "stage_hook" not in k
+                                                            and k.startswith("backbone") for k in state)
+
+
+def test_default_design_matches_the_vit_table_count():
+    # design D2 of shared/reference/spm.md §7.4: P = 108,032 + 393·Cf + 513·K
+    for cf, k in [(1024, 150), (64, 150), (2048, 6), (256, 2)]:
+        assert spm_param_count(cf, k) == 108_032 + 393 * cf + 513 * k
+
+
+def test_class_prior_sums_to_one_and_is_cached(synthetic_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(synthetic_root, root)
+    meta = read_meta(root)
+    labels = sorted((root / "ann_dir" / "train").glob("*.png"))
+    prior = compute_class_prior(labels, meta.num_classes, 255, 16)
+    assert prior.shape == (meta.num_classes, 16, 16)
+    np.testing.assert_allclose(prior.sum(0), 1.0, rtol=1e-6)
+    assert prior[0].mean() > prior[1:].mean()  # background dominates the synthetic scenes
+    cached = cached_class_prior(root, labels, meta.num_classes, 255, 16)
+    np.testing.assert_array_equal(cached, prior)
+    files = list((root / "class_prior").glob("*.npy"))
+    assert len(files) == 1
+    np.save(files[0], np.zeros_like(prior) + 7)  # the cache is what is read back
+    assert cached_class_prior(root, labels, meta.num_classes, 255, 16).max() == 7
+    one = cached_class_prior(root, labels[:1], meta.num_classes, 255, 16)  # another label set, another file
+    assert len(list((root / "class_prior").glob("*.npy"))) == 2 and one.max() == 1.0
