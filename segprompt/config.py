@@ -101,6 +101,10 @@ class DataConfig:
     train: TrainPipelineConfig = field(default_factory=TrainPipelineConfig)
     test: TestPipelineConfig = field(default_factory=TestPipelineConfig)
     skip_bad_images: bool = False  # skip unreadable images (counted, summarised) instead of failing
+    # train on N images drawn from the training split by subset_seed (the SPM paper's one-shot
+    # retinal protocol: N = 1, one run per seed); null = the whole split
+    train_subset: int | None = None
+    subset_seed: int = 0
 
 
 @dataclass

@@ -180,3 +180,20 @@ def test_default_run_dir_and_resume_auto_finds_latest_run(tmp_path, synthetic_ro
     before = sha256_file(run / "checkpoints" / "last.pt")
     assert train(recipe, ["schedule.iters=2"], resume="auto") == run
     assert sha256_file(run / "checkpoints" / "last.pt") == before
+
+
+def test_one_shot_training_subset(tmp_path, synthetic_root):
+    from segprompt.engine.build import build_train_dataset, dataset_meta
+
+    recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
+    picks = set()
+    for seed in range(5):
+        cfg = load_recipe(recipe, ["data.train_subset=1", f"data.subset_seed={seed}"])
+        ds = build_train_dataset(cfg, dataset_meta(cfg))
+        assert len(ds) == 1 and ds.labels[0].stem == ds.images[0].stem
+        picks.add(ds.images[0].name)
+    assert len(picks) > 1  # different seeds, different images
+    run = train(recipe, ["data.train_subset=1", "schedule.iters=2"], out=tmp_path / "run")  # batch 4 from 1 image
+    assert (run / "checkpoints" / "last.pt").is_file()
+    with pytest.raises(SegpromptError, match=r"data.train_subset 99 is not in 1..12"):
+        train(recipe, ["data.train_subset=99"], out=tmp_path / "bad")

@@ -51,7 +51,7 @@ class SegDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str, meta: DatasetMeta, *,
                  train_transform: TrainTransform | None = None, test_transform: TestTransform | None = None,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, subset: int | None = None, subset_seed: int = 0):
         self.root = Path(root)
         self.split = split
         self.meta = meta
@@ -70,6 +70,12 @@ class SegDataset(Dataset):
         self.images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMG_EXTS)
         if not self.images:
             raise SegpromptError(f"split folder '{img_dir}' holds no images")
+        if subset is not None:
+            if not 1 <= subset <= len(self.images):
+                raise SegpromptError(f"data.train_subset {subset} is not in 1..{len(self.images)} "
+                                     f"(the images of '{img_dir}')")
+            pick = np.random.default_rng(subset_seed).choice(len(self.images), subset, replace=False)
+            self.images = [self.images[i] for i in sorted(pick)]
         self.labels = [ann_dir / f"{p.stem}.png" for p in self.images]
         missing = [str(p) for p in self.labels if not p.is_file()]
         if missing:

@@ -56,7 +56,8 @@ def tuning_context(cfg: Recipe, meta: DatasetMeta) -> TuningContext:
     def prior(res: int):
         from segprompt.data.class_prior import cached_class_prior
 
-        ds = SegDataset(cfg.data.root, cfg.data.train_split, meta)
+        ds = SegDataset(cfg.data.root, cfg.data.train_split, meta, subset=cfg.data.train_subset,
+                        subset_seed=cfg.data.subset_seed)
         return cached_class_prior(Path(cfg.data.root), ds.labels, meta.num_classes, meta.ignore_index, res)
 
     return TuningContext(num_classes=meta.num_classes, ignore_index=meta.ignore_index, class_prior=prior)
@@ -96,7 +97,8 @@ def build_train_dataset(cfg: Recipe, meta: DatasetMeta) -> SegDataset:
     except ValueError as e:
         raise SegpromptError(f"data.train: {e}") from None
     return SegDataset(cfg.data.root, cfg.data.train_split, meta, train_transform=tf,
-                      skip_bad_images=cfg.data.skip_bad_images)
+                      skip_bad_images=cfg.data.skip_bad_images, subset=cfg.data.train_subset,
+                      subset_seed=cfg.data.subset_seed)
 
 
 def build_eval_dataset(cfg: Recipe, meta: DatasetMeta, split: str | None = None) -> SegDataset:
