@@ -95,6 +95,52 @@ def eval_cmd(
         console.print(f"wrote {run_dir / 'eval.json'}")
 
 
+@app.command("count-params")
+def count_params_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe whose model to break down.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: data.num_classes, else meta.json).")] = None,
+    convention: Annotated[Optional[str], typer.Option(help="resnet (no BatchNorm) | all (default: resnet for "
+                                                           "ResNet backbones, else all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Parameters of a recipe's model by group (backbone, prompt, head): trainable, frozen,
+    stored per task and % of full tuning. Built on the meta device: no data or weights needed."""
+    import json
+
+    from segprompt.config import load_recipe
+    from segprompt.engine.params import CONVENTIONS, breakdown
+
+    cfg = load_recipe(recipe, set_ or [])
+    k = num_classes or cfg.data.num_classes
+    if k is None:
+        from segprompt.engine.build import dataset_meta
+
+        k = dataset_meta(cfg).num_classes
+    convention = convention or ("resnet" if cfg.model.backbone["name"] == "resnet" else "all")
+    if convention not in CONVENTIONS:
+        raise SegpromptError(f"--convention '{convention}' is not one of: {', '.join(CONVENTIONS)}")
+    b = breakdown(cfg, k, convention)
+    result = {"recipe": str(recipe), "num_classes": k, "convention": convention, "groups": b.groups,
+              "trainable": b.trainable, "frozen": b.frozen, "stored_per_task": b.stored_per_task,
+              "full_tuning": b.full_tuning, "percent_of_full": 100 * b.trainable / b.full_tuning}
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{recipe} ({cfg.tuning['name']}, K={k}, convention: {convention})")
+    for col in ("group", "total", "trainable", "frozen"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for name, g in b.groups.items():
+        table.add_row(name, f"{g['total']:,}", f"{g['trainable']:,}", f"{g['total'] - g['trainable']:,}")
+    table.add_row("all", f"{b.trainable + b.frozen:,}", f"{b.trainable:,}", f"{b.frozen:,}", style="bold")
+    console.print(table)
+    console.print(f"trainable {b.trainable / 1e6:.2f}M = {result['percent_of_full']:.2f}% of full tuning "
+                  f"({b.full_tuning / 1e6:.2f}M); stored per task: {b.stored_per_task:,} parameters "
+                  f"(every trainable tensor, BatchNorm included)")
+
+
 def _is_main() -> bool:
     import os
 

@@ -92,6 +92,7 @@ class TestPipelineConfig:
 @dataclass
 class DataConfig:
     dataset: str = "synthetic"  # which `segprompt prepare DATASET` makes `root`
+    num_classes: int | None = None  # if set, checked against meta.json (and used by count-params)
     root: str = "data/synthetic"
     train_split: str = "train"
     val_split: str = "val"

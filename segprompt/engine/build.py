@@ -17,6 +17,7 @@ from segprompt.data.meta import DatasetMeta, read_meta
 from segprompt.data.transforms import TestTransform, TrainTransform
 from segprompt.errors import SegpromptError
 from segprompt.models import BACKBONES, HEADS, LOSSES, EncoderDecoder
+from segprompt.models.backbones.checkpoint import load_strict, read_state_dict
 from segprompt.tuning import METHODS, TuningContext
 
 
@@ -25,31 +26,13 @@ def _kwargs(component: dict) -> dict:
 
 
 def load_backbone_weights(backbone: nn.Module, path: str, backbone_name: str) -> None:
-    """Load a local backbone checkpoint strictly: missing or unexpected keys are an error."""
-    p = Path(path)
-    if not p.is_file():
-        raise SegpromptError(
-            f"pretrained weights '{p}' (model.pretrained) do not exist. Put the {backbone_name} "
-            f"checkpoint file there, or point model.pretrained at it (nothing is downloaded)")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SegpromptError(f"pretrained weights '{p}' cannot be read ({type(e).__name__}: {e})") from e
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if state and all(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items()}
-    own = backbone.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise SegpromptError(
-            f"pretrained weights '{p}' do not fit backbone '{backbone_name}': "
-            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
-    bad = [k for k in own if own[k].shape != state[k].shape]
-    if bad:
-        raise SegpromptError(f"pretrained weights '{p}' have other shapes for {bad[:5]}")
-    backbone.load_state_dict(state)
+    """Load a local backbone checkpoint strictly: missing or unexpected keys are an error that lists
+    them. A backbone with a ``load_pretrained(path)`` method maps the file's key names to its own
+    (and drops the classifier it never runs); any other loads the file's names as they are."""
+    if hasattr(backbone, "load_pretrained"):
+        backbone.load_pretrained(path, backbone_name)
+    else:
+        load_strict(backbone, read_state_dict(path, backbone_name, "its state dict"), path, backbone_name)
 
 
 def tuning_context(cfg: Recipe, meta: DatasetMeta) -> TuningContext:
@@ -63,9 +46,9 @@ def tuning_context(cfg: Recipe, meta: DatasetMeta) -> TuningContext:
     return TuningContext(num_classes=meta.num_classes, ignore_index=meta.ignore_index, class_prior=prior)
 
 
-def build_model(cfg: Recipe, meta: DatasetMeta, ctx: TuningContext | None = None) -> EncoderDecoder:
-    """Build under ``runtime.seed`` (so frozen random weights are reproducible), load the
-    pretrained backbone, then let the tuning method decide what trains."""
+def build_segmentor(cfg: Recipe, meta: DatasetMeta, load_pretrained: bool = True) -> EncoderDecoder:
+    """The recipe's network before tuning: built under ``runtime.seed`` (so frozen random
+    weights are reproducible), with the pretrained backbone loaded."""
     m = cfg.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.runtime.seed)
@@ -74,16 +57,26 @@ def build_model(cfg: Recipe, meta: DatasetMeta, ctx: TuningContext | None = None
 
         def head(spec: dict) -> nn.Module:
             in_index = spec.get("in_index", -1)
-            in_channels = backbone.out_channels[backbone.out_indices[in_index]]
+            in_channels = backbone.feature_channels[in_index]
             return HEADS[spec["name"]](in_channels=in_channels, num_classes=meta.num_classes,
                                        align_corners=m.align_corners, loss=loss, **_kwargs(spec))
 
         model = EncoderDecoder(backbone, head(m.decode_head), [head(h) for h in m.aux_heads], m.align_corners)
-    if m.pretrained:
+    if m.pretrained and load_pretrained:
         load_backbone_weights(model.backbone, m.pretrained, m.backbone["name"])
+    return model
+
+
+def apply_tuning(model: EncoderDecoder, cfg: Recipe, ctx: TuningContext) -> None:
+    """Let the recipe's tuning method decide what trains (it may insert modules)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.runtime.seed + 1)
-        METHODS[cfg.tuning["name"]](**_kwargs(cfg.tuning)).apply(model, ctx or tuning_context(cfg, meta))
+        METHODS[cfg.tuning["name"]](**_kwargs(cfg.tuning)).apply(model, ctx)
+
+
+def build_model(cfg: Recipe, meta: DatasetMeta) -> EncoderDecoder:
+    model = build_segmentor(cfg, meta)
+    apply_tuning(model, cfg, tuning_context(cfg, meta))
     return model
 
 
@@ -108,4 +101,8 @@ def build_eval_dataset(cfg: Recipe, meta: DatasetMeta, split: str | None = None)
 
 
 def dataset_meta(cfg: Recipe) -> DatasetMeta:
-    return read_meta(cfg.data.root, cfg.data.dataset)
+    meta = read_meta(cfg.data.root, cfg.data.dataset)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != meta.num_classes:
+        raise SegpromptError(f"data.num_classes is {cfg.data.num_classes} but '{cfg.data.root}/meta.json' lists "
+                             f"{meta.num_classes} classes; point data.root at the right dataset")
+    return meta

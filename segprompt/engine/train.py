@@ -209,13 +209,16 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
              "trainable %s / %s parameters (%.2f%%)", run_dir, env.world_size, env.device, cfg.data.batch_size,
              env.world_size, micro, cfg.optimizer.accum_steps, f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
 
+    # a model with nothing frozen (full tuning, learn-from-scratch) needs no frozen-weights file
+    frozen_from = cfg.model.pretrained if any(not p.requires_grad for p in model.parameters()) else None
+
     def save(name: str, iteration: int) -> None:
         states = dist_utils.all_gather_object(ckpt.rng_state())
         if env.is_main:
             ckpt.save_checkpoint(
                 run_dir / CKPT_DIR / name, model=ckpt.model_state(model, cfg.checkpoint.save_full_model),
                 full_model=cfg.checkpoint.save_full_model,
-                frozen_source=ckpt.frozen_source(cfg.model.pretrained, cfg.runtime.seed),
+                frozen_source=ckpt.frozen_source(frozen_from, cfg.runtime.seed),
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                 iteration=iteration, best=best, rng=states, config=cfg.to_dict())
         dist_utils.barrier()

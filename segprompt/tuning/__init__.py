@@ -1,8 +1,24 @@
 """Tuning methods: what trains, what is inserted, what is frozen. ``tuning.name`` picks one."""
 
+from segprompt.tuning.adaptformer import AdaptFormer
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 from segprompt.tuning.basic import FullTuning, HeadTuning
+from segprompt.tuning.bias import BiasTuning
+from segprompt.tuning.scratch import LearnFromScratch
+from segprompt.tuning.side import Adapter, SideTuning
+from segprompt.tuning.spm import SPMTuning
+from segprompt.tuning.vpt import VPT
 
-METHODS = {"full": FullTuning, "head": HeadTuning}
+METHODS = {
+    "full": FullTuning,
+    "scratch": LearnFromScratch,
+    "head": HeadTuning,
+    "bias": BiasTuning,
+    "side": SideTuning,
+    "adapter": Adapter,
+    "vpt": VPT,
+    "adaptformer": AdaptFormer,
+    "spm": SPMTuning,
+}
 
 __all__ = ["METHODS", "TuningContext", "TuningMethod", "freeze"]

@@ -6,12 +6,22 @@ method may set :attr:`stage_hook`, a module called as ``hook(i, x)`` on the inpu
 head); it returns the tensor the network continues with. ``depth=101`` with ``strides=(1, 2, 1, 1)``,
 ``dilations=(1, 1, 2, 4)`` is the "d8" backbone of the SPM paper; ``depth=18`` with a small
 ``base_channels`` is the tiny model of the smoke recipes and the synthetic demo.
+
+``deep_stem=False`` swaps the stem for torchvision's 7x7/2 conv + BN + ReLU + 3x3/2 max-pool.
+:func:`load_resnet_checkpoint` loads MMSegmentation's ``resnet101_v1c`` ImageNet files (deep stem)
+and torchvision's files (``deep_stem=False``): the module names follow both (``stem.N``;
+``conv1``/``bn1``; ``layerX.Y.convZ/bnZ/downsample.N``), so only the unused ``fc`` classifier is
+dropped and everything else must match exactly.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from segprompt.models.backbones.checkpoint import load_strict, read_state_dict
 
 _ARCH = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
          101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
@@ -65,7 +75,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNetV1c: three-conv deep stem (3->s/2->s/2->s, s = stem_channels) and a 3x3/2 max-pool.
+    """ResNetV1c: three-conv deep stem (3->s/2->s/2->s, s = stem_channels) and a 3x3/2 max-pool;
+    with ``deep_stem=False`` a torchvision stem (``conv1`` 7x7/2 3->s, ``bn1``, ReLU, max-pool).
 
     ``contract_dilation`` gives the first block of a dilated stage half the stage's dilation, as
     MMSegmentation does. ``out_indices`` selects which stage outputs :meth:`forward` returns.
@@ -74,15 +85,23 @@ class ResNet(nn.Module):
     def __init__(self, depth: int = 50, in_channels: int = 3, stem_channels: int | None = None,
                  base_channels: int = 64, strides: tuple[int, int, int, int] = (1, 2, 2, 2),
                  dilations: tuple[int, int, int, int] = (1, 1, 1, 1),
-                 out_indices: tuple[int, ...] = (0, 1, 2, 3), contract_dilation: bool = True):
+                 out_indices: tuple[int, ...] = (0, 1, 2, 3), contract_dilation: bool = True,
+                 deep_stem: bool = True):
         super().__init__()
         if depth not in _ARCH:
             raise ValueError(f"ResNet depth {depth} is not one of {sorted(_ARCH)}")
         kind, blocks = _ARCH[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         s = stem_channels or base_channels
-        self.stem = nn.Sequential(*_conv_bn_relu(in_channels, s // 2, 2), *_conv_bn_relu(s // 2, s // 2),
-                                  *_conv_bn_relu(s // 2, s), nn.MaxPool2d(3, 2, 1))
+        self.deep_stem = deep_stem
+        if deep_stem:
+            self.stem = nn.Sequential(*_conv_bn_relu(in_channels, s // 2, 2), *_conv_bn_relu(s // 2, s // 2),
+                                      *_conv_bn_relu(s // 2, s), nn.MaxPool2d(3, 2, 1))
+        else:
+            self.conv1 = nn.Conv2d(in_channels, s, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(s)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.out_indices = tuple(out_indices)
         self.stage_hook: nn.Module | None = None
         cin = s
@@ -111,8 +130,18 @@ class ResNet(nn.Module):
         """Channels at each hook slot: every stage's input, then the last stage's output."""
         return [*self.stage_in_channels, self.out_channels[-1]]
 
+    @property
+    def feature_channels(self) -> list[int]:
+        """Channels of each tensor :meth:`forward` returns (what a head's ``in_index`` picks)."""
+        return [self.out_channels[i] for i in self.out_indices]
+
+    def load_pretrained(self, path: str | Path, name: str = "resnet") -> None:
+        """Load an ImageNet checkpoint strictly (:func:`load_resnet_checkpoint`); errors call the
+        backbone ``name``."""
+        load_resnet_checkpoint(self, path, name)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
+        x = self.stem(x) if self.deep_stem else self.maxpool(self.relu(self.bn1(self.conv1(x))))
         outs = []
         hook = self.stage_hook
         for i, stage in enumerate(self.stages):
@@ -124,3 +153,17 @@ class ResNet(nn.Module):
             if i in self.out_indices:
                 outs.append(x)
         return outs
+
+
+def load_resnet_checkpoint(model: ResNet, path: str | Path, name: str = "resnet") -> None:
+    """Load an MMSegmentation (``resnet101_v1c``, deep stem) or torchvision (``deep_stem=False``)
+    ImageNet checkpoint strictly; the ImageNet classifier ``fc.*`` is dropped."""
+    kind = ("an MMSegmentation resnet_v1c ImageNet file, deep stem" if model.deep_stem
+            else "a torchvision ImageNet file, 7x7 stem")
+    state = {k: v for k, v in read_state_dict(path, name, kind).items() if not k.startswith("fc.")}
+    hint = ""
+    if model.deep_stem and "conv1.weight" in state:
+        hint = ". The file has a torchvision 7x7 stem (conv1/bn1): set model.backbone.deep_stem: false"
+    elif not model.deep_stem and "stem.0.weight" in state:
+        hint = ". The file has a deep stem (stem.N): set model.backbone.deep_stem: true"
+    load_strict(model, state, path, name, hint)

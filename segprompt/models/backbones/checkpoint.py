@@ -1,0 +1,67 @@
+"""Local pretrained backbone files: read one, then load it strictly (nothing is downloaded).
+
+A backbone's ``load_pretrained(path, name)`` reads the file with :func:`read_state_dict`, renames its
+keys to the backbone's own and drops what the format carries but the backbone never runs (an
+ImageNet classifier), then calls :func:`load_strict`. Any other difference is an error that lists
+the keys, because a silently half-loaded backbone trains to a plausible but wrong result
+(``shared/reference/ecosystem.md`` §2, complaint 12).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from segprompt.errors import SegpromptError
+
+_SHOWN = 20  # keys listed per kind of mismatch
+
+
+def read_state_dict(path: str | Path, name: str, kind: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped from ``state_dict``/``model`` and stripped of a
+    ``backbone.`` prefix that every key carries. Errors call the backbone ``name`` (the recipe's
+    ``model.backbone.name``) and describe the expected file as ``kind``."""
+    p = Path(path)
+    if not p.is_file():
+        raise SegpromptError(
+            f"pretrained weights '{p}' (model.pretrained) do not exist. Put the {name} checkpoint file "
+            f"there ({kind}), or point model.pretrained at it (nothing is downloaded)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SegpromptError(f"pretrained weights '{p}' cannot be read ({type(e).__name__}: {e})") from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SegpromptError(f"pretrained weights '{p}' are not a state dict of tensors")
+    if state and all(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return f"{keys[:_SHOWN]}{more}"
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, name: str,
+                hint: str = "") -> None:
+    """Copy ``state`` into ``module``; missing keys, unexpected keys and other shapes are a
+    :class:`SegpromptError` that lists them (``hint`` is appended). Only BatchNorm's
+    ``num_batches_tracked`` counter may be absent: torchvision's ImageNet files predate it."""
+    own = module.state_dict()
+    missing = sorted(k for k in own.keys() - state.keys() if not k.endswith(".num_batches_tracked"))
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        problems = [f"{len(missing)} missing keys {_listed(missing)}",
+                    f"{len(unexpected)} unexpected keys {_listed(unexpected)}"]
+        if shapes:
+            problems.append(f"{len(shapes)} tensors of other shapes (file vs model) {_listed(shapes)}")
+        raise SegpromptError(f"pretrained weights '{path}' do not fit backbone '{name}': "
+                             + ", ".join(problems) + hint)
+    module.load_state_dict(state, strict=False)
