@@ -100,8 +100,7 @@ def count_params_cmd(
     recipe: Annotated[Path, typer.Argument(help="Recipe whose model to break down.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: data.num_classes, else meta.json).")] = None,
-    convention: Annotated[Optional[str], typer.Option(help="resnet (no BatchNorm) | all (default: resnet for "
-                                                           "ResNet backbones, else all).")] = None,
+    convention: Annotated[str, typer.Option(help="paper (no BatchNorm, as the SPM paper counts) | all.")] = "paper",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Parameters of a recipe's model by group (backbone, prompt, head): trainable, frozen,
@@ -117,7 +116,6 @@ def count_params_cmd(
         from segprompt.engine.build import dataset_meta
 
         k = dataset_meta(cfg).num_classes
-    convention = convention or ("resnet" if cfg.model.backbone["name"] == "resnet" else "all")
     if convention not in CONVENTIONS:
         raise SegpromptError(f"--convention '{convention}' is not one of: {', '.join(CONVENTIONS)}")
     b = breakdown(cfg, k, convention)

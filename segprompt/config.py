@@ -60,12 +60,10 @@ def _tables() -> dict[str, tuple[dict[str, Any], set[str]]]:
 
 @dataclass
 class ModelConfig:
-    backbone: typing.Annotated[Component, "backbone"] = field(
-        default_factory=lambda: Component(name="resnet", depth=18, base_channels=16)
-    )
-    decode_head: typing.Annotated[Component, "head"] = field(
-        default_factory=lambda: Component(name="fcn", channels=32, in_index=-1)
-    )
+    # component defaults hold only the name: a recipe's options then merge over the
+    # constructor's own defaults, never over another recipe's
+    backbone: typing.Annotated[Component, "backbone"] = field(default_factory=lambda: Component(name="resnet"))
+    decode_head: typing.Annotated[Component, "head"] = field(default_factory=lambda: Component(name="fcn"))
     aux_heads: list[typing.Annotated[Component, "head"]] = field(default_factory=list)
     pretrained: str | None = None  # local backbone checkpoint file
     align_corners: bool = False

@@ -150,5 +150,5 @@ def test_yaml_12_floats_in_recipes(tmp_path):
 
 
 def test_shipped_recipes_validate():
-    for path in sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml")):
+    for path in sorted(Path(__file__).resolve().parents[1].rglob("recipes/**/*.yaml")):
         load_recipe(path)

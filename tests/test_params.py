@@ -14,9 +14,9 @@ SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
 
 
 def test_breakdown_groups_per_method():
-    full = breakdown(load_recipe(SMOKE), 6, "resnet")
-    head = breakdown(load_recipe(SMOKE, ["tuning.name=head"]), 6, "resnet")
-    spm = breakdown(load_recipe(SMOKE, ["tuning.name=spm", "tuning.stages=[2,4]", "tuning.channels=32"]), 6, "resnet")
+    full = breakdown(load_recipe(SMOKE), 6, "paper")
+    head = breakdown(load_recipe(SMOKE, ["tuning.name=head"]), 6, "paper")
+    spm = breakdown(load_recipe(SMOKE, ["tuning.name=spm", "tuning.stages=[2,4]", "tuning.channels=32"]), 6, "paper")
     assert full.groups["backbone"]["trainable"] == full.groups["backbone"]["total"] > 0
     assert full.trainable == full.full_tuning and full.frozen == 0
     assert head.groups["backbone"]["trainable"] == 0 and head.groups["head"] == full.groups["head"]
@@ -34,9 +34,9 @@ def test_breakdown_groups_per_method():
     assert spm.full_tuning == full.full_tuning  # % of full tuning is against the original network
 
 
-def test_resnet_convention_leaves_out_batchnorm():
+def test_paper_convention_leaves_out_batchnorm():
     every = breakdown(load_recipe(SMOKE), 6, "all")
-    no_bn = breakdown(load_recipe(SMOKE), 6, "resnet")
+    no_bn = breakdown(load_recipe(SMOKE), 6, "paper")
     import torch
 
     from segprompt.engine.params import build_counted
@@ -50,5 +50,5 @@ def test_count_params_cli_json(tmp_path):
     res = run_cli("count-params", str(SMOKE), "--set", "tuning.name=head", "--num-classes", "6", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["groups"]["backbone"]["trainable"] == 0 and out["convention"] == "resnet"
+    assert out["groups"]["backbone"]["trainable"] == 0 and out["convention"] == "paper"
     assert 0 < out["percent_of_full"] < 100

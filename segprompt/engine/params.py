@@ -6,12 +6,14 @@ Groups follow the SPM paper's tables: **Backbone** (the backbone's own parameter
 (decode and auxiliary heads). Inserted modules are recognised by identity: the parameters that
 exist after the tuning method ran but not before.
 
-Two counting conventions (``shared/reference/spm.md`` §4):
+Two counting conventions (``shared/reference/spm.md`` §4-5):
 
-* ``resnet`` (SPM Tables 1-4): convolution and linear weights and biases; BatchNorm parameters
-  are left out, as MMCV's counter does for SyncBN models. The one exception is a BatchNorm bias
-  trained while its weight stays frozen: that is what Bias-Tuning trains (its 0.05M are BN betas).
-* ``all`` (ViT tables 7-9): every parameter (LayerNorm, cls token, position embedding included).
+* ``paper`` (every table of the SPM paper): every parameter except those of BatchNorm layers, as
+  MMCV's counter reports the paper's SyncBN models. That is conv/linear weights and biases for the
+  ResNet tables, and for ViT also LayerNorm, cls token and position embedding (the SETR heads'
+  13.14M exclude their BatchNorms too). The one exception is a BatchNorm bias trained while its
+  weight stays frozen: that is what Bias-Tuning trains (its 0.05M are BN betas).
+* ``all``: every parameter.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from segprompt.config import Recipe
 from segprompt.data.meta import DatasetMeta
 
-CONVENTIONS = ("resnet", "all")
+CONVENTIONS = ("paper", "all")
 
 
 def _norm_params(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
@@ -88,7 +90,7 @@ def build_counted(cfg: Recipe, num_classes: int) -> tuple[nn.Module, set[int]]:
     return model, original
 
 
-def breakdown(cfg: Recipe, num_classes: int, convention: str = "all") -> Breakdown:
+def breakdown(cfg: Recipe, num_classes: int, convention: str = "paper") -> Breakdown:
     model, original = build_counted(cfg, num_classes)
     head_ids = {id(p) for head in (model.decode_head, *model.aux_heads) for p in head.parameters()}
     backbone = [p for p in model.backbone.parameters() if id(p) in original]
