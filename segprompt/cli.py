@@ -97,14 +97,21 @@ def eval_cmd(
 
 @app.command("count-params")
 def count_params_cmd(
-    recipe: Annotated[Path, typer.Argument(help="Recipe whose model to break down.")],
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe to break down; without one, every parameter "
+                                                          "figure of the papers' tables beside ours.")] = None,
+    table: Annotated[Optional[str], typer.Option(help="Only this table of the SPM paper (e.g. 4).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: data.num_classes, else meta.json).")] = None,
     convention: Annotated[str, typer.Option(help="paper (no BatchNorm, as the SPM paper counts) | all.")] = "paper",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Parameters of a recipe's model by group (backbone, prompt, head): trainable, frozen,
-    stored per task and % of full tuning. Built on the meta device: no data or weights needed."""
+    """Parameter counts, built on the meta device (no data or weights needed).
+
+    With RECIPE: its model by group (backbone, prompt, head): trainable, frozen, stored per task
+    and % of full tuning. Without: the papers' parameter figures, ours beside theirs."""
+    if recipe is None:
+        _paper_counts(table, as_json)
+        return
     import json
 
     from segprompt.config import load_recipe
@@ -127,16 +134,42 @@ def count_params_cmd(
         return
     from rich.table import Table
 
-    table = Table(title=f"{recipe} ({cfg.tuning['name']}, K={k}, convention: {convention})")
+    out = Table(title=f"{recipe} ({cfg.tuning['name']}, K={k}, convention: {convention})")
     for col in ("group", "total", "trainable", "frozen"):
-        table.add_column(col, justify="left" if col == "group" else "right")
+        out.add_column(col, justify="left" if col == "group" else "right")
     for name, g in b.groups.items():
-        table.add_row(name, f"{g['total']:,}", f"{g['trainable']:,}", f"{g['total'] - g['trainable']:,}")
-    table.add_row("all", f"{b.trainable + b.frozen:,}", f"{b.trainable:,}", f"{b.frozen:,}", style="bold")
-    console.print(table)
+        out.add_row(name, f"{g['total']:,}", f"{g['trainable']:,}", f"{g['total'] - g['trainable']:,}")
+    out.add_row("all", f"{b.trainable + b.frozen:,}", f"{b.trainable:,}", f"{b.frozen:,}", style="bold")
+    console.print(out)
     console.print(f"trainable {b.trainable / 1e6:.2f}M = {result['percent_of_full']:.2f}% of full tuning "
                   f"({b.full_tuning / 1e6:.2f}M); stored per task: {b.stored_per_task:,} parameters "
                   f"(every trainable tensor, BatchNorm included)")
+
+
+def _paper_counts(table: str | None, as_json: bool) -> None:
+    import dataclasses
+    import json
+
+    from segprompt.engine.params import paper_counts
+    from segprompt.tables import all_tables
+
+    tables = [t for t in all_tables() if table is None or (t.paper == "spm" and t.table == table)]
+    if not tables:
+        raise SegpromptError(f"--table {table}: the SPM paper has no table {table} with parameter figures")
+    rows = paper_counts(tables)
+    if as_json:
+        console.print_json(json.dumps([dataclasses.asdict(r) for r in rows]))
+        return
+    from rich.table import Table
+
+    out = Table(title="Parameter figures (M): ours beside the paper's, SPM paper counting convention")
+    for col in ("table", "row", "column", "ours", "paper", "match"):
+        out.add_column(col, justify="right" if col in ("ours", "paper") else "left")
+    for r in rows:
+        out.add_row(f"{r.paper} {r.table}", r.row, r.column, f"{r.ours:.2f}", f"{r.paper_value:.2f}",
+                    "[green]match[/]" if r.match else f"[yellow]{r.reason}[/]")
+    console.print(out)
+    console.print(f"{sum(r.match for r in rows)} of {len(rows)} figures match")
 
 
 def _is_main() -> bool:

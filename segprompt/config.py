@@ -336,6 +336,15 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate(tree, src)
 
 
+def load_yaml_as(path: str | Path, tp: type) -> Any:
+    """Read a YAML file and validate it against the dataclass ``tp`` with the recipe rules
+    (unknown keys, types, messages naming the file)."""
+    src = _Source({"": str(path)})
+    tree = _read_yaml(Path(path))
+    _record(src, tree, "", str(path))
+    return _check(tree, tp, "", src)
+
+
 def recipe_from_dict(d: dict, where: str = "<config>") -> Recipe:
     src = _Source({"": where})
     _record(src, d, "", where)

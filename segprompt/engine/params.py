@@ -105,3 +105,46 @@ def breakdown(cfg: Recipe, num_classes: int, convention: str = "paper") -> Break
     full = copy.deepcopy(model).requires_grad_(True)
     originals = [p for p, q in zip(full.parameters(), model.parameters()) if id(q) in original]
     return Breakdown(convention, groups, stored, count(full, originals, convention))
+
+
+@dataclass
+class PaperCount:
+    """One parameter figure of a paper's table beside ours (millions, the paper's rounding)."""
+
+    paper: str
+    table: str
+    row: str
+    column: str
+    ours: float
+    paper_value: float
+    match: bool
+    reason: str | None
+    recipe: str
+
+
+def paper_counts(tables: list) -> list[PaperCount]:
+    """Every parameter column of ``tables`` (see :mod:`segprompt.tables`), counted under the
+    paper's convention; a figure matches when equal at two decimals."""
+    from segprompt.config import load_recipe
+
+    cache: dict[tuple, Breakdown] = {}
+    out = []
+    for t in tables:
+        for i, col in enumerate(t.columns):
+            if col.params is None:
+                continue
+            for row in t.rows:
+                if col.name in row.skip or row.paper[i] is None:
+                    continue
+                recipe, overrides = t.cell(row, col)
+                key = (str(recipe), tuple(overrides))
+                if key not in cache:
+                    cfg = load_recipe(recipe, overrides)
+                    cache[key] = breakdown(cfg, cfg.data.num_classes, "paper")
+                ours = round(cache[key].groups[col.params]["trainable"] / 1e6, 2)
+                paper_value = float(row.paper[i])
+                match = abs(ours - paper_value) < 1e-9
+                reason = None if match else (t.note(row, col) or "differs from the paper (no known reason)")
+                out.append(PaperCount(t.paper, t.table, row.name, col.name, ours, paper_value, match, reason,
+                                      str(recipe.relative_to(recipe.parents[1]))))
+    return out
