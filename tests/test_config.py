@@ -151,4 +151,5 @@ def test_yaml_12_floats_in_recipes(tmp_path):
 
 def test_shipped_recipes_validate():
     for path in sorted(Path(__file__).resolve().parents[1].rglob("recipes/**/*.yaml")):
-        load_recipe(path)
+        if "tables" not in path.parts:  # table definitions are validated by tests/test_params.py
+            load_recipe(path)
