@@ -14,8 +14,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/segprompt prepare synthetic --out data/synthetic
-	$(VENV)/bin/segprompt train recipes/demo.yaml
+	$(VENV)/bin/segprompt demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
