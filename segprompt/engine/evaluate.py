@@ -14,14 +14,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from segprompt.config import Recipe
+from segprompt.config import Recipe, load_recipe
 from segprompt.data.dataset import SegDataset, collate, read_image, worker_init
 from segprompt.data.sampler import eval_shard
 from segprompt.data.transforms import normalize
+from segprompt.engine import checkpoint as ckpt
+from segprompt.engine import distributed as dist_utils
+from segprompt.engine.build import build_eval_dataset, build_model, dataset_meta
 from segprompt.engine.distributed import DistEnv, all_gather_object
 from segprompt.engine.inference import inference, save_prediction
 from segprompt.engine.metrics import ConfusionMatrix, compute_metrics
 from segprompt.engine.progress import progress_bar
+from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, LAST, default_run_dir
+from segprompt.errors import SegpromptError
+from segprompt.io import atomic_write_json
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -84,14 +90,6 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrid
     """``segprompt eval``: a run directory (its config and ``best``/``last`` checkpoint) or a recipe
     with ``--checkpoint PATH``. Writes ``eval.json`` into the run directory; an earlier one is
     moved to ``eval_history/`` first, never overwritten."""
-    from segprompt.config import load_recipe
-    from segprompt.engine import checkpoint as ckpt
-    from segprompt.engine import distributed as dist_utils
-    from segprompt.engine.build import build_eval_dataset, build_model, dataset_meta
-    from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, LAST, default_run_dir
-    from segprompt.errors import SegpromptError
-    from segprompt.io import atomic_write_json
-
     target = Path(target)
     if target.is_dir():
         if not (target / CONFIG).is_file():

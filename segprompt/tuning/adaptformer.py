@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segprompt.errors import SegpromptError
-from segprompt.models.backbones.vit import VisionTransformer
-from segprompt.tuning.base import TuningContext, TuningMethod, freeze
+from segprompt.tuning.base import TuningContext, TuningMethod, freeze, vit_backbone
 
 
 class AdaptMLP(nn.Module):
@@ -42,10 +40,7 @@ class AdaptFormer(TuningMethod):
         self.dropout = dropout
 
     def apply(self, model: nn.Module, ctx: TuningContext) -> None:
-        vit = model.backbone
-        if not isinstance(vit, VisionTransformer):
-            raise SegpromptError(f"tuning 'adaptformer' adds a branch to the MLPs of a ViT, but the backbone "
-                                 f"is '{type(vit).__name__}'; use model.backbone.name: vit")
+        vit = vit_backbone(model, "adaptformer", "adds a branch to the MLPs of a ViT")
         freeze(vit)
         device = vit.pos_embed.device
         for block in vit.blocks:

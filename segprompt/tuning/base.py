@@ -36,6 +36,18 @@ def freeze(module: nn.Module, bn_eval: bool = True) -> None:
                 m.keep_eval = True
 
 
+def vit_backbone(model: nn.Module, method: str, what: str) -> nn.Module:
+    """``model.backbone`` if it is a ViT; else an error saying the method (which ``what``) needs one."""
+    from segprompt.errors import SegpromptError
+    from segprompt.models.backbones.vit import VisionTransformer
+
+    vit = model.backbone
+    if not isinstance(vit, VisionTransformer):
+        raise SegpromptError(f"tuning '{method}' {what}, but the backbone is '{type(vit).__name__}'; "
+                             f"use model.backbone.name: vit")
+    return vit
+
+
 class TuningMethod:
     def apply(self, model: nn.Module, ctx: TuningContext) -> None:
         raise NotImplementedError

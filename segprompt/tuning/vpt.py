@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from segprompt.errors import SegpromptError
-from segprompt.models.backbones.vit import VisionTransformer
-from segprompt.tuning.base import TuningContext, TuningMethod, freeze
+from segprompt.tuning.base import TuningContext, TuningMethod, freeze, vit_backbone
 
 
 class VPT(TuningMethod):
@@ -30,10 +29,7 @@ class VPT(TuningMethod):
         self.bias = bias
 
     def apply(self, model: nn.Module, ctx: TuningContext) -> None:
-        vit = model.backbone
-        if not isinstance(vit, VisionTransformer):
-            raise SegpromptError(f"tuning 'vpt' prompts the layers of a ViT, but the backbone is "
-                                 f"'{type(vit).__name__}'; use model.backbone.name: vit")
+        vit = vit_backbone(model, "vpt", "prompts the layers of a ViT")
         freeze(vit)
         if self.bias:
             for name, p in vit.named_parameters():
