@@ -51,7 +51,7 @@ def _tables() -> dict[str, tuple[dict[str, Any], set[str]]]:
 
     injected = {"in_channels", "num_classes", "ignore_index", "align_corners", "loss"}
     return {
-        "backbone": (BACKBONES, {"in_channels"}),
+        "backbone": (BACKBONES, {"in_channels", "class_names"}),
         "head": (HEADS, injected),
         "loss": (LOSSES, {"ignore_index"}),
         "tuning": (METHODS, set()),

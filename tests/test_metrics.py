@@ -205,3 +205,14 @@ def test_all_reduce_over_two_gloo_processes_equals_single_process(tmp_path):
     single.all_reduce()  # not initialised here: must be a no-op
     for rank in range(2):
         assert torch.equal(torch.load(f"{out}.{rank}"), single.mat)
+
+
+def test_category_iou_merges_classes_before_taking_iou():
+    """Cityscapes' category scores: confusions inside a category count as correct."""
+    mat = torch.tensor([[5, 1, 0], [2, 4, 0], [0, 1, 3]])
+    m = compute_metrics(mat, ["road", "sidewalk", "sky"], categories={"flat": ["road", "sidewalk"], "sky": ["sky"]})
+    # flat: intersection 12 (5+1+2+4); union = 12 labelled + 13 predicted - 12 = 13. sky: 3 / (4 + 3 - 3)
+    assert m["categoryIoU"] == pytest.approx({"flat": 100 * 12 / 13, "sky": 75.0})
+    assert m["mIoU_category"] == pytest.approx((100 * 12 / 13 + 75.0) / 2)
+    with pytest.raises(ValueError, match="'car'"):
+        compute_metrics(mat, ["road", "sidewalk", "sky"], categories={"vehicle": ["car"]})

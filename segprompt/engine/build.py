@@ -6,18 +6,22 @@ the explicit tables in :mod:`segprompt.models` and :mod:`segprompt.tuning`.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from segprompt.config import Recipe
 from segprompt.data.dataset import SegDataset
 from segprompt.data.meta import DatasetMeta, read_meta
+from segprompt.data.recognition import RECOGNITION_DATASETS, RecognitionDataset, class_frequency, recognition_meta
 from segprompt.data.transforms import TestTransform, TrainTransform
 from segprompt.errors import SegpromptError
-from segprompt.models import BACKBONES, HEADS, LOSSES, EncoderDecoder
+from segprompt.models import BACKBONES, HEADS, LOSSES, EncoderDecoder, ImageClassifier
 from segprompt.models.backbones.checkpoint import load_strict, read_state_dict
+from segprompt.models.text_guidance import load_text_pretrained
 from segprompt.tuning import METHODS, TuningContext
 
 
@@ -35,9 +39,17 @@ def load_backbone_weights(backbone: nn.Module, path: str, backbone_name: str) ->
         load_strict(backbone, read_state_dict(path, backbone_name, "its state dict"), path, backbone_name)
 
 
+def is_recognition(cfg: Recipe) -> bool:
+    return cfg.data.dataset in RECOGNITION_DATASETS
+
+
 def tuning_context(cfg: Recipe, meta: DatasetMeta) -> TuningContext:
     def prior(res: int):
         from segprompt.data.class_prior import cached_class_prior
+
+        if is_recognition(cfg):  # the class frequencies, the same at every position
+            freq = class_frequency(build_train_dataset(cfg, meta).labels, meta.num_classes)
+            return np.broadcast_to(freq[:, None, None], (meta.num_classes, res, res))
 
         ds = SegDataset(cfg.data.root, cfg.data.train_split, meta, subset=cfg.data.train_subset,
                         subset_seed=cfg.data.subset_seed)
@@ -52,7 +64,11 @@ def build_segmentor(cfg: Recipe, meta: DatasetMeta, load_pretrained: bool = True
     m = cfg.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.runtime.seed)
-        backbone = BACKBONES[m.backbone["name"]](**_kwargs(m.backbone))
+        backbone_cls = BACKBONES[m.backbone["name"]]
+        extra = {}
+        if "class_names" in inspect.signature(backbone_cls).parameters:  # text-guided backbones
+            extra["class_names"] = list(meta.classes)
+        backbone = backbone_cls(**_kwargs(m.backbone), **extra)
         loss = LOSSES[cfg.loss["name"]](ignore_index=meta.ignore_index, **_kwargs(cfg.loss))
 
         def head(spec: dict) -> nn.Module:
@@ -61,9 +77,17 @@ def build_segmentor(cfg: Recipe, meta: DatasetMeta, load_pretrained: bool = True
             return HEADS[spec["name"]](in_channels=in_channels, num_classes=meta.num_classes,
                                        align_corners=m.align_corners, loss=loss, **_kwargs(spec))
 
-        model = EncoderDecoder(backbone, head(m.decode_head), [head(h) for h in m.aux_heads], m.align_corners)
+        decode_head = head(m.decode_head)
+        if getattr(decode_head, "task", "segmentation") == "recognition":
+            if m.aux_heads:
+                raise SegpromptError("model.aux_heads: a classification head (linear_cls) takes no auxiliary heads")
+            model = ImageClassifier(backbone, decode_head, [], m.align_corners)
+        else:
+            model = EncoderDecoder(backbone, decode_head, [head(h) for h in m.aux_heads], m.align_corners)
     if m.pretrained and load_pretrained:
         load_backbone_weights(model.backbone, m.pretrained, m.backbone["name"])
+    if load_pretrained:  # CLIP text weights (or cached stage-1 embeddings) come from text.clip_weights
+        load_text_pretrained(model)
     return model
 
 
@@ -80,7 +104,19 @@ def build_model(cfg: Recipe, meta: DatasetMeta) -> EncoderDecoder:
     return model
 
 
-def build_train_dataset(cfg: Recipe, meta: DatasetMeta) -> SegDataset:
+def _recognition_dataset(cfg: Recipe, meta: DatasetMeta, split: str, train: bool) -> RecognitionDataset:
+    t = cfg.data.train
+    if t.crop_size is None or cfg.data.test.scale is None:
+        raise SegpromptError(f"data.train.crop_size and data.test.scale must be set for {cfg.data.dataset} "
+                             f"(the training crop and the test size, e.g. [224, 224])")
+    return RecognitionDataset(cfg.data.dataset, cfg.data.root, split, meta, train=train, crop_size=t.crop_size,
+                              flip_prob=t.flip_prob, test_size=tuple(reversed(cfg.data.test.scale)),
+                              subset=cfg.data.train_subset if train else None, subset_seed=cfg.data.subset_seed)
+
+
+def build_train_dataset(cfg: Recipe, meta: DatasetMeta) -> SegDataset | RecognitionDataset:
+    if is_recognition(cfg):
+        return _recognition_dataset(cfg, meta, cfg.data.train_split, train=True)
     t = cfg.data.train
     try:
         tf = TrainTransform(scale=t.scale, ratio_range=t.ratio_range, scales=t.scales, keep_ratio=t.keep_ratio,
@@ -94,14 +130,19 @@ def build_train_dataset(cfg: Recipe, meta: DatasetMeta) -> SegDataset:
                       subset_seed=cfg.data.subset_seed)
 
 
-def build_eval_dataset(cfg: Recipe, meta: DatasetMeta, split: str | None = None) -> SegDataset:
+def build_eval_dataset(cfg: Recipe, meta: DatasetMeta, split: str | None = None) -> SegDataset | RecognitionDataset:
+    if is_recognition(cfg):
+        return _recognition_dataset(cfg, meta, split or cfg.data.val_split, train=False)
     tf = TestTransform(scale=cfg.data.test.scale, keep_ratio=cfg.data.test.keep_ratio)
     return SegDataset(cfg.data.root, split or cfg.data.val_split, meta, test_transform=tf,
                       skip_bad_images=cfg.data.skip_bad_images)
 
 
 def dataset_meta(cfg: Recipe) -> DatasetMeta:
-    meta = read_meta(cfg.data.root, cfg.data.dataset)
+    if is_recognition(cfg):
+        meta = recognition_meta(cfg.data.dataset, cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    else:
+        meta = read_meta(cfg.data.root, cfg.data.dataset)
     if cfg.data.num_classes is not None and cfg.data.num_classes != meta.num_classes:
         raise SegpromptError(f"data.num_classes is {cfg.data.num_classes} but '{cfg.data.root}/meta.json' lists "
                              f"{meta.num_classes} classes; point data.root at the right dataset")

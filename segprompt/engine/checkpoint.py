@@ -3,8 +3,10 @@
 By default a checkpoint stores only the trainable parameters and the buffers that training
 updates (those of modules in training mode, so the statistics of frozen BatchNorm layers are
 left out), together with a reference to where the frozen weights come from: the pretrained
-file and its SHA-256, or the seed the model was initialised with. ``checkpoint.save_full_model``
-stores the whole model instead. Every write is atomic (:mod:`segprompt.io`).
+file and its SHA-256, or the seed the model was initialised with, and, for a run started with
+``--load-from`` (e.g. the STDC paper's second stage on top of the first), that initial checkpoint
+and its SHA-256: frozen weights are rebuilt by loading the pretrained file, then the initial
+checkpoint. ``checkpoint.save_full_model`` stores the whole model instead. Every write is atomic (:mod:`segprompt.io`).
 """
 
 from __future__ import annotations
@@ -46,10 +48,41 @@ def model_state(model: nn.Module, full: bool) -> dict[str, torch.Tensor]:
     return changed_state_dict(model)
 
 
-def frozen_source(pretrained: str | None, seed: int) -> dict[str, Any]:
+def frozen_source(pretrained: str | None, seed: int, init: str | Path | None = None) -> dict[str, Any]:
     if pretrained:
-        return {"type": "file", "path": str(Path(pretrained).resolve()), "sha256": sha256_file(pretrained)}
-    return {"type": "seed", "seed": seed}
+        src = {"type": "file", "path": str(Path(pretrained).resolve()), "sha256": sha256_file(pretrained)}
+    else:
+        src = {"type": "seed", "seed": seed}
+    if init is not None:
+        src["init"] = {"path": str(Path(init).resolve()), "sha256": sha256_file(init)}
+    return src
+
+
+def load_init(model: nn.Module, path: str | Path) -> list[str]:
+    """Initialise ``model`` from a checkpoint's weights, as MMSegmentation's ``load_from`` does
+    (non-strict): tensors the model does not have are skipped and returned; shapes must agree."""
+    state = load_checkpoint(path)
+    state = state.get("model", state)
+    own = model.state_dict()
+    dropped = sorted(k for k in state if k not in own)
+    load_model_state(model, {k: v for k, v in state.items() if k in own}, str(path), allow_partial=True)
+    return dropped
+
+
+def restore_frozen(model: nn.Module, ckpt: dict, where: str) -> None:
+    """Before loading a trainable-only checkpoint of a ``--load-from`` run: load the initial
+    checkpoint its frozen weights came from (after checking it is the same file)."""
+    init = ckpt.get("frozen_source", {}).get("init")
+    if ckpt.get("full_model") or not init:
+        return
+    path = Path(init["path"])
+    if not path.is_file():
+        raise SegpromptError(f"checkpoint '{where}' stores only the trained parameters; its frozen weights come "
+                             f"from the initial checkpoint '{path}' (--load-from), which is gone. Put it back there")
+    if sha256_file(path) != init["sha256"]:
+        raise SegpromptError(f"checkpoint '{where}' was initialised from '{path}' (sha256 {init['sha256'][:12]}...), "
+                             f"but that file has changed; restore the original")
+    load_init(model, path)
 
 
 def check_frozen_source(ckpt: dict, pretrained: str | None, where: str) -> None:

@@ -44,9 +44,15 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
     ev = cfg.evaluation
     mode = mode or ev.mode
     tta = ev.tta if tta is None else tta
+    recognition = getattr(dataset, "task", "segmentation") == "recognition"
+    if recognition and (tta or save_preds is not None or mode == "slide"):
+        raise SegpromptError("recognition datasets are evaluated on the whole image only: "
+                             "no --tta, --mode slide or --save-preds")
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=1, sampler=eval_shard(len(dataset), env.world_size, env.rank),
+    # segmentation images differ in size, so one per forward; recognition images share one size
+    batch_size = max(cfg.data.batch_size // (env.world_size * cfg.optimizer.accum_steps), 1) if recognition else 1
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=eval_shard(len(dataset), env.world_size, env.rank),
                         num_workers=cfg.runtime.num_workers, collate_fn=collate, worker_init_fn=worker_init,
                         pin_memory=env.device.type == "cuda", generator=torch.Generator())
     cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=env.device)
@@ -63,7 +69,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
             img = normalize(batch["img"].to(env.device, non_blocking=True), cfg.data.mean, cfg.data.std)
             label = batch["label"].to(env.device, non_blocking=True)
             with autocast(env.device, cfg.runtime.amp):
-                logits = inference(model, img, tuple(label.shape[-2:]), mode=mode, crop_size=ev.crop_size,
+                logits = model(img) if recognition else inference(model, img, tuple(label.shape[-2:]), mode=mode, crop_size=ev.crop_size,
                                    stride=ev.stride, batch_size=ev.slide_batch,
                                    scales=ev.tta_scales if tta else [1.0], flip=ev.tta_flip and tta,
                                    align_corners=cfg.model.align_corners)
@@ -75,7 +81,9 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
                                     read_image(Path(batch["path"][i])), palette)
     cm.all_reduce()
     model.train(was_training)
-    metrics = compute_metrics(cm.mat.cpu(), dataset.meta.classes)
+    metrics = compute_metrics(cm.mat.cpu(), dataset.meta.classes, categories=dataset.meta.extra.get("categories"))
+    if recognition:
+        metrics["top1"] = metrics["aAcc"]  # overall accuracy over images = top-1 accuracy
     all_skipped = sorted(s for part in all_gather_object(skipped) for s in part)
     metrics["images"] = len(dataset) - len(all_skipped)
     metrics["skipped_images"] = all_skipped
@@ -115,6 +123,7 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrid
         state = ckpt.load_checkpoint(ckpt_path)
         ckpt.check_frozen_source(state, cfg.model.pretrained, str(ckpt_path))
         model = build_model(cfg, meta)
+        ckpt.restore_frozen(model, state, str(ckpt_path))
         ckpt.load_model_state(model, state["model"], str(ckpt_path))
         model.to(env.device)
         dataset = build_eval_dataset(cfg, meta, split)

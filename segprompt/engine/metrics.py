@@ -76,7 +76,25 @@ def _to_python(x: Tensor) -> float | None:
     return None if math.isnan(value) else value
 
 
-def compute_metrics(mat: Tensor, class_names: list[str], beta: float = 1.0) -> dict[str, Any]:
+def category_iou(mat: Tensor, class_names: list[str], categories: dict[str, list[str]]) -> dict[str, float | None]:
+    """IoU of groups of classes, as the Cityscapes evaluator's category scores: the confusion
+    matrix is merged over each category's classes first (a pixel of one class predicted as
+    another class of the same category counts as correct), then IoU is taken per category."""
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted({c for members in categories.values() for c in members} - set(index))
+    if unknown:
+        raise ValueError(f"categories name classes {unknown} that the dataset does not have")
+    member = torch.zeros(len(class_names), len(categories), dtype=torch.float64)  # class -> category
+    for g, members in enumerate(categories.values()):
+        member[[index[c] for c in members], g] = 1.0
+    merged = member.T @ torch.as_tensor(mat).detach().cpu().to(torch.float64) @ member
+    inter = merged.diagonal()
+    union = merged.sum(0) + merged.sum(1) - inter
+    return {name: _to_python(inter[g] / union[g] * 100) for g, name in enumerate(categories)}
+
+
+def compute_metrics(mat: Tensor, class_names: list[str], beta: float = 1.0,
+                    categories: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """mmseg ``IoUMetric`` metrics from a dataset-level confusion matrix.
 
     Returns the summaries ``aAcc, mIoU, mAcc, mDice, mFscore, mPrecision, mRecall`` and a
@@ -117,6 +135,10 @@ def compute_metrics(mat: Tensor, class_names: list[str], beta: float = 1.0) -> d
         }
         for i, class_name in enumerate(class_names)
     ]
+    if categories:
+        metrics["categoryIoU"] = category_iou(counts, class_names, categories)
+        values = [v for v in metrics["categoryIoU"].values() if v is not None]
+        metrics["mIoU_category"] = sum(values) / len(values) if values else None
     return metrics
 
 

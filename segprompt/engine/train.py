@@ -155,9 +155,9 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
 
     model = build_model(cfg, meta)
     if load_from:
-        state = ckpt.load_checkpoint(load_from)
-        ckpt.load_model_state(model, state.get("model", state), str(load_from), allow_partial=True)
-        log.info("loaded weights from %s (iteration counter starts at 0)", load_from)
+        dropped = ckpt.load_init(model, load_from)
+        log.info("loaded weights from %s (iteration counter starts at 0)%s", load_from,
+                 f"; skipped {len(dropped)} tensor(s) this model does not have: {dropped[:8]}" if dropped else "")
     model.to(env.device)
     if env.distributed:
         model = dist_utils.convert_sync_batchnorm(model, env.device)
@@ -173,6 +173,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
     if plan.resume_from is not None:
         state = ckpt.load_checkpoint(plan.resume_from)
         ckpt.check_frozen_source(state, cfg.model.pretrained, str(plan.resume_from))
+        ckpt.restore_frozen(model, state, str(plan.resume_from))
         ckpt.load_model_state(model, state["model"], str(plan.resume_from))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -210,7 +211,12 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
              env.world_size, micro, cfg.optimizer.accum_steps, f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
 
     # a model with nothing frozen (full tuning, learn-from-scratch) needs no frozen-weights file
-    frozen_from = cfg.model.pretrained if any(not p.requires_grad for p in model.parameters()) else None
+    frozen = any(not p.requires_grad for p in model.parameters())
+    frozen_from = cfg.model.pretrained if frozen else None
+    # frozen weights initialised from another run's checkpoint come from that file (kept on resume)
+    init_from = load_from if frozen and load_from else None
+    if frozen and plan.resume_from is not None and state.get("frozen_source", {}).get("init"):
+        init_from = state["frozen_source"]["init"]["path"]
 
     def save(name: str, iteration: int) -> None:
         states = dist_utils.all_gather_object(ckpt.rng_state())
@@ -218,7 +224,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
             ckpt.save_checkpoint(
                 run_dir / CKPT_DIR / name, model=ckpt.model_state(model, cfg.checkpoint.save_full_model),
                 full_model=cfg.checkpoint.save_full_model,
-                frozen_source=ckpt.frozen_source(frozen_from, cfg.runtime.seed),
+                frozen_source=ckpt.frozen_source(frozen_from, cfg.runtime.seed, init_from),
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                 iteration=iteration, best=best, rng=states, config=cfg.to_dict())
         dist_utils.barrier()

@@ -19,6 +19,8 @@ class EncoderDecoder(nn.Module):
     stay in eval mode when the model is put in training mode.
     """
 
+    task = "segmentation"
+
     def __init__(self, backbone: nn.Module, decode_head: DecodeHead, aux_heads: list[DecodeHead] = (),
                  align_corners: bool = False):
         super().__init__()

@@ -151,10 +151,35 @@ class SPM(nn.Module):
         return feat, smap, interim
 
 
+class SPMVector(SPM):
+    """The SPM of the recognition appendix (Fig. 6): the interim semantic map becomes an interim
+    category probability vector V (B, K). V is expanded to the feature's resolution before each
+    concatenation; the refinement branch ends in global max pooling and a fully connected layer,
+    ``V = softmax(FC(GMP(PDC_a(In_a(F ⊕ V)))))``; the prompt branch is the segmentation SPM's."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 96, **kwargs):
+        super().__init__(in_channels, num_classes, channels, **kwargs)
+        self.map_out = nn.Linear(channels, num_classes, bias=kwargs.get("bias", True))
+
+    def forward(self, feat: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        vec = vec.to(feat.dtype)
+        interim: list[torch.Tensor] = []
+        for _ in range(self.recurrent):  # theta shared over iterations (Eq. 2)
+            expanded = vec[:, :, None, None].expand(-1, -1, *feat.shape[-2:])
+            pooled = F.adaptive_max_pool2d(F.relu(self.map_pdc(F.relu(self.map_in(feat, expanded)))), 1)
+            logits = self.map_out(pooled.flatten(1))
+            vec = logits.softmax(dim=1)
+            interim.append(logits)
+            expanded = vec[:, :, None, None].expand(-1, -1, *feat.shape[-2:])
+            weight = self.prompt_out(F.relu(self.prompt_pdc(F.relu(self.prompt_in(feat, expanded)))))
+            feat = feat + feat * weight
+        return feat, vec, interim
+
+
 def spm_param_count(in_channels: int, num_classes: int, **kwargs) -> int:
     """Parameters of one SPM (no buffers, no norms), counted on the meta device."""
     with torch.device("meta"):
         return sum(p.numel() for p in SPM(in_channels, num_classes, **kwargs).parameters())
 
 
-__all__ = ["SPM", "PDC", "spm_param_count"]
+__all__ = ["SPM", "SPMVector", "PDC", "spm_param_count"]

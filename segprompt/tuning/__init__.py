@@ -4,6 +4,7 @@ from segprompt.tuning.adaptformer import AdaptFormer
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 from segprompt.tuning.basic import FullTuning, HeadTuning
 from segprompt.tuning.bias import BiasTuning
+from segprompt.tuning.partial import PartialTuning
 from segprompt.tuning.scratch import LearnFromScratch
 from segprompt.tuning.side import Adapter, SideTuning
 from segprompt.tuning.spm import SPMTuning
@@ -19,6 +20,7 @@ METHODS = {
     "vpt": VPT,
     "adaptformer": AdaptFormer,
     "spm": SPMTuning,
+    "partial": PartialTuning,
 }
 
 __all__ = ["METHODS", "TuningContext", "TuningMethod", "freeze"]

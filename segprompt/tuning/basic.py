@@ -8,10 +8,11 @@ from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
 
 class FullTuning(TuningMethod):
-    """Every parameter trains."""
+    """Every parameter trains, except what a model freezes by construction (the CLIP text
+    encoder behind learnable prompts stays frozen)."""
 
     def apply(self, model: nn.Module, ctx: TuningContext) -> None:
-        model.requires_grad_(True)
+        pass
 
 
 class HeadTuning(TuningMethod):

@@ -5,6 +5,10 @@ The backbone is frozen; an :class:`~segprompt.models.spm.SPM` is inserted before
 backbone output, before the head). The semantic map flows from SPM to SPM, starting from ``M0``,
 the per-pixel class prior of the training split. Each SPM's interim maps add the loss
 ``a_i / R * CE(M_i^r, label)`` for every iteration ``r`` (Eq. 5, a = 0.05, 0.1, 0.2, 0.3, 0.4).
+
+On an image classifier (the recognition appendix) the SPMs are :class:`~segprompt.models.spm.SPMVector`:
+the map becomes a category probability vector, starting from the class frequencies of the
+training split (P0), and the interim losses are plain cross-entropy on the interim vectors.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segprompt.models.spm import SPM
+from segprompt.models.spm import SPM, SPMVector
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
 INTERIM_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.4)
@@ -40,11 +44,19 @@ class SPMChain(nn.Module):
         spm = self.spms[str(index + 1)] if str(index + 1) in self.spms else None
         if spm is None:
             return x
-        smap = self._map if self._map is not None else self.prior.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+        if self._map is not None:
+            smap = self._map
+        else:  # M0 (K, r, r), or P0 (K,) for recognition
+            smap = self.prior.unsqueeze(0).expand(x.shape[0], *self.prior.shape)
         x, self._map, interim = spm(x, smap)
         if self.training:
             self._interim.append((index + 1, interim))
         return x
+
+    def _resize(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if logits.ndim == 2:  # an interim category vector
+            return logits
+        return F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
     def losses(self, label: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -52,8 +64,7 @@ class SPMChain(nn.Module):
             weight = self.weights[slot] / len(maps)
             if weight == 0:
                 continue
-            total = sum(self.loss_fn(F.interpolate(m, size=label.shape[-2:], mode="bilinear",
-                                                   align_corners=self.align_corners), label) for m in maps)
+            total = sum(self.loss_fn(self._resize(m, label), label) for m in maps)
             out[f"loss_spm{slot}"] = weight * total
         self._interim = []
         return out
@@ -95,19 +106,23 @@ class SPMTuning(TuningMethod):
             raise ValueError(f"interim_weights has {len(self.interim_weights)} entries; slot {max(self.stages)} needs one")
         freeze(backbone, self.bn_eval)
         k = ctx.num_classes
-        prior = self._prior(ctx, backbone)
-        spms = {s: SPM(slots[s - 1], k, **self.spm_kwargs) for s in self.stages}
+        recognition = getattr(model, "task", "segmentation") == "recognition"
+        prior = self._prior(ctx, backbone, 1 if recognition else self.prior_resolution)
+        if recognition:
+            prior = prior.reshape(k)
+        spm_cls = SPMVector if recognition else SPM
+        spms = {s: spm_cls(slots[s - 1], k, **self.spm_kwargs) for s in self.stages}
         weights = {s: self.interim_weights[s - 1] for s in self.stages}
         chain = SPMChain(spms, prior, weights, model.decode_head.loss_fn, model.align_corners)
         backbone.stage_hook = chain
         model.loss_providers.append(chain)
 
-    def _prior(self, ctx: TuningContext, backbone: nn.Module) -> torch.Tensor:
-        r, k = self.prior_resolution, ctx.num_classes
+    def _prior(self, ctx: TuningContext, backbone: nn.Module, r: int) -> torch.Tensor:
+        k = ctx.num_classes
         device = next(backbone.parameters()).device
         if device.type == "meta" or ctx.class_prior is None:
             return torch.full((k, r, r), 1.0 / k, device=device)
-        prior = np.asarray(ctx.class_prior(r), dtype=np.float32)
+        prior = np.array(ctx.class_prior(r), dtype=np.float32)
         if prior.shape != (k, r, r):
             raise ValueError(f"class prior has shape {prior.shape}, expected {(k, r, r)}")
         return torch.from_numpy(prior)

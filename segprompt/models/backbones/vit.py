@@ -7,7 +7,9 @@ final norm. ViT-L/16 at 512x512 (the defaults) holds 304,147,456 parameters; ViT
 ``out_indices``. The hook contract is ResNet's: the ``depth`` layers split evenly into
 ``num_stages`` stages, and a tuning method may set :attr:`VisionTransformer.stage_hook`, called as
 ``hook(i, grid)`` on the token grid at the input of stage ``i`` and as ``hook(num_stages, grid)``
-on the last layer's output (the cls token passes by unchanged).
+on the last layer's output (the cls token passes by unchanged). ``stage_starts`` gives uneven
+stages instead, e.g. ``(0, 4, 8, 11)`` for the recognition appendix's SPMs before layers 1, 5, 9
+and 12 of ViT-B.
 
 Two more tuning slots, both empty until a method fills them:
 
@@ -83,11 +85,21 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 512, patch_size: int = 16, in_channels: int = 3,
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0,
                  out_indices: tuple[int, ...] = (9, 14, 19, 23), num_stages: int = 1,
+                 stage_starts: tuple[int, ...] | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  interpolate_mode: Literal["bicubic", "bilinear"] = "bicubic"):
         super().__init__()
-        if num_stages < 1 or depth % num_stages:
+        if stage_starts is not None:
+            starts = list(stage_starts)
+            if not starts or starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= depth:
+                raise ValueError(f"stage_starts={tuple(stage_starts)} must be increasing layer indices "
+                                 f"in 0..{depth - 1} starting at 0")
+            num_stages = len(starts)
+        elif num_stages < 1 or depth % num_stages:
             raise ValueError(f"num_stages={num_stages} must divide the {depth} layers evenly")
+        else:
+            starts = [i * (depth // num_stages) for i in range(num_stages)]
+        self.stage_starts = tuple(starts)
         if list(out_indices) != sorted(set(out_indices)) or not all(0 <= i < depth for i in out_indices):
             raise ValueError(f"out_indices={tuple(out_indices)} must be increasing layer indices in 0..{depth - 1}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -121,8 +133,8 @@ class VisionTransformer(nn.Module):
 
     @property
     def stages(self) -> list[nn.ModuleList]:
-        n = self.depth // self.num_stages
-        return [self.blocks[i * n:(i + 1) * n] for i in range(self.num_stages)]
+        ends = [*self.stage_starts[1:], self.depth]
+        return [self.blocks[a:b] for a, b in zip(self.stage_starts, ends)]
 
     @property
     def slot_channels(self) -> list[int]:
@@ -157,11 +169,11 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
         x = self.pos_drop(x + self._pos_embed(h, w))
         hook = self.stage_hook
-        per_stage = self.depth // self.num_stages
+        stage_of = {start: i for i, start in enumerate(self.stage_starts)}
         outs = []
         for i in range(self.depth):
-            if hook is not None and i % per_stage == 0:
-                x = _hooked(hook, i // per_stage, x, h, w)
+            if hook is not None and i in stage_of:
+                x = _hooked(hook, stage_of[i], x, h, w)
             x = self._layer(i, x)
             if hook is not None and i == self.depth - 1:
                 x = _hooked(hook, self.num_stages, x, h, w)

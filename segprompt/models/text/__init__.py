@@ -1,0 +1,7 @@
+"""CLIP's text tower and the CoOp-style prompt learner used by the text guidance of
+CLIP-distilled STDC-Seg (``shared/papers/clip_distilled_stdc_seg.txt``, Sec. 3)."""
+
+from segprompt.models.text.clip_text import CLIPTextEncoder
+from segprompt.models.text.prompt_learner import PromptLearner
+
+__all__ = ["CLIPTextEncoder", "PromptLearner"]

@@ -1,0 +1,34 @@
+"""Partial tuning: freeze the named sub-modules, train everything else.
+
+The CLIP-distilled STDC-Seg's second stage (clip_stdc paper, Section 3.3; reference configs
+``tuneprompt/*fixbackbone``) freezes the STDC backbone and trains the prompts, the context path,
+the decoder and the heads. The reference gives the backbone lr 0 rather than freezing it, so
+its BatchNorm statistics keep updating: ``bn_eval: false`` (the default here) does the same.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from segprompt.errors import SegpromptError
+from segprompt.tuning.base import TuningContext, TuningMethod, freeze
+
+
+class PartialTuning(TuningMethod):
+    """``frozen`` lists module paths of the model (e.g. ``backbone.stdc``); each is frozen."""
+
+    def __init__(self, frozen: list[str], bn_eval: bool = False):
+        if not frozen:
+            raise SegpromptError("tuning.frozen is empty: list the module paths to freeze (e.g. backbone.stdc), "
+                                 "or use tuning.name: full")
+        self.frozen = list(frozen)
+        self.bn_eval = bn_eval
+
+    def apply(self, model: nn.Module, ctx: TuningContext) -> None:
+        modules = dict(model.named_modules())
+        for path in self.frozen:
+            if path not in modules:
+                near = sorted(n for n in modules if n and n.count(".") <= path.count(".") + 1)[:12]
+                raise SegpromptError(f"tuning.frozen: the model has no module '{path}'; "
+                                     f"modules near the top: {', '.join(near)}")
+            freeze(modules[path], self.bn_eval)
