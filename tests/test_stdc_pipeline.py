@@ -81,3 +81,15 @@ def test_stage1_to_stage2_pipeline_and_deployment(tmp_path, synthetic_root, clip
         after = model(img)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert json.loads((stage2 / "eval.json").read_text())["iter"] == 2
+
+    # the run's deployed.pt (best checkpoint, embeddings baked in) evaluates without the CLIP file
+    deployed = ckpt.load_checkpoint(stage2 / "checkpoints" / "deployed.pt")
+    assert deployed["deployed"] and not any("prompt_learner" in k for k in deployed["model"])
+    hidden = clip_file.with_suffix(".hidden")
+    clip_file.rename(hidden)
+    try:
+        _, res_deployed = evaluate_checkpoint(stage2, checkpoint="deployed")
+    finally:
+        hidden.rename(clip_file)
+    _, res_best = evaluate_checkpoint(stage2, checkpoint="best")
+    assert res_deployed["mIoU"] == pytest.approx(res_best["mIoU"], abs=1e-6)

@@ -20,14 +20,16 @@ from segprompt.data.sampler import eval_shard
 from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ckpt
 from segprompt.engine import distributed as dist_utils
-from segprompt.engine.build import build_eval_dataset, build_model, dataset_meta
+from segprompt.engine.build import (apply_tuning, build_eval_dataset, build_model, build_segmentor, dataset_meta,
+                                    tuning_context)
 from segprompt.engine.distributed import DistEnv, all_gather_object
 from segprompt.engine.inference import inference, save_prediction
 from segprompt.engine.metrics import ConfusionMatrix, compute_metrics
 from segprompt.engine.progress import progress_bar
-from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, LAST, default_run_dir
+from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST, default_run_dir
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_json
+from segprompt.models.text_guidance import deploy_text
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -92,6 +94,25 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
     return metrics
 
 
+def build_checkpoint_model(cfg: Recipe, meta: Any, state: dict[str, Any], where: str) -> nn.Module:
+    """The recipe's model with a checkpoint's weights. A whole-model checkpoint (``save_full_model``,
+    or a deployed text-guided model) needs no pretrained file: it holds every tensor."""
+    if not state.get("full_model"):
+        model = build_model(cfg, meta)
+        ckpt.restore_frozen(model, state, where)
+        ckpt.load_model_state(model, state["model"], where)
+        return model
+    model = build_segmentor(cfg, meta, load_pretrained=False)
+    apply_tuning(model, cfg, tuning_context(cfg, meta))
+    if state.get("deployed"):
+        deploy_text(model)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise SegpromptError(f"checkpoint '{where}' does not fit this recipe's model: missing {missing[:6]}, "
+                             f"unexpected {unexpected[:6]}")
+    return model
+
+
 def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrides: list[str] = (),
                         mode: str | None = None, tta: bool | None = None, split: str | None = None,
                         save_preds: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
@@ -104,7 +125,8 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrid
             raise SegpromptError(f"'{target}' is not a run directory: '{target / CONFIG}' is missing")
         cfg = load_recipe(target / CONFIG, overrides)
         run_dir = target
-        named = {"best": target / CKPT_DIR / BEST, "last": target / CKPT_DIR / LAST}
+        named = {"best": target / CKPT_DIR / BEST, "last": target / CKPT_DIR / LAST,
+                 "deployed": target / CKPT_DIR / DEPLOYED}
         ckpt_path = named.get(checkpoint, Path(checkpoint))
     else:
         cfg = load_recipe(target, overrides)
@@ -122,9 +144,7 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrid
         meta = dataset_meta(cfg)
         state = ckpt.load_checkpoint(ckpt_path)
         ckpt.check_frozen_source(state, cfg.model.pretrained, str(ckpt_path))
-        model = build_model(cfg, meta)
-        ckpt.restore_frozen(model, state, str(ckpt_path))
-        ckpt.load_model_state(model, state["model"], str(ckpt_path))
+        model = build_checkpoint_model(cfg, meta, state, str(ckpt_path))
         model.to(env.device)
         dataset = build_eval_dataset(cfg, meta, split)
         result = evaluate(model, dataset, cfg, env, mode=mode, tta=tta, save_preds=save_preds)

@@ -29,6 +29,7 @@ CONFIG = "config.yaml"
 CKPT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
+DEPLOYED = "deployed.pt"  # text-guided models: the best checkpoint with its text embeddings baked in
 
 
 def default_run_dir(recipe: str | Path, results: str | Path = "results") -> Path:

@@ -38,10 +38,11 @@ from segprompt.engine.evaluate import autocast, evaluate
 from segprompt.engine.metrics import format_table
 from segprompt.engine.optim import build_optimizer, build_scheduler
 from segprompt.engine.progress import progress_bar
-from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, LAST, MetricsLog, default_run_dir, environment,
+from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST, MetricsLog, default_run_dir, environment,
                                      find_latest_run, new_run_dir, setup_logging, write_run_files)
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_json
+from segprompt.models.text_guidance import deploy_text, has_learned_text
 
 # Keys that may differ between a run's saved config and the recipe it is resumed with.
 RESUME_FREE_KEYS = ("runtime.num_workers", "runtime.log_interval")
@@ -303,8 +304,25 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
     if skipped:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), sorted(skipped)[:5])
         metrics_log.write(event="skipped_images", count=len(skipped), files=sorted(skipped))
+    if env.is_main and start_iter < iters and has_learned_text(model):
+        deploy_best(model, run_dir, cfg)
+        log.info("deployed model (text embeddings computed once, no text encoder): %s",
+                 run_dir / CKPT_DIR / DEPLOYED)
     log.info("done: %s (best %s)", run_dir, best)
     return run_dir
+
+
+def deploy_best(model: torch.nn.Module, run_dir: Path, cfg: Recipe) -> None:
+    """The deployed form of the best checkpoint (CLIP-distilled STDC-Seg, Sec. 3.3): the learned
+    prompts' embeddings computed once and stored, the text encoder and context vectors dropped;
+    the whole model in one file (``segprompt eval RUN --checkpoint deployed`` reads it)."""
+    best_path = run_dir / CKPT_DIR / BEST
+    if best_path.is_file():
+        ckpt.load_model_state(model, ckpt.load_checkpoint(best_path)["model"], str(best_path))
+    deploy_text(model)
+    ckpt.save_checkpoint(run_dir / CKPT_DIR / DEPLOYED, model=ckpt.model_state(model, True), full_model=True,
+                         deployed=True, config=cfg.to_dict(),
+                         source=str(best_path if best_path.is_file() else run_dir / CKPT_DIR / LAST))
 
 
 def save_keep(run_dir: Path, iteration: int, keep: int) -> None:

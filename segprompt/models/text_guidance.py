@@ -175,6 +175,11 @@ def load_text_pretrained(model: nn.Module) -> int:
     return len(found)
 
 
+def has_learned_text(model: nn.Module) -> bool:
+    """Whether ``model`` holds a text-guidance module whose embeddings come from learned prompts."""
+    return any(isinstance(m, TextGuidance) and m.prompt == "learned" and not m.deployed for m in model.modules())
+
+
 def deploy_text(model: nn.Module) -> int:
     """Deploy every learned :class:`TextGuidance` inside ``model``; returns how many were deployed."""
     return sum(m.deploy() for m in list(model.modules()) if isinstance(m, TextGuidance))
