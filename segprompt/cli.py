@@ -20,13 +20,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err_console = Console(stderr=True)
 
-PREPARERS = ("synthetic",)
+PREPARERS = ("synthetic", "cityscapes", "camvid", "ade20k", "vaihingen", "chase_db1", "stare")
 
 
 @app.command()
 def prepare(
     dataset: Annotated[str, typer.Argument(help=f"Dataset to prepare: {', '.join(PREPARERS)}.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the prepared layout to.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the prepared layout to (with --check: to verify).")],
+    src: Annotated[Optional[list[Path]], typer.Option("--src", help="Real datasets: the folder holding the official "
+                                                      "archives, an archive, or an extracted copy; repeatable.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Re-verify the prepared folder --out: files listed, "
+                                                        "counts, sizes, label values, class prior.")] = False,
+    nproc: Annotated[Optional[int], typer.Option(help="Real datasets: worker processes (default: the cores, "
+                                                      "at most 8).")] = None,
+    expect_counts: Annotated[Optional[str], typer.Option(help="Real datasets: per-split counts to insist on instead "
+                                                              "of the official ones, e.g. train=3,val=2 (to convert "
+                                                              "a subset on purpose).")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="camvid: rgb720 (960x720 colour labels; default) | "
+                                                       "segnet360 (480x360 index labels).")] = None,
+    tiling: Annotated[Optional[str], typer.Option(help="vaihingen: mmseg (default; 344/398 tiles) | true-stride "
+                                                       "(1046/1208).")] = None,
+    tile_size: Annotated[Optional[int], typer.Option(help="vaihingen: tile side in pixels (default 512).")] = None,
+    tile_stride: Annotated[Optional[int], typer.Option(help="vaihingen: tiling stride (default 256).")] = None,
+    annotator: Annotated[Optional[str], typer.Option(help="chase_db1: 1stHO (default) | 2ndHO; stare: ah (default) "
+                                                          "| vk.")] = None,
     seed: Annotated[int, typer.Option(help="synthetic: generator seed.")] = 0,
     num_classes: Annotated[int, typer.Option(help="synthetic: classes, background included (2..32).")] = 6,
     image_size: Annotated[int, typer.Option(help="synthetic: square image side in pixels.")] = 128,
@@ -37,14 +54,63 @@ def prepare(
                                                      "(0 = source domain, 1 = fully shifted target).")] = 0.0,
     force: Annotated[bool, typer.Option(help="Redo it; an existing folder is moved aside, not deleted.")] = False,
 ) -> None:
-    """Write a dataset in the prepared layout (img_dir/, ann_dir/, meta.json)."""
+    """Write a dataset in the prepared layout (img_dir/, ann_dir/, meta.json), or --check one.
+
+    Real datasets are converted from the official archives you downloaded (never downloaded here);
+    see data_scripts/ for where each is published and the exact command."""
+    import os
+    from contextlib import ExitStack
+
+    from segprompt.engine.progress import progress_bar
+
     if dataset not in PREPARERS:
         raise SegpromptError(f"unknown dataset '{dataset}'; `segprompt prepare` knows: {', '.join(PREPARERS)}")
-    from segprompt.data.synthetic import generate_synthetic
+    workers = nproc if nproc is not None else min(os.cpu_count() or 1, 8)
+    if workers < 1:
+        raise SegpromptError(f"--nproc must be at least 1, got {workers}")
 
-    meta = generate_synthetic(out, seed=seed, num_classes=num_classes, image_size=(image_size, image_size),
-                              counts={"train": train, "val": val, "test": test}, domain_shift=domain_shift,
-                              force=force)
+    def stages(stack: ExitStack):  # one bar per stage (hashing, converting, verifying, class prior)
+        tasks: dict[str, int] = {}
+        bars = []
+
+        def update(stage: str, done: int, total: int) -> None:
+            if not bars:  # started on the first report, so an early error prints alone
+                bars.append(stack.enter_context(progress_bar()))
+            if stage not in tasks:
+                tasks[stage] = bars[0].add_task(stage, total=total, info="")
+            bars[0].update(tasks[stage], completed=done, total=total)
+        return update
+
+    if check:
+        from segprompt.data.prepare.common import check as check_prepared
+
+        with ExitStack() as stack:
+            meta = check_prepared(dataset, out, nproc=workers, progress=stages(stack))
+        console.print(f"[green]ok[/] {meta.name} at {out}: "
+                      + ", ".join(f"{k} {v}" for k, v in meta.splits.items()) + f"; {meta.num_classes} classes; "
+                      "every file decodes, sizes agree, label values and counts as recorded")
+        return
+    real = {"--src": src, "--expect-counts": expect_counts, "--layout": layout, "--tiling": tiling,
+            "--tile-size": tile_size, "--tile-stride": tile_stride, "--annotator": annotator}
+    if dataset == "synthetic":
+        given = [k for k, v in real.items() if v]
+        if given:
+            raise SegpromptError(f"{', '.join(given)} do(es) not apply to synthetic (it is generated, not converted)")
+        from segprompt.data.synthetic import generate_synthetic
+
+        meta = generate_synthetic(out, seed=seed, num_classes=num_classes, image_size=(image_size, image_size),
+                                  counts={"train": train, "val": val, "test": test}, domain_shift=domain_shift,
+                                  force=force)
+    else:
+        from segprompt.data.prepare import parse_counts
+        from segprompt.data.prepare import prepare as prepare_real
+
+        with ExitStack() as stack:
+            meta = prepare_real(dataset, src or [], out, expect_counts=parse_counts(expect_counts), nproc=workers,
+                                force=force, progress=stages(stack),
+                                log=lambda m: console.print(m, markup=False, highlight=False),
+                                layout=layout, tiling=tiling, tile_size=tile_size, tile_stride=tile_stride,
+                                annotator=annotator)
     console.print(f"[green]prepared[/] {meta.name} at {out}: "
                   + ", ".join(f"{k} {v}" for k, v in meta.splits.items()) + f"; {meta.num_classes} classes")
 
@@ -75,7 +141,7 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     target: Annotated[Path, typer.Argument(help="A run directory, or a recipe (then --checkpoint PATH).")],
-    checkpoint: Annotated[str, typer.Option(help="best | last | PATH.")] = "best",
+    checkpoint: Annotated[str, typer.Option(help="best | last | deployed (text-guided runs) | PATH.")] = "best",
     mode: Annotated[Optional[str], typer.Option(help="whole | slide (default: the recipe's).")] = None,
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Multi-scale + flip test-time augmentation.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split to evaluate (default data.val_split).")] = None,
@@ -147,6 +213,62 @@ def count_params_cmd(
 
 
 @app.command()
+def bench(
+    recipe: Annotated[Path, typer.Argument(help="A recipe, or a run directory (its config.yaml; bench.json is "
+                                                "written into it, an earlier one moved to bench_history/).")],
+    vs: Annotated[Optional[Path], typer.Option(help="A second recipe or run directory, timed alternately with "
+                                                    "RECIPE; reports fps(RECIPE) / fps(VS).")] = None,
+    size: Annotated[Optional[str], typer.Option(help="HxW (default 512x1024 for cityscapes, 720x960 for camvid, "
+                                                     "else data.test.scale).")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (model and input cast to it).")] = "fp32",
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels-last memory format.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model (compiled during the "
+                                                             "warm-up).")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    warmup: Annotated[int, typer.Option(help="Warm-up runs.")] = 10,
+    calib_iters: Annotated[int, typer.Option(help="Calibration starts at N iterations, doubled until one pass "
+                                                  "takes --calib-seconds.")] = 1,
+    calib_seconds: Annotated[float, typer.Option(help="Calibration pass length to reach.")] = 1.0,
+    seconds: Annotated[float, typer.Option(help="Timed loop length (per model).")] = 3.0,
+    chunks: Annotated[int, typer.Option(help="Timed chunks per model (latency std is over them; --vs "
+                                             "alternates them).")] = 5,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE (both models); "
+                                                                    "repeatable.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the JSON result to this file.")] = None,
+    force: Annotated[bool, typer.Option(help="Let --out overwrite an existing file.")] = False,
+) -> None:
+    """Parameters, FLOPs and inference speed (batch 1, random weights, text prompts deployed), as the
+    CLIP-distilled STDC-Seg paper measures FPS."""
+    import json
+
+    from segprompt.engine.bench import BenchOptions, check_out, format_table, parse_size, run_bench, save_run_bench
+    from segprompt.io import atomic_write_json
+
+    check_out(out, force)
+    opts = BenchOptions(size=parse_size(size) if size else None, dtype=dtype, channels_last=channels_last,
+                        compile=compile_, device=device, warmup=warmup, calib_iters=calib_iters,
+                        calib_seconds=calib_seconds, seconds=seconds, chunks=chunks, threads=threads)
+    result = run_bench(recipe, opts, set_ or [], vs=vs)
+    written = []
+    if recipe.is_dir():
+        written.append(save_run_bench(recipe, result))
+    if out is not None:
+        atomic_write_json(out, result)
+        written.append(out)
+    if as_json:
+        console.print_json(json.dumps(result))
+    else:
+        console.print(format_table(result))
+        if "vs" in result:
+            console.print(f"fps ratio {Path(result['recipe']).stem} / {Path(result['vs']['recipe']).stem}: "
+                          f"{result['fps_ratio']:.3f}")
+    for path in written:
+        err_console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
 def demo(
     out: Annotated[Optional[Path], typer.Option(help="Where the runs and the report go "
                                                      "(default results/demo/<timestamp>/).")] = None,
@@ -177,6 +299,81 @@ def demo(
     console.print(f"report: {out / 'demo.csv'}, {out / 'demo.md'}, {out / 'demo.png'}")
 
 
+@app.command()
+def ablate(
+    table: Annotated[Optional[str], typer.Option(help="Table N of the paper (e.g. 4).")] = None,
+    figure: Annotated[Optional[str], typer.Option(help="Figure N of the paper (e.g. 5).")] = None,
+    paper: Annotated[str, typer.Option(help="spm | stdc.")] = "spm",
+    list_: Annotated[bool, typer.Option("--list", help="List every table and figure of both papers.")] = False,
+    plan: Annotated[bool, typer.Option("--plan", help="Print the runs, their state and exact commands; run nothing.")] = False,
+    run: Annotated[bool, typer.Option("--run", help="Launch the missing or interrupted runs, then collect (the default).")] = False,
+    collect: Annotated[bool, typer.Option("--collect", help="Only read the run directories and print/export the table.")] = False,
+    scale: Annotated[str, typer.Option(help="full | smoke (synthetic data, tiny schedules, minutes on a CPU).")] = "full",
+    rows: Annotated[Optional[str], typer.Option(help="Comma-separated row names to keep, e.g. '1,1-2'.")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Keep the first N seeds of each cell.")] = None,
+    launcher: Annotated[str, typer.Option(help="local (one by one in this process) | torchrun | slurm (submitit).")] = "local",
+    gpus: Annotated[int, typer.Option(help="torchrun: processes per run; slurm: GPUs (= tasks) per node.")] = 1,
+    nodes: Annotated[int, typer.Option(help="slurm: nodes per run.")] = 1,
+    partition: Annotated[Optional[str], typer.Option(help="slurm: partition.")] = None,
+    time_min: Annotated[int, typer.Option("--time", help="slurm: time limit per job in minutes (requeued and resumed on time-out).")] = 24 * 60,
+    wait: Annotated[bool, typer.Option("--wait", help="slurm: wait for the jobs, then collect.")] = False,
+    results: Annotated[Path, typer.Option(help="Where the run directories go.")] = Path("results/ablate"),
+    out: Annotated[Path, typer.Option(help="Where CSV, Markdown, LaTeX and plots go.")] = Path("results/tables"),
+    data: Annotated[Path, typer.Option(help="smoke: where the synthetic stand-in datasets go.")] = Path("data"),
+    verbose: Annotated[bool, typer.Option(help="local: show each run's training output (default: in _logs/).")] = False,
+) -> None:
+    """Reproduce a paper's table: plan its runs, launch the missing ones, collect ours beside the paper's."""
+    from segprompt.engine import ablate as ab
+
+    if list_:
+        _list_tables()
+        return
+    if sum((plan, run, collect)) > 1:
+        raise SegpromptError("give one of --plan, --run, --collect (none = --run, which collects after)")
+    chosen_rows = [r.strip() for r in rows.split(",") if r.strip()] if rows else None
+    failures = []
+    for t in ab.select_tables(paper, table, figure):
+        p = ab.build_plan(t, scale=scale, root=results, rows=chosen_rows, seeds=seeds, data_root=data)
+        if plan:
+            listing, commands = ab.render_plan(p, launcher, gpus)
+            console.print(listing)
+            for c in commands:
+                console.print(c, markup=False, highlight=False, soft_wrap=True)
+            continue
+        if not collect:
+            report = ab.run_plan(p, launcher=launcher, gpus=gpus, nodes=nodes, partition=partition, time_min=time_min,
+                                 wait=wait, echo=lambda m: console.print(m, markup=False, highlight=False),
+                                 quiet=not verbose)
+            console.print(f"{t.id}: {len(report.launched)} run(s) finished now, {len(report.skipped)} already done, "
+                          f"{len(report.submitted)} submitted, {len(report.failed)} failed, {len(report.waiting)} waiting")
+            for r, why in report.waiting:
+                console.print(f"  waiting: {r.label}: {why}", markup=False)
+            failures += [f"{t.id} {r.label}: {msg} (log: {r.dir.parent / '_logs' / (r.dir.name + '.log')})"
+                         for r, msg in report.failed]
+        result = ab.collect(p)
+        console.print(ab.render(result))
+        console.print("wrote " + ", ".join(str(x) for x in ab.export(result, out)))
+    if failures:
+        raise SegpromptError(f"{len(failures)} run(s) failed: " + "; ".join(failures))
+
+
+def _list_tables() -> None:
+    from rich.table import Table
+
+    from segprompt.tables import RECIPES_DIR, all_tables
+
+    out = Table(title="Tables and figures of both papers (recipes/tables/); select with --paper P --table N / --figure N")
+    for col in ("paper", "kind", "N", "title", "rows x cols", "recipes"):
+        out.add_column(col)
+    for t in all_tables():
+        recipes = {str(t.cell(r, c)[0]) for r in t.rows for c in t.columns if c.kind in ("metric", "bench", "params")
+                   and (c.recipe or r.recipe) and c.name not in r.skip}
+        missing = sorted(str(p.relative_to(RECIPES_DIR)) for p in map(Path, recipes) if not p.is_file())
+        out.add_row(t.paper, t.kind, t.table, t.title, f"{len(t.rows)} x {len(t.columns)}",
+                    f"[red]{len(missing)} of {len(recipes)} missing[/]" if missing else f"{len(recipes)} present")
+    console.print(out)
+
+
 def _paper_counts(table: str | None, as_json: bool) -> None:
     import dataclasses
     import json
@@ -187,13 +384,14 @@ def _paper_counts(table: str | None, as_json: bool) -> None:
     tables = [t for t in all_tables() if table is None or (t.paper == "spm" and t.table == table)]
     if not tables:
         raise SegpromptError(f"--table {table}: the SPM paper has no table {table} with parameter figures")
-    rows = paper_counts(tables)
+    rows = paper_counts(tables, costs=True)
     if as_json:
         console.print_json(json.dumps([dataclasses.asdict(r) for r in rows]))
         return
     from rich.table import Table
 
-    out = Table(title="Parameter figures (M): ours beside the paper's, SPM paper counting convention")
+    out = Table(title="Parameter (M) and FLOPs (G) figures: ours beside the paper's (SPM: its counting "
+                      "convention; STDC: every parameter and MMCV FLOPs of the deployed model)")
     for col in ("table", "row", "column", "ours", "paper", "match"):
         out.add_column(col, justify="right" if col in ("ours", "paper") else "left")
     for r in rows:

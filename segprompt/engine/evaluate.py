@@ -84,6 +84,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
     cm.all_reduce()
     model.train(was_training)
     metrics = compute_metrics(cm.mat.cpu(), dataset.meta.classes, categories=dataset.meta.extra.get("categories"))
+    metrics["confusion_matrix"] = cm.mat.cpu().tolist()  # rows: ground truth; columns: prediction
     if recognition:
         metrics["top1"] = metrics["aAcc"]  # overall accuracy over images = top-1 accuracy
     all_skipped = sorted(s for part in all_gather_object(skipped) for s in part)

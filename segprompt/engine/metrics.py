@@ -84,13 +84,14 @@ def category_iou(mat: Tensor, class_names: list[str], categories: dict[str, list
     unknown = sorted({c for members in categories.values() for c in members} - set(index))
     if unknown:
         raise ValueError(f"categories name classes {unknown} that the dataset does not have")
-    member = torch.zeros(len(class_names), len(categories), dtype=torch.float64)  # class -> category
-    for g, members in enumerate(categories.values()):
-        member[[index[c] for c in members], g] = 1.0
-    merged = member.T @ torch.as_tensor(mat).detach().cpu().to(torch.float64) @ member
-    inter = merged.diagonal()
-    union = merged.sum(0) + merged.sum(1) - inter
-    return {name: _to_python(inter[g] / union[g] * 100) for g, name in enumerate(categories)}
+    mat = torch.as_tensor(mat).detach().cpu().to(torch.float64)
+    out: dict[str, float | None] = {}
+    for name, members in categories.items():
+        idx = torch.tensor([index[c] for c in members])
+        inter = mat[idx][:, idx].sum()
+        union = mat[idx].sum() + mat[:, idx].sum() - inter
+        out[name] = _to_python(inter / union * 100)
+    return out
 
 
 def compute_metrics(mat: Tensor, class_names: list[str], beta: float = 1.0,

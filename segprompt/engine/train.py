@@ -288,7 +288,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
                     raise SegpromptError(f"evaluation.metric '{ev.metric}' is not one of "
                                          f"{[k for k, v in result.items() if isinstance(v, float)]}")
                 metrics_log.write(iter=done, split=cfg.data.val_split,
-                                  **{k: v for k, v in result.items() if k != "per_class"})
+                                  **{k: v for k, v in result.items() if k not in ("per_class", "confusion_matrix")})
                 log.info("iter %d eval: %s", done, "  ".join(
                     f"{k} {result[k]:.2f}" for k in ("aAcc", "mIoU", "mAcc", "mDice") if result[k] is not None))
                 if best is None or value > best["value"]:

@@ -15,6 +15,7 @@ module into a fixed one and drops the text tower and the context vectors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -36,6 +37,14 @@ PROMPTS = ("fixed", "learned")
 def _names_key(names: list[str]) -> str:
     blob = json.dumps({"arch": CLIP_ARCH, "class_names": names}, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Float32 inside an autocast region; the ``meta`` device (parameter and FLOP counting) has
+    no autocast to switch off."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 class TextGuidance(nn.Module):
@@ -74,7 +83,7 @@ class TextGuidance(nn.Module):
         autocast (a few hundred tokens; keeps a deployed module equal to the learned one)."""
         if self.prompt == "fixed":
             return self.embeddings
-        with torch.autocast(self.prompt_learner.ctx.device.type, enabled=False):
+        with _no_autocast(self.prompt_learner.ctx.device):
             return self.prompt_learner().float()
 
     def forward(self, f4: torch.Tensor) -> torch.Tensor:
@@ -82,7 +91,7 @@ class TextGuidance(nn.Module):
             raise ValueError(f"text guidance expects F4 of shape [B, {self.embed_dim}, h, w] (CLIP {CLIP_ARCH}'s "
                              f"embedding width), got {tuple(f4.shape)}")
         t = self.text_embeddings()
-        with torch.autocast(f4.device.type, enabled=False):
+        with _no_autocast(f4.device):
             s = torch.einsum("bchw,kc->bkhw", F.normalize(f4.float(), dim=1), F.normalize(t.float(), dim=1))
         return s.to(f4.dtype)
 

@@ -1,0 +1,398 @@
+"""`segprompt bench`: parameters, FLOPs and inference speed of a recipe's model as deployed, with
+the FPS protocol of CLIP-distilled STDC-Seg (Sec. 4, Tables 1-2; ``shared/reference/clip_stdc.md``
+§3 counting rules, §10 FPS protocol).
+
+* **Model** (:func:`bench_model`): the recipe's network built without pretrained files (random
+  weights, as the paper's protocol allows), tuning applied, learned text prompts deployed into a
+  fixed K x 1024 buffer (:func:`~segprompt.models.text_guidance.deploy_text`), eval mode.
+* **Counts** (:func:`model_costs`): ``params`` = every parameter of that model (auxiliary and
+  detail heads included: the paper's "#Params"), ``params_inference`` = the parameters that
+  ``model(img)`` in eval mode actually reads (backbone, context path, decode head), and
+  ``flops_mmcv`` / ``flops_torch`` from :mod:`segprompt.engine.flops`.
+* **Timing** (:func:`run_bench`): batch 1 at ``size``; a random input made on the device once; the
+  eval forward (main logits resized to the input) and nothing else in the loop. ``warmup`` runs,
+  then a calibration pass of ``calib_iters`` iterations doubled until one pass takes at least
+  ``calib_seconds``, then ``chunks`` timed chunks that together last about ``seconds``, each
+  ended by a device synchronisation. latency = time / iterations, FPS = 1000 / latency (ms).
+  With a second model (``--vs``) the two are timed in alternating chunks (A B A B ...), the same
+  number each, so clock or thermal drift touches both alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from segprompt import __version__
+from segprompt.config import Recipe, load_recipe
+from segprompt.data.meta import META_FILE, DatasetMeta, read_meta
+from segprompt.engine.build import apply_tuning, build_segmentor, is_recognition
+from segprompt.engine.flops import mmcv_flops, torch_flops
+from segprompt.engine.rundir import CONFIG, git_commit
+from segprompt.errors import SegpromptError
+from segprompt.io import atomic_write_json
+from segprompt.models.text_guidance import deploy_text
+from segprompt.tuning import TuningContext
+
+# the paper's measuring sizes (H, W): Cityscapes at half resolution, CamVid at full (Tables 1-2)
+DEFAULT_SIZES = {"cityscapes": (512, 1024), "camvid": (720, 960)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda")
+COST_KEYS = ("params", "params_inference", "flops_mmcv", "flops_torch")
+BENCH_FILE = "bench.json"
+HISTORY_DIR = "bench_history"
+
+
+@dataclass
+class BenchOptions:
+    """Every knob of a measurement; all of them are recorded in the result."""
+
+    size: tuple[int, int] | None = None  # (H, W); None = default_size(cfg)
+    dtype: str = "fp32"  # the model and input are cast to it (as a deployed FP16/BF16 engine)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile (default mode)
+    device: str = "auto"
+    warmup: int = 10
+    # the paper starts at 100 iterations; starting lower ends in the same >= calib_seconds pass
+    # and does not overshoot on a slow device (100 CPU passes at 512x1024 take about a minute)
+    calib_iters: int = 1
+    calib_seconds: float = 1.0
+    seconds: float = 3.0
+    chunks: int = 5
+    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SegpromptError(f"--dtype '{self.dtype}' is not one of: {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise SegpromptError(f"--device '{self.device}' is not one of: {', '.join(DEVICES)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise SegpromptError("--device cuda but no CUDA device is visible; use --device cpu (or auto)")
+        for name, value, low in (("--warmup", self.warmup, 0), ("--calib-iters", self.calib_iters, 1),
+                                 ("--chunks", self.chunks, 1)):
+            if value < low:
+                raise SegpromptError(f"{name} must be at least {low}, got {value}")
+        for name, value in (("--seconds", self.seconds), ("--calib-seconds", self.calib_seconds)):
+            if not value > 0:
+                raise SegpromptError(f"{name} must be > 0, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise SegpromptError(f"--threads must be at least 1, got {self.threads}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"512x1024"`` -> (512, 1024) = (H, W)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise SegpromptError(f"--size '{text}' is not HxW (height x width in pixels), e.g. 512x1024") from None
+    if h < 1 or w < 1:
+        raise SegpromptError(f"--size '{text}': height and width must be positive")
+    return h, w
+
+
+def default_size(cfg: Recipe) -> tuple[int, int]:
+    """(H, W): the paper's size for Cityscapes (512x1024) and CamVid (720x960), else the recipe's
+    ``data.test.scale`` (MMSegmentation's (w, h) order)."""
+    if cfg.data.dataset in DEFAULT_SIZES:
+        return DEFAULT_SIZES[cfg.data.dataset]
+    if cfg.data.test.scale is None:
+        raise SegpromptError(f"the recipe sets no data.test.scale and dataset '{cfg.data.dataset}' has no "
+                             f"default bench size; give --size HxW")
+    w, h = cfg.data.test.scale
+    return int(h), int(w)
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+def bench_meta(cfg: Recipe) -> tuple[DatasetMeta, str]:
+    """The classes: the prepared dataset's ``meta.json`` when it exists, else ``data.num_classes``
+    placeholder names ``class0, class1, ...`` (they tokenise for learned prompts up to 100 classes).
+    Returns the meta and where the names came from ("meta.json" or "placeholder")."""
+    path = Path(cfg.data.root) / META_FILE
+    if not is_recognition(cfg) and path.is_file():
+        meta = read_meta(cfg.data.root, cfg.data.dataset)
+        if cfg.data.num_classes is not None and cfg.data.num_classes != meta.num_classes:
+            raise SegpromptError(f"data.num_classes is {cfg.data.num_classes} but '{path}' lists {meta.num_classes} "
+                                 f"classes; point data.root at the right dataset")
+        return meta, "meta.json"
+    k = cfg.data.num_classes
+    if k is None:
+        raise SegpromptError(f"bench needs the number of classes: the recipe sets no data.num_classes and "
+                             f"'{path}' does not exist; add --set data.num_classes=K (or prepare the dataset)")
+    return DatasetMeta(name=cfg.data.dataset, classes=[f"class{i}" for i in range(k)], palette=[[0, 0, 0]] * k), \
+        "placeholder"
+
+
+def bench_model(cfg: Recipe, meta: DatasetMeta | None = None) -> nn.Module:
+    """The recipe's model as deployed for inference, on the CPU: no pretrained files read (random
+    weights), tuning applied, learned text prompts deployed, eval mode. The number of deployed
+    text modules is in ``model.text_deployed``."""
+    meta = meta or bench_meta(cfg)[0]
+    model = build_segmentor(cfg, meta, load_pretrained=False)
+    apply_tuning(model, cfg, TuningContext(num_classes=meta.num_classes, ignore_index=meta.ignore_index))
+    model.text_deployed = deploy_text(model)
+    return model.eval()
+
+
+class _ParameterUse(TorchFunctionMode):
+    """Records which of the given parameters reach a torch function (a module's own forward or a
+    functional use of a module's weight alike)."""
+
+    def __init__(self, params: dict[int, nn.Parameter]):
+        super().__init__()
+        self.params = params
+        self.used: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and id(leaf) in self.params:
+                self.used.add(id(leaf))
+        return func(*args, **kwargs)
+
+
+def inference_params(model: nn.Module, size: tuple[int, int]) -> int:
+    """Parameters that ``model(img)`` in eval mode reads, for one ``size`` image: run on a copy on
+    the ``meta`` device (no compute), or on the model itself if some module cannot run there."""
+    def used(m: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+        params = {id(p): p for p in m.parameters()}
+        was_training = m.training
+        m.eval()
+        try:
+            with torch.no_grad(), _ParameterUse(params) as mode:
+                m(torch.zeros(1, 3, *size, device=device, dtype=dtype))
+        finally:
+            m.train(was_training)
+        return sum(params[i].numel() for i in mode.used)
+
+    try:
+        return used(copy.deepcopy(model).to("meta"), torch.device("meta"), torch.float32)
+    except (NotImplementedError, RuntimeError):  # e.g. torch.autocast refuses the meta device
+        p = next(model.parameters(), None)
+        return used(model, p.device, p.dtype) if p is not None else 0
+
+
+def model_costs(model: nn.Module, size: tuple[int, int], keys: tuple[str, ...] = COST_KEYS) -> dict[str, int]:
+    """``params`` (every parameter), ``params_inference``, ``flops_mmcv`` and ``flops_torch`` at
+    ``size`` = (H, W); only ``keys`` are computed."""
+    fns: dict[str, Callable[[], int]] = {
+        "params": lambda: sum(p.numel() for p in model.parameters()),
+        "params_inference": lambda: inference_params(model, size),
+        "flops_mmcv": lambda: mmcv_flops(model, size),
+        "flops_torch": lambda: torch_flops(model, size),
+    }
+    unknown = [k for k in keys if k not in fns]
+    if unknown:
+        raise ValueError(f"unknown cost keys {unknown}; known: {list(fns)}")
+    return {k: int(fns[k]()) for k in keys}
+
+
+def recipe_costs(cfg: Recipe, size: tuple[int, int] | None = None,
+                 keys: tuple[str, ...] = COST_KEYS) -> dict[str, int]:
+    """:func:`model_costs` of the recipe's deployed model (:func:`bench_model`) at ``size``
+    (default :func:`default_size`); no data or weight file is read."""
+    return model_costs(bench_model(cfg), size or default_size(cfg), keys)
+
+
+# ---- targets and output files ------------------------------------------------------------------
+
+def load_target(target: str | Path, overrides: list[str]) -> tuple[Recipe, Path | None]:
+    """A recipe file, or a run directory (its ``config.yaml``; the run directory is returned too)."""
+    target = Path(target)
+    if target.is_dir():
+        if not (target / CONFIG).is_file():
+            raise SegpromptError(f"'{target}' is a folder but not a run directory ('{target / CONFIG}' is missing); "
+                                 f"give a recipe file or a run directory")
+        return load_recipe(target / CONFIG, overrides), target
+    return load_recipe(target, overrides), None
+
+
+def check_out(out: Path | None, force: bool) -> None:
+    """Refuse, before anything is measured, to overwrite an existing ``--out`` file without --force."""
+    if out is not None and out.exists() and not force:
+        raise SegpromptError(f"'{out}' already exists; choose another --out, or add --force to overwrite it")
+    if out is not None and out.is_dir():
+        raise SegpromptError(f"--out '{out}' is a folder; give a file name such as {out / BENCH_FILE}")
+
+
+def save_run_bench(run_dir: Path, result: dict[str, Any]) -> Path:
+    """Write ``RUN/bench.json`` (what ``segprompt ablate`` collects); an earlier one is moved to
+    ``RUN/bench_history/`` first, never overwritten."""
+    path = run_dir / BENCH_FILE
+    if path.exists():
+        history = run_dir / HISTORY_DIR
+        history.mkdir(exist_ok=True)
+        dest = history / f"bench-{int(path.stat().st_mtime)}-{len(list(history.iterdir()))}.json"
+        path.rename(dest)
+    atomic_write_json(path, result)
+    return path
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class _Timed:
+    """One model ready to time: on the device, cast, optionally channels-last and compiled, with
+    its input made once on the device."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, int], device: torch.device, opts: BenchOptions):
+        fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+        dtype = DTYPES[opts.dtype]
+        model = model.to(device=device, dtype=dtype, memory_format=fmt).eval()  # in place: counted already
+        self.model = torch.compile(model) if opts.compile else model
+        self.img = torch.randn(1, 3, *size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        self.device = device
+        self.chunk_iters = 0
+        self.chunk_seconds: list[float] = []
+        self.calibration: dict[str, float] = {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, iters: int) -> float:
+        """Seconds for ``iters`` forward passes, synchronised at both ends."""
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(iters):
+            self.model(self.img)
+        self.sync()
+        return time.perf_counter() - start
+
+    def calibrate(self, opts: BenchOptions) -> None:
+        """Double the iterations from ``calib_iters`` until one pass takes >= ``calib_seconds``; the
+        chunk length follows from that latency estimate."""
+        n = opts.calib_iters
+        while (dt := self.run(n)) < opts.calib_seconds:
+            n *= 2
+        self.calibration = {"iterations": n, "seconds": dt}
+        self.chunk_iters = max(1, math.ceil(opts.seconds / opts.chunks / (dt / n)))
+
+    def summary(self) -> dict[str, Any]:
+        latencies = [1000 * s / self.chunk_iters for s in self.chunk_seconds]
+        latency = 1000 * sum(self.chunk_seconds) / (self.chunk_iters * len(self.chunk_seconds))
+        return {"fps": 1000 / latency, "latency_ms": latency,
+                "latency_ms_std": statistics.stdev(latencies) if len(latencies) > 1 else 0.0,
+                "latency_ms_chunks": latencies, "iterations": self.chunk_iters * len(self.chunk_seconds),
+                "chunk_iterations": self.chunk_iters, "timed_seconds": sum(self.chunk_seconds),
+                "calibration": self.calibration}
+
+
+def time_models(models: list[nn.Module], size: tuple[int, int], opts: BenchOptions) -> list[dict[str, Any]]:
+    """Warm up and calibrate each model, then time them in alternating chunks (A B A B ...)."""
+    device = resolve_device(opts.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the paper's PyTorch fallback
+    with torch.inference_mode():
+        timed = [_Timed(m, size, device, opts) for m in models]
+        for t in timed:
+            t.run(opts.warmup)
+            t.calibrate(opts)
+        for _ in range(opts.chunks):
+            for t in timed:
+                t.chunk_seconds.append(t.run(t.chunk_iters))
+    return [t.summary() for t in timed]
+
+
+def _model_entry(target: Path, cfg: Recipe, model: nn.Module, meta: DatasetMeta, names: str,
+                 size: tuple[int, int]) -> dict[str, Any]:
+    return {"recipe": str(target), "backbone": cfg.model.backbone["name"], "tuning": cfg.tuning["name"],
+            "num_classes": meta.num_classes, "class_names": names, "text_deployed": int(model.text_deployed),
+            **model_costs(model, size)}
+
+
+def run_bench(target: str | Path, opts: BenchOptions, overrides: list[str] | None = None,
+              vs: str | Path | None = None) -> dict[str, Any]:
+    """Measure ``target`` (a recipe or a run directory), alone or alternately with ``vs``. The result
+    has every knob, the model's counts and timing at the top level (the keys ``segprompt ablate``
+    reads: fps, latency_ms, params, params_inference, flops_mmcv, flops_torch), and with ``vs`` its
+    entry under ``"vs"`` and ``fps_ratio`` = fps(target) / fps(vs)."""
+    opts.check()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    overrides = list(overrides or [])
+    cfgs = [load_target(target, overrides)[0]] + ([load_target(vs, overrides)[0]] if vs is not None else [])
+    size = opts.size or default_size(cfgs[0])
+    if vs is not None and opts.size is None and default_size(cfgs[1]) != size:
+        raise SegpromptError(f"'{target}' and --vs '{vs}' default to different sizes ({size} and "
+                             f"{default_size(cfgs[1])}); give --size HxW to compare them at one size")
+    entries, models = [], []
+    for t, cfg in zip([target, vs], cfgs):
+        meta, names = bench_meta(cfg)
+        model = bench_model(cfg, meta)
+        models.append(model)
+        entries.append(_model_entry(Path(t), cfg, model, meta, names, size))
+    timings = time_models(models, size, opts)
+    device = resolve_device(opts.device)
+    knobs = {k: v for k, v in asdict(opts).items() if k not in ("size", "device", "threads")}
+    result = {
+        "segprompt": __version__, "git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "size": list(size), "batch": 1, "device": str(device), "device_name": device_name(device),
+        "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(), **knobs,
+        "cudnn_benchmark": device.type == "cuda", "weights": "random (no pretrained file read)",
+        "output": "main logits resized to the input (the eval forward)",
+        **entries[0], **timings[0],
+    }
+    if vs is not None:
+        result["vs"] = {**entries[1], **timings[1]}
+        result["fps_ratio"] = timings[0]["fps"] / timings[1]["fps"]
+    return result
+
+
+def format_table(result: dict[str, Any]):
+    """A rich table: one column per model (and the ratio with --vs)."""
+    from rich.table import Table
+
+    models = [result] + ([result["vs"]] if "vs" in result else [])
+    h, w = result["size"]
+    title = (f"bench {h}x{w}, batch 1, {result['dtype']}{', channels-last' if result['channels_last'] else ''}"
+             f"{', compiled' if result['compile'] else ''} on {result['device_name']} ({result['device']}, "
+             f"{result['threads']} threads, torch {result['torch']})")
+    table = Table(title=title)
+    table.add_column("")
+    for m in models:
+        table.add_column(Path(m["recipe"]).stem, justify="right")
+    if "vs" in result:
+        table.add_column("ratio", justify="right")
+    rows = [("FPS", "fps", "{:.1f}"), ("latency (ms)", "latency_ms", "{:.2f}"),
+            ("± std (ms)", "latency_ms_std", "{:.2f}"), ("timed iterations", "iterations", "{:d}"),
+            ("#Params (M)", "params", "M"), ("inference params (M)", "params_inference", "M"),
+            ("FLOPs MMCV (G)", "flops_mmcv", "G"), ("FLOPs torch (G)", "flops_torch", "G")]
+    for label, key, fmt in rows:
+        values = [m[key] for m in models]
+        shown = [f"{v / 1e6:.3f}" if fmt == "M" else f"{v / 1e9:.2f}" if fmt == "G" else fmt.format(v) for v in values]
+        if "vs" in result:
+            shown.append(f"{values[0] / values[1]:.3f}" if key in ("fps", "latency_ms") and values[1] else "")
+        table.add_row(label, *shown)
+    return table
