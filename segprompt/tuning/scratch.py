@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from segprompt.errors import SegpromptError
+from segprompt.models.text_guidance import TextGuidance
 from segprompt.tuning.base import TuningContext, TuningMethod
 
 
@@ -34,5 +35,8 @@ class LearnFromScratch(TuningMethod):
     re-initialisation is reproducible)."""
 
     def apply(self, model: nn.Module, ctx: TuningContext) -> None:
+        if any(isinstance(m, TextGuidance) for m in model.backbone.modules()):
+            raise SegpromptError("tuning 'scratch' would re-initialise the CLIP text guidance inside the backbone; "
+                                 "train a text-guided model with tuning 'full' instead")
         reinitialise(model.backbone)
         model.requires_grad_(True)
