@@ -511,6 +511,25 @@ def _check_component(value: Any, kind: str, path: str, src: _Source) -> Componen
     return out
 
 
+# Keys that change how a run executes, not what it computes: a resume may change them, and
+# `segprompt ablate`'s config hash ignores them.
+RUNTIME_ONLY_KEYS = ("runtime.num_workers", "runtime.log_interval")
+
+
+def run_defining_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as flat dotted keys (``optimizer.lr``), without :data:`RUNTIME_ONLY_KEYS`: two
+    runs compute the same thing when these are equal."""
+    def flatten(d: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    return {k: v for k, v in flatten(recipe.to_dict(), "").items() if not k.startswith(RUNTIME_ONLY_KEYS)}
+
+
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

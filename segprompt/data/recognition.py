@@ -14,6 +14,7 @@ to ``data.test.scale``. Each sample is augmented from its own seed, like the seg
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,10 @@ def _check_files(name: str, root: Path) -> None:
             + "or point data.root at the folder that holds it")
 
 
+@functools.lru_cache(maxsize=8)
 def open_torchvision(name: str, root: str | Path, split: str) -> Any:
-    """torchvision's dataset object for ``split`` (train | test), from local files only."""
+    """torchvision's dataset object for ``split`` (train | test), from local files only. Cached:
+    the meta, the class prior and the datasets of one run read each split once."""
     if name not in SOURCES:
         raise SegpromptError(f"unknown recognition dataset '{name}'; known: {', '.join(SOURCES)}")
     src, root = SOURCES[name], Path(root)

@@ -41,7 +41,7 @@ import submitit
 import torch
 import yaml
 
-from segprompt.config import Recipe, load_recipe, load_yaml_as, resolve_tree
+from segprompt.config import Recipe, load_recipe, load_yaml_as, resolve_tree, run_defining_config
 from segprompt.engine.metrics import category_iou
 from segprompt.engine.rundir import CKPT_DIR, CONFIG, LAST
 from segprompt.errors import SegpromptError
@@ -52,8 +52,6 @@ ABLATE_ROOT = Path("results/ablate")
 TABLES_OUT = Path("results/tables")
 SMOKE_PROFILE = TABLES_DIR / "smoke" / "profile.yaml"
 SMOKE_BANNER = "SMOKE SCALE: synthetic data, tiny schedules — not comparable to the paper"
-# keys that may differ between machines without changing the result (as for --resume)
-FREE_KEYS = ("runtime.num_workers", "runtime.log_interval")
 MISSING = "—"
 # Slurm states of a job that will still write to its run directory
 _LIVE_JOB_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
@@ -154,23 +152,10 @@ def prepare_smoke_data(runs: list[Run], profile: SmokeProfile) -> None:
 # Runs and their directories
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
-def _hashed_config(cfg: Recipe) -> dict[str, Any]:
-    return {k: v for k, v in _flatten(cfg.to_dict()).items() if not k.startswith(FREE_KEYS)}
-
-
 def config_hash(cfg: Recipe, load_from: str | None = None) -> str:
     """SHA-256 of the resolved config (keys sorted, so their order in a recipe is irrelevant),
     and of the run it starts from, if any."""
-    text = yaml.safe_dump(_hashed_config(cfg), sort_keys=True)
+    text = yaml.safe_dump(run_defining_config(cfg), sort_keys=True)
     if load_from:
         text += f"load_from: {load_from}\n"
     return hashlib.sha256(text.encode()).hexdigest()
@@ -345,7 +330,7 @@ def build_plan(table: Table, *, scale: str = "full", root: Path = ABLATE_ROOT, r
 
 def _check_config(run: Run, directory: Path) -> None:
     saved = load_recipe(directory / CONFIG)
-    a, b = _hashed_config(saved), _hashed_config(run.cfg)
+    a, b = run_defining_config(saved), run_defining_config(run.cfg)
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
         shown = "; ".join(f"{k}: on disk {a.get(k)!r}, expected {b.get(k)!r}" for k in diff[:5])

@@ -20,14 +20,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from segprompt.config import Recipe, dump_recipe, load_recipe
+from segprompt.config import Recipe, dump_recipe, load_recipe, run_defining_config
 from segprompt.data.dataset import collate, worker_init
 from segprompt.data.sampler import TrainBatchSampler
 from segprompt.data.transforms import normalize
@@ -44,9 +43,6 @@ from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_json
 from segprompt.models.text_guidance import deploy_text, has_learned_text
 
-# Keys that may differ between a run's saved config and the recipe it is resumed with.
-RESUME_FREE_KEYS = ("runtime.num_workers", "runtime.log_interval")
-
 
 @dataclass
 class RunPlan:
@@ -55,18 +51,9 @@ class RunPlan:
     resume_from: Path | None
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
 def _check_same_config(saved: Recipe, now: Recipe, run_dir: Path) -> None:
-    a, b = _flatten(saved.to_dict()), _flatten(now.to_dict())
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_KEYS)]
+    a, b = run_defining_config(saved), run_defining_config(now)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
         shown = "; ".join(f"{k}: run has {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:6])
         raise SegpromptError(

@@ -48,20 +48,22 @@ def _listed(keys: list[str]) -> str:
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, name: str,
-                hint: str = "") -> None:
+                hint: str = "", *, target: str | None = None, keys: str = "keys") -> None:
     """Copy ``state`` into ``module``; missing keys, unexpected keys and other shapes are a
-    :class:`SegpromptError` that lists them (``hint`` is appended). Only BatchNorm's
-    ``num_batches_tracked`` counter may be absent: torchvision's ImageNet files predate it."""
+    :class:`SegpromptError` that lists them (``hint`` is appended; ``target`` names what the file
+    should fit, default "backbone '<name>'"; ``keys`` names the keys, e.g. "text keys"). Only
+    BatchNorm's ``num_batches_tracked`` counter may be absent: torchvision's ImageNet files predate it."""
     own = module.state_dict()
     missing = sorted(k for k in own.keys() - state.keys() if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(state.keys() - own.keys())
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and state[k].shape != v.shape]
     if missing or unexpected or shapes:
-        problems = [f"{len(missing)} missing keys {_listed(missing)}",
-                    f"{len(unexpected)} unexpected keys {_listed(unexpected)}"]
+        problems = [f"{len(missing)} missing {keys} {_listed(missing)}",
+                    f"{len(unexpected)} unexpected {keys} {_listed(unexpected)}"]
         if shapes:
             problems.append(f"{len(shapes)} tensors of other shapes (file vs model) {_listed(shapes)}")
-        raise SegpromptError(f"pretrained weights '{path}' do not fit backbone '{name}': "
+        target = target or f"backbone '{name}'"
+        raise SegpromptError(f"pretrained weights '{path}' do not fit {target}: "
                              + ", ".join(problems) + hint)
     module.load_state_dict(state, strict=False)

@@ -26,9 +26,9 @@ from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
 from segprompt.errors import SegpromptError
+from segprompt.models.backbones.checkpoint import load_strict
 
 DEFAULT_WEIGHTS = "pretrained/clip/RN50.pt"
-_SHOWN = 20  # keys listed per kind of mismatch
 _PLAIN_TEXT_CFG = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
 
@@ -54,11 +54,6 @@ def text_config(arch: str) -> tuple[int, dict]:
 def _is_text_key(key: str) -> bool:
     return key == "positional_embedding" or key.startswith(
         ("token_embedding.", "transformer.", "ln_final.", "text_projection"))
-
-
-def _listed(keys: list[str]) -> str:
-    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
-    return f"{keys[:_SHOWN]}{more}"
 
 
 def missing_weights_error(path: str | Path, arch: str = "RN50") -> SegpromptError:
@@ -133,24 +128,14 @@ class CLIPTextEncoder(TextTransformer):
         in it are ignored. Missing or unexpected text keys, or other shapes, are an error listing them."""
         state = read_clip_state_dict(path, self.arch)
         text = {k: v for k, v in state.items() if _is_text_key(k)}
-        own = self.state_dict()
         if not text:
             raise SegpromptError(f"CLIP weights '{path}' hold no CLIP text-tower keys (token_embedding.weight, "
                                  f"transformer.resblocks.*, ln_final.*, text_projection); point clip_weights at "
                                  f"OpenAI's {self.arch}.pt or an open_clip {self.arch} state dict")
-        missing = sorted(own.keys() - text.keys())
-        unexpected = sorted(text.keys() - own.keys())
-        shapes = [f"{k} {tuple(text[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in text and text[k].shape != v.shape]
-        if missing or unexpected or shapes:
-            problems = [f"{len(missing)} missing text keys {_listed(missing)}",
-                        f"{len(unexpected)} unexpected text keys {_listed(unexpected)}"]
-            if shapes:
-                problems.append(f"{len(shapes)} tensors of other shapes (file vs model) {_listed(shapes)}")
-            raise SegpromptError(f"CLIP weights '{path}' do not fit the {self.arch} text tower: "
-                                 + ", ".join(problems) + f"; use OpenAI's {self.arch}.pt or an open_clip "
-                                 f"{self.arch} state dict")
-        self.load_state_dict(text)  # OpenAI stores float16; copy_ converts to the module's dtype
+        # OpenAI stores float16; loading copies into the module's dtype
+        load_strict(self, text, path, self.arch,
+                    f"; use OpenAI's {self.arch}.pt or an open_clip {self.arch} state dict",
+                    target=f"the {self.arch} text tower", keys="text keys")
 
     def tokenize(self, names: Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """``[SOT] name [EOT] 0...`` ids, ``[len(names), context_length]`` (default: the full 77)."""
