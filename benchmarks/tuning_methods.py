@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {
-    "full": [], "scratch": [], "head": [], "bias": [], "side": [], "adapter": [],
+    "full": [], "scratch": [], "head": [], "bias": [], "side": [], "adapter": [], "lora": [],
     "spm": ["tuning.stages=[1,2,3,4,5]", "tuning.recurrent=1"],
 }
 

@@ -1,24 +1,79 @@
-"""The synthetic transfer demo end to end, on a tiny schedule."""
+"""The demo's protocol end to end on a tiny scale, and its verdict computed from a table."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pandas as pd
+import pytest
 
-from segprompt.engine.demo import run_demo
+from segprompt.engine.demo import SCALES, Row, gap_recovered, run_demo, verdict
+from segprompt.errors import SegpromptError
 
 
-def test_demo_pretrains_once_adapts_and_reports(tmp_path):
-    kw = dict(data_root=tmp_path / "data", cache_root=tmp_path / "cache",
-              pretrain_overrides=["schedule.iters=3", "checkpoint.interval=3", "runtime.num_workers=0"],
-              adapt_overrides=["schedule.iters=2", "checkpoint.interval=2", "runtime.num_workers=0"])
-    rows = run_demo(tmp_path / "out", ["head", "spm"], **kw)
-    assert [r.method for r in rows] == ["head", "spm"]
-    assert rows[1].trainable > rows[0].trainable > 0 and all(0 <= r.mIoU <= 100 for r in rows)
+def _row(method, scores, trainable, label=None):
+    return Row(method, label or method, trainable, 0.01, list(scores))
+
+
+def test_verdict_is_computed_from_the_table():
+    rows = [_row("head", [30, 31, 29], 100), _row("bias", [32, 33, 31], 110, "Bias-Tuning"),
+            _row("adapter", [33, 34, 32], 150, "Adapter"), _row("spm", [37, 38, 36], 200, "SPM (ours)"),
+            _row("full", [40, 41, 39], 2000)]
+    # gap 10; SPM +7 -> 70 %; 200 / 2000 = 10 %; beats Adapter (33 ± 1) by more than the spread (1)
+    assert verdict(rows) == ("SPM recovers 70 % of the head->full gap (10.0 mIoU) with 10 % of full tuning's "
+                             "trainable parameters; it beats the best baseline, Adapter (37.0 ± 1.0 vs 33.0 ± 1.0).")
+    rows[3] = _row("spm", [31, 32, 30], 200, "SPM (ours)")
+    assert verdict(rows).endswith("it does not beat Adapter at this scale (31.0 ± 1.0 vs 33.0 ± 1.0).")
+    assert verdict(rows).startswith("SPM recovers 10 % of the head->full gap")
+    rows[3] = _row("spm", [33.5, 34.5, 32.5], 200, "SPM (ours)")
+    assert "within the seeds' spread of the best baseline, Adapter" in verdict(rows)
+    rows.append(_row("only-layer1", [38], 300))  # a control runs seed 0: head 30, full 40 there
+    rows.append(_row("only-layer4", [33], 900))
+    assert verdict(rows).endswith("Tuning one backbone part alone recovers at most 80 % of it (layer1, seed 0).")
+    assert gap_recovered(rows[-1], rows[0], rows[4]) == pytest.approx(0.3)
+
+
+def test_verdict_says_when_the_benchmark_cannot_separate_methods():
+    rows = [_row("head", [30, 32], 1), _row("spm", [31, 31], 2), _row("full", [31, 31.5], 10)]
+    assert verdict(rows).startswith("The benchmark does not separate the methods")
+    assert gap_recovered(rows[1], rows[0], rows[2]) == pytest.approx((31 - 31) / (31.25 - 31))
+
+
+def test_demo_protocol_sweeps_seeds_controls_and_reports(tmp_path):
+    tiny = replace(SCALES["quick"], image=32, crop=32, pretrain_iters=3, adapt_iters=2, lrs=(0.01, 0.02), seeds=2,
+                   counts_source={"train": 8, "val": 2, "test": 0}, counts_target={"train": 4, "val": 2, "test": 2})
+    kw = dict(scale=tiny, data_root=tmp_path / "data", cache_root=tmp_path / "cache", workers=1,
+              pretrain_overrides=["runtime.num_workers=0"], adapt_overrides=["runtime.num_workers=0"])
+    report = run_demo(tmp_path / "out", ["head", "spm", "full"], **kw)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["head", "spm", "full", "only-stem", "only-layer1", "only-layer2", "only-layer3", "only-layer4"]
+    for m in ("head", "spm", "full"):  # swept on val over the grid, then every seed at the chosen rate
+        assert set(rows[m]["val"]) == {"0.01", "0.02"} and len(rows[m]["scores"]) == 2
+        best = max(rows[m]["val"].items(), key=lambda kv: (kv[1], -float(kv[0])))
+        assert rows[m]["lr"] == float(best[0])
+    assert len(rows["only-layer2"]["scores"]) == 1 and rows["only-layer2"]["lr"] == rows["full"]["lr"]
+    assert rows["head"]["trainable"] < rows["spm"]["trainable"] < rows["full"]["trainable"]
+    assert rows["only-layer1"]["trainable"] < rows["only-layer4"]["trainable"]
+    assert report["zero_shot"] is None  # the default target's classes are new
+    assert 0 <= report["source_val_mIoU"] <= 100
+    assert report["verdict"] == verdict([Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__})
+                                         for r in report["rows"]])
+    assert any(k.endswith("_interim_mIoU") for k in report["spm_diagnostics"])
+    assert any(k.endswith("_grad_prompt") for k in report["spm_diagnostics"])
     df = pd.read_csv(tmp_path / "out" / "demo.csv")
-    assert list(df["method"]) == ["Head-Tuning", "SPM (ours)"]
-    assert (tmp_path / "out" / "demo.png").stat().st_size > 0 and (tmp_path / "out" / "demo.md").is_file()
+    assert list(df["method"][:3]) == ["head", "spm", "full"]
+    assert "**Verdict:**" in (tmp_path / "out" / "demo.md").read_text()
+    assert json.loads((tmp_path / "out" / "demo.json").read_text())["verdict"] == report["verdict"]
     cached = list((tmp_path / "cache").glob("source-*/backbone.pth"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    run_demo(tmp_path / "out2", ["head"], **kw)  # the source backbone is reused, not retrained
-    assert cached[0].stat().st_mtime_ns == stamp
+    again = run_demo(tmp_path / "out2", ["head", "full"], controls=False, **kw)  # the source model is reused
+    assert cached[0].stat().st_mtime_ns == stamp and [r["method"] for r in again["rows"]] == ["head", "full"]
+
+
+def test_demo_refuses_a_table_without_its_reference_points(tmp_path):
+    with pytest.raises(SegpromptError, match="head and full"):
+        run_demo(tmp_path / "out", ["spm", "full"], data_root=tmp_path / "d", cache_root=tmp_path / "c")
+    with pytest.raises(SegpromptError, match="not among"):
+        run_demo(tmp_path / "out", ["head", "vpt", "full"], data_root=tmp_path / "d", cache_root=tmp_path / "c")

@@ -176,3 +176,79 @@ def test_vaihingen_spm_recipe_runs_end_to_end_on_vaihingen_shaped_synthetic_data
 
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_spm1", "loss_spm4"} <= set(records[0])
+
+
+def test_spm_model_at_initialisation_is_exactly_the_frozen_model():
+    frozen, tuned = _model(), _model()
+    tuned.load_state_dict(frozen.state_dict())
+    SPMTuning(stages=[1, 2, 3, 4, 5], recurrent=2, channels=16).apply(tuned, TuningContext(K, class_prior=_prior))
+    frozen.eval(), tuned.eval()
+    img = torch.randn(2, 3, 48, 40)
+    feats_f, feats_t = frozen.backbone(img), tuned.backbone(img)
+    for a, b in zip(feats_f, feats_t):
+        assert torch.equal(a, b)  # F + F * 0 is F, bit for bit
+    assert torch.equal(frozen(img), tuned(img))
+
+
+def test_one_training_step_changes_the_prompt_output():
+    from segprompt.config import OptimizerConfig
+    from segprompt.engine.optim import build_optimizer
+
+    model = _model()
+    SPMTuning(stages=[1, 3], recurrent=1, channels=16).apply(model, TuningContext(K, class_prior=_prior))
+    chain = model.backbone.stage_hook
+    opt = build_optimizer(model, OptimizerConfig(lr=0.1, weight_decay=0.0))
+    img, label = torch.randn(2, 3, 48, 48), torch.randint(0, K, (2, 48, 48))
+    model.train()
+    sum(model(img, label).values()).backward()
+    diag = chain.diagnostics()
+    assert diag["spm1_prompt_ratio"] == 0.0 and diag["spm3_prompt_ratio"] == 0.0  # W starts at zero
+    assert diag["spm1_grad_prompt"] > 0 and diag["spm3_grad_prompt"] > 0  # ... but Out_d gets a gradient
+    assert diag["spm1_grad_map"] > 0
+    opt.step()
+    opt.zero_grad()
+    model(img, label)
+    assert chain.diagnostics()["spm1_prompt_ratio"] > 0  # after one step the prompts change the features
+
+
+def test_groups_scale_with_the_width():
+    from segprompt.models.spm import scaled_groups
+
+    assert [scaled_groups(g, 256) for g in (1, 2, 4, 32)] == [1, 2, 4, 32]  # the paper's width: unchanged
+    assert [scaled_groups(g, 32) for g in (1, 2, 4, 32)] == [1, 1, 1, 4]
+    narrow = SPM(16, K, channels=32)
+    assert narrow.prompt_out.groups == 4 and narrow.map_pdc.branches[0].groups == 1 and narrow.map_pdc.fuse.groups == 1
+    literal = SPM(16, K, channels=32, scale_groups=False)
+    assert literal.prompt_out.groups == 16 and literal.map_pdc.branches[0].groups == 4
+    # channels per group: 32 / 4 = 8 hidden channels feed each prompt gate group (2 without scaling)
+    assert narrow.prompt_out.weight.shape[1] == 8 and literal.prompt_out.weight.shape[1] == 2
+    assert spm_param_count(1024, 150, channels=256) == spm_param_count(1024, 150, channels=256, scale_groups=False)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        SPM(16, K, channels=30)
+
+
+def test_training_records_spm_diagnostics(tmp_path):
+    import json
+    from pathlib import Path
+
+    from segprompt.data.synthetic import generate_synthetic
+    from segprompt.engine.train import train
+
+    root = tmp_path / "d"
+    generate_synthetic(root, seed=1, num_classes=K, image_size=(48, 48), counts={"train": 4, "val": 2})
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
+    run = train(recipe, [f"data.root={root}", f"data.num_classes={K}", "tuning.name=spm", "tuning.stages=[1,3,5]",
+                         "tuning.channels=16", "schedule.iters=3", "evaluation.interval=3", "checkpoint.interval=3",
+                         "runtime.log_interval=1", "runtime.num_workers=0", "data.batch_size=2",
+                         "data.train.scale=[48,48]", "data.train.crop_size=[40,40]", "data.test.scale=[48,48]"],
+                out=tmp_path / "run")
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if "loss" in r]
+    assert len(train_recs) == 3
+    for slot in (1, 3, 5):
+        assert all(f"spm{slot}_grad_prompt" in r and f"spm{slot}_grad_map" in r for r in train_recs)
+        assert train_recs[0][f"spm{slot}_prompt_ratio"] == 0.0 < train_recs[-1][f"spm{slot}_prompt_ratio"]
+    evals = [r for r in records if r.get("split") == "val"]
+    assert evals and all(0 <= evals[-1][f"spm{s}_interim_mIoU"] <= 100 for s in (1, 3, 5))
+    result = json.loads((run / "eval.json").read_text())
+    assert "spm5_interim_mIoU" in result

@@ -286,7 +286,8 @@ def test_detail_target_of_flat_maps():
 
 def test_detail_head_loss():
     torch.manual_seed(0)
-    head = DetailHead(256, 19, in_index=0, align_corners=True)
+    # the original STDC code's Dice (sum p + sum t); the squared default: tests/test_conventions.py
+    head = DetailHead(256, 19, in_index=0, align_corners=True, dice_denominator="linear")
     assert n_params(head) == 256 * 64 * 9 + 2 * 64 + 64  # 3x3 ConvBNReLU + bias-free 1x1
     feats = [torch.randn(2, 256, 8, 8, requires_grad=True)]
     logits = head(feats)

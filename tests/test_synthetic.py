@@ -219,3 +219,23 @@ def test_default_dataset_is_fast(tmp_path):
     assert time.perf_counter() - t0 < 5.0
     assert meta.splits == {"train": 64, "val": 16, "test": 16}
     assert cv2.imread(str(tmp_path / "syn" / IMG_DIR / "train" / "00000.png")).shape == (128, 128, 3)
+
+
+def test_first_class_and_object_scale_make_a_task_and_scale_shift(tmp_path):
+    base = generate_synthetic(tmp_path / "a", seed=4, num_classes=6, image_size=(48, 48), counts={"train": 3})
+    assert "first_class" not in base.extra["generator"] and "object_scale" not in base.extra["generator"]
+    shifted = generate_synthetic(tmp_path / "b", seed=4, num_classes=6, image_size=(48, 48), counts={"train": 3},
+                                 first_class=5)
+    assert base.classes == ["background", "disk", "box", "triangle", "ring", "stripes"]
+    assert shifted.classes == ["background", "cross", "star", "hexagon", "diamond", "crescent"]
+    small = generate_synthetic(tmp_path / "c", seed=4, num_classes=6, image_size=(48, 48), counts={"train": 3},
+                               object_scale=0.5)
+
+    def fg(root):
+        return sum((cv2.imread(str(p), cv2.IMREAD_UNCHANGED) % 255 > 0).sum()
+                   for p in sorted((root / "ann_dir" / "train").glob("*.png")))
+
+    assert fg(tmp_path / "c") < 0.6 * fg(tmp_path / "a")  # half the radius: about a quarter of the area
+    assert small.extra["generator"]["object_scale"] == 0.5
+    with pytest.raises(SegpromptError, match="first_class 6"):
+        generate_synthetic(tmp_path / "d", num_classes=6, first_class=6, counts={"train": 1})

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta
 from segprompt.data.transforms import TestTransform, TrainTransform, label_to_tensor, to_tensor
+from segprompt.data.view import identity_view
 from segprompt.errors import SegpromptError
 
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm")
@@ -47,7 +48,10 @@ def read_label(path: Path) -> np.ndarray:
 
 
 class SegDataset(Dataset):
-    """Training items are ``(index, augmentation seed)`` pairs from the sampler; test items are indices."""
+    """Training items are ``(index, augmentation seed)`` pairs from the sampler; test items are indices.
+
+    Every item carries ``"view"``, a float32 tensor ``(y0, x0, y1, x1, flipped)``: the part of the
+    original image it covers (the training crop; the whole image at test time), see docs/spm.md."""
 
     def __init__(self, root: str | Path, split: str, meta: DatasetMeta, *,
                  train_transform: TrainTransform | None = None, test_transform: TestTransform | None = None,
@@ -124,9 +128,9 @@ class SegDataset(Dataset):
         if isinstance(item, tuple):  # training: (index, augmentation seed)
             i, seed = item
             idx, img, lbl, skipped = self._load_or_skip(i)
-            img, lbl = self.train_transform(img, lbl, np.random.default_rng(seed))
+            img, lbl, view = self.train_transform(img, lbl, np.random.default_rng(seed), return_view=True)
             return {"img": to_tensor(img), "label": label_to_tensor(lbl), "stem": self.images[idx].stem,
-                    "skipped": skipped}
+                    "view": torch.tensor(view, dtype=torch.float32), "skipped": skipped}
         # Evaluation never substitutes another image for a bad one: that would count it twice.
         try:
             img, lbl = self.load(item)
@@ -138,7 +142,7 @@ class SegDataset(Dataset):
         if self.test_transform is not None:
             img = self.test_transform(img)
         return {"img": to_tensor(img), "label": label_to_tensor(lbl), "stem": self.images[item].stem,
-                "path": str(self.images[item]), "skipped": []}
+                "path": str(self.images[item]), "view": identity_view(1)[0], "skipped": []}
 
 
 def worker_init(_: int) -> None:
@@ -147,7 +151,7 @@ def worker_init(_: int) -> None:
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images and labels; skipped (unreadable) items only contribute their file names."""
+    """Stack images, labels and views (B x 5); skipped (unreadable) items only contribute their file names."""
     skipped = [s for b in batch for s in b["skipped"]]
     batch = [b for b in batch if b["img"] is not None]
     if not batch:
@@ -158,4 +162,6 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
                            "skipped": skipped}
     if "path" in batch[0]:
         out["path"] = [b["path"] for b in batch]
+    if all("view" in b for b in batch):
+        out["view"] = torch.stack([b["view"] for b in batch])
     return out

@@ -71,8 +71,16 @@ _BASE_CLASSES = (
 )
 
 
-def _foreground_specs(num_classes: int) -> list[_ClassSpec]:
-    """Specs of classes 1..K-1: the base shapes, then the same shapes with another texture/colour."""
+def _foreground_specs(num_classes: int, first_class: int = 0) -> list[_ClassSpec]:
+    """Specs of classes 1..K-1: the base shapes, then the same shapes with another texture/colour.
+
+    ``first_class`` skips that many base shapes, so two datasets can hold different object
+    classes (a task shift: the demo's target has shape families its source never showed)."""
+    if first_class:
+        if first_class + num_classes - 1 > len(_BASE_CLASSES):
+            raise SegpromptError(f"first_class {first_class} with {num_classes} classes needs "
+                                 f"{first_class + num_classes - 1} base shapes; there are {len(_BASE_CLASSES)}")
+        return list(_BASE_CLASSES[first_class: first_class + num_classes - 1])
     specs = list(_BASE_CLASSES[: num_classes - 1])
     for j in range(num_classes - 1 - len(_BASE_CLASSES)):
         base = _BASE_CLASSES[j % len(_BASE_CLASSES)]
@@ -82,8 +90,8 @@ def _foreground_specs(num_classes: int) -> list[_ClassSpec]:
     return specs
 
 
-def class_names(num_classes: int) -> list[str]:
-    return ["background"] + [s.name for s in _foreground_specs(num_classes)]
+def class_names(num_classes: int, first_class: int = 0) -> list[str]:
+    return ["background"] + [s.name for s in _foreground_specs(num_classes, first_class)]
 
 
 def _palette(num_classes: int) -> list[list[int]]:
@@ -193,7 +201,8 @@ def _background(h: int, w: int, shift: float, rng: np.random.Generator) -> np.nd
 
 
 def _render(specs: list[_ClassSpec], h: int, w: int, shift: float, ignore_border: bool,
-            layout: np.random.Generator, look: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+            layout: np.random.Generator, look: np.random.Generator,
+            object_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One RGB uint8 image and its uint8 label; ``layout`` decides the label, ``look`` the pixels."""
     img = _background(h, w, shift, look)
     label = np.zeros((h, w), np.uint8)
@@ -202,7 +211,7 @@ def _render(specs: list[_ClassSpec], h: int, w: int, shift: float, ignore_border
     for _ in range(int(layout.integers(3, 9))):
         cls = int(layout.integers(1, len(specs) + 1))
         spec = specs[cls - 1]
-        r = layout.uniform(0.07, 0.2) * side
+        r = layout.uniform(0.07, 0.2) * side * object_scale
         cx, cy, angle = layout.uniform(0, w), layout.uniform(0, h), layout.uniform(0, 2 * np.pi)
         mask = _shape_mask(spec.shape, h, w, cx, cy, r, angle, layout)
         y0, y1 = max(int(cy - 1.5 * r), 0), min(int(cy + 1.5 * r) + 2, h)
@@ -285,7 +294,8 @@ def _image_seeds(seed: int, split: str, index: int) -> list[np.random.SeedSequen
 def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
                        image_size: tuple[int, int] = (128, 128), counts: dict[str, int] | None = None,
                        domain_shift: float = 0.0, ignore_border: bool = True, force: bool = False,
-                       progress: Callable[[int, int], None] | None = None) -> DatasetMeta:
+                       progress: Callable[[int, int], None] | None = None, first_class: int = 0,
+                       object_scale: float = 1.0) -> DatasetMeta:
     """Write the synthetic dataset to ``out`` in the prepared layout and return its meta.
 
     Args:
@@ -299,6 +309,8 @@ def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
         force: replace an existing ``out`` generated differently; the old folder is renamed to
             ``<out>.old-<timestamp>``, never deleted.
         progress: called as ``progress(done, total)`` after each image.
+        first_class: skip this many base shape families (another set of object classes).
+        object_scale: multiplies every object's size (a scale shift; labels follow the pixels).
 
     An existing ``out`` generated with the same options is returned as is, without rewriting it.
     """
@@ -309,6 +321,13 @@ def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
     options = {"version": GENERATOR_VERSION, "seed": int(seed), "num_classes": int(num_classes),
                "image_size": [h, w], "counts": counts,
                "domain_shift": float(domain_shift), "ignore_border": bool(ignore_border)}
+    # options at their defaults are left out, so folders generated before they existed still match
+    if first_class:
+        options["first_class"] = int(first_class)
+    if object_scale != 1.0:
+        if not 0.25 <= object_scale <= 2.0:
+            raise SegpromptError(f"object_scale must be in [0.25, 2], got {object_scale}")
+        options["object_scale"] = float(object_scale)
 
     existing = out.exists() and not (out.is_dir() and not any(out.iterdir()))  # an empty dir is free
     if existing and not force:
@@ -324,7 +343,7 @@ def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    specs = _foreground_specs(num_classes)
+    specs = _foreground_specs(num_classes, first_class)
     total, done = sum(counts.values()), 0
     label_values: dict[str, list[int]] = {}
     try:
@@ -336,7 +355,8 @@ def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
             for i in range(n):
                 layout_seq, look_seq = _image_seeds(seed, split, i)
                 img, label = _render(specs, h, w, domain_shift, ignore_border,
-                                     np.random.default_rng(layout_seq), np.random.default_rng(look_seq))
+                                     np.random.default_rng(layout_seq), np.random.default_rng(look_seq),
+                                     object_scale)
                 present |= np.bincount(label.ravel(), minlength=256) > 0
                 stem = f"{i:05d}"
                 if not (cv2.imwrite(str(img_dir / f"{stem}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
@@ -346,7 +366,7 @@ def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
                 if progress is not None:
                     progress(done, total)
             label_values[split] = np.flatnonzero(present).tolist()
-        meta = DatasetMeta(name="synthetic", classes=class_names(num_classes), palette=_palette(num_classes),
+        meta = DatasetMeta(name="synthetic", classes=class_names(num_classes, first_class), palette=_palette(num_classes),
                            ignore_index=IGNORE_INDEX, splits=dict(counts), label_values=label_values,
                            extra={"generator": options})
         write_meta(tmp, meta)

@@ -114,20 +114,39 @@ class TrainTransform:
         if not 0 <= self.ignore_index <= 255:
             raise ValueError(f"ignore_index must fit a uint8 label, got {self.ignore_index}")
 
-    def __call__(self, img: np.ndarray, label: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, img: np.ndarray, label: np.ndarray, rng: np.random.Generator, *,
+                 return_view: bool = False):
+        """``(img, label)``; with ``return_view=True`` ``(img, label, view)``, where ``view`` is the
+        ``(y0, x0, y1, x1, flipped)`` tuple of floats saying which part of the *input* image the
+        output covers (normalised coordinates, see :mod:`segprompt.data.view` and docs/spm.md): the
+        resize changes nothing, the crop sets the box, the padding extends it past the image
+        (bottom, and right, or left of the box when flipped), the flip sets the flag. Tracking the
+        geometry draws no random numbers, so the augmentation is the same either way."""
         if img.shape[:2] != label.shape:
             raise ValueError(f"image {img.shape[:2]} and label {label.shape} sizes differ")
         img, label = self._resize(img, label, rng)
+        h, w = label.shape
+        y0, x0, y1, x1 = 0.0, 0.0, 1.0, 1.0
         if self.crop_size is not None:
-            img, label = self._crop(img, label, rng)
-        if rng.random() < self.flip_prob:
+            img, label, (y, x) = self._crop(img, label, rng)
+            y0, x0, y1, x1 = y / h, x / w, (y + label.shape[0]) / h, (x + label.shape[1]) / w
+        flipped = rng.random() < self.flip_prob
+        if flipped:
             img, label = cv2.flip(img, 1), cv2.flip(label, 1)
         if self.photometric:
             img = self._photometric(img, rng)
         if self.crop_size is not None:
+            ph, pw = max(self.crop_size[0] - label.shape[0], 0), max(self.crop_size[1] - label.shape[1], 0)
             img, label = self._pad(img, label)
-        return np.ascontiguousarray(img), np.ascontiguousarray(label)
+            y1 += ph / h
+            if flipped:  # the padding is at the right of the mirrored crop: left of the box
+                x0 -= pw / w
+            else:
+                x1 += pw / w
+        img, label = np.ascontiguousarray(img), np.ascontiguousarray(label)
+        if return_view:
+            return img, label, (y0, x0, y1, x1, 1.0 if flipped else 0.0)
+        return img, label
 
     def _target_scale(self, rng: np.random.Generator) -> tuple[int, int] | None:
         if self.scales is not None:
@@ -149,7 +168,7 @@ class TrainTransform:
                 cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST))
 
     def _crop(self, img: np.ndarray, label: np.ndarray,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         ch, cw = self.crop_size
         h, w = label.shape
         for _ in range(_CROP_TRIES):
@@ -158,7 +177,7 @@ class TrainTransform:
             crop = label[y:y + ch, x:x + cw]
             if self.cat_max_ratio >= 1.0 or self._balanced(crop):
                 break
-        return img[y:y + ch, x:x + cw], crop
+        return img[y:y + ch, x:x + cw], crop, (y, x)
 
     def _balanced(self, crop: np.ndarray) -> bool:
         counts = np.bincount(crop.ravel(), minlength=256)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -58,6 +59,11 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
                         num_workers=cfg.runtime.num_workers, collate_fn=collate, worker_init_fn=worker_init,
                         pin_memory=env.device.type == "cuda", generator=torch.Generator())
     cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=env.device)
+    # SPM diagnostics (docs/spm.md): the mIoU of every slot's final interim semantic map
+    chains = [] if recognition else [p for p in getattr(model, "loss_providers", []) if hasattr(p, "captured_maps")]
+    interim: dict[int, ConfusionMatrix] = {}
+    for chain in chains:
+        chain.capture_maps, chain.captured_maps = True, {}
     skipped: list[str] = []
     palette = dataset.meta.palette
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), \
@@ -77,13 +83,21 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
                                    align_corners=cfg.model.align_corners)
             pred = logits.argmax(1)
             cm.update(pred, label)
+            if chains:
+                _update_interim(model, chains, interim, img, label, cfg, env, mode == "whole" and not tta,
+                                dataset.ignore_index)
             if save_preds is not None:
                 for i, stem in enumerate(batch["stem"]):
                     save_prediction(save_preds, stem, pred[i].to(torch.uint8).cpu().numpy(),
                                     read_image(Path(batch["path"][i])), palette)
     cm.all_reduce()
+    for chain in chains:
+        chain.capture_maps, chain.captured_maps = False, {}
     model.train(was_training)
     metrics = compute_metrics(cm.mat.cpu(), dataset.meta.classes, categories=dataset.meta.extra.get("categories"))
+    for slot, slot_cm in sorted(interim.items()):
+        slot_cm.all_reduce()
+        metrics[f"spm{slot}_interim_mIoU"] = compute_metrics(slot_cm.mat.cpu(), dataset.meta.classes)["mIoU"]
     metrics["confusion_matrix"] = cm.mat.cpu().tolist()  # rows: ground truth; columns: prediction
     if recognition:
         metrics["top1"] = metrics["aAcc"]  # overall accuracy over images = top-1 accuracy
@@ -93,6 +107,25 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
     metrics["mode"] = mode
     metrics["tta"] = bool(tta)
     return metrics
+
+
+def _update_interim(model: nn.Module, chains: list[nn.Module], interim: dict[int, ConfusionMatrix], img: torch.Tensor,
+                    label: torch.Tensor, cfg: Recipe, env: DistEnv, one_pass: bool, ignore_index: int) -> None:
+    """Score each slot's captured interim map against the label. The maps come from the inference
+    pass when it was one whole-image pass; after slide or TTA inference, from one extra whole pass."""
+    if not one_pass:
+        for chain in chains:
+            chain.captured_maps = {}
+        with autocast(env.device, cfg.runtime.amp):
+            model(img)
+    for chain in chains:
+        for slot, smap in chain.captured_maps.items():
+            up = F.interpolate(smap.float(), size=label.shape[-2:], mode="bilinear",
+                               align_corners=cfg.model.align_corners)
+            if slot not in interim:
+                interim[slot] = ConfusionMatrix(up.shape[1], ignore_index, device=env.device)
+            interim[slot].update(up.argmax(1), label)
+        chain.captured_maps = {}
 
 
 def build_checkpoint_model(cfg: Recipe, meta: Any, state: dict[str, Any], where: str) -> nn.Module:

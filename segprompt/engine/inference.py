@@ -3,10 +3,18 @@
 The sliding-window grid, padding and overlap averaging follow MMSegmentation's
 ``EncoderDecoder.slide_inference``; multi-scale + flip augmentation averages softmax
 probabilities as mmseg's ``SegTTAModel`` does.
+
+Each model call also gets the input's *view* (docs/spm.md, "M0 follows the image";
+:mod:`segprompt.data.view`), ``model(x, view=v)`` with ``v`` (B, 5) = ``(y0, x0, y1, x1, flipped)``:
+the box of the image each input covers, in the image's normalised coordinates (a sliding window
+its box, past 1 where the window is padded; a flipped TTA pass the whole image, flipped; a
+rescaled pass the same box as unscaled). Models whose call takes no ``view`` keyword (no
+``view`` parameter and no ``**kwargs``) are called as ``model(x)``, as before.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,12 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segprompt.data.view import identity_view, sub_view
 from segprompt.io import atomic_write_bytes
 
-__all__ = ["MODES", "whole_inference", "slide_inference", "inference", "colorize", "save_prediction"]
+__all__ = ["MODES", "whole_inference", "slide_inference", "inference", "takes_view", "colorize", "save_prediction"]
 
 Model = Callable[[Tensor], Tensor]
 MODES = ("whole", "slide")
+
+
+def takes_view(model: Callable) -> bool:
+    """Whether ``model(x, view=...)`` is a valid call: its ``forward`` (an ``nn.Module``) or its
+    call has a ``view`` parameter or ``**kwargs``."""
+    target = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # no signature (a builtin): call it plainly
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "view" and p.kind is not p.VAR_POSITIONAL
+                                            and p.kind is not p.POSITIONAL_ONLY) for p in params)
 
 
 def _resize(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
@@ -32,10 +53,16 @@ def _resize(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
 
 @torch.no_grad()
 def whole_inference(
-    model: Model, img: Tensor, out_size: tuple[int, int], align_corners: bool = False
+    model: Model, img: Tensor, out_size: tuple[int, int], align_corners: bool = False, *,
+    view: Tensor | None = None
 ) -> Tensor:
-    """Run ``model`` once on the full image and resize its logits to ``out_size``."""
-    return _resize(model(img), out_size, align_corners)
+    """Run ``model`` once on the full image and resize its logits to ``out_size``. ``view``
+    (B, 5) is ``img``'s view (default: the identity), passed on when the model takes one."""
+    if not takes_view(model):
+        return _resize(model(img), out_size, align_corners)
+    if view is None:
+        view = identity_view(img.shape[0], img.device)
+    return _resize(model(img, view=view), out_size, align_corners)
 
 
 def _windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
@@ -56,12 +83,17 @@ def slide_inference(
     stride: tuple[int, int],
     batch_size: int = 4,
     align_corners: bool = False,
+    *,
+    view: Tensor | None = None,
 ) -> Tensor:
     """Sliding-window inference with overlapping crops whose logits are averaged.
 
     Crops of all windows (and all images of the batch) are stacked and run ``batch_size`` at a
     time. A crop smaller than ``crop_size`` (the image is smaller than the crop) is zero-padded at
-    the bottom/right and the padded part of its logits is discarded.
+    the bottom/right and the padded part of its logits is discarded. ``view`` (B, 5) is ``img``'s
+    view (default: the identity); a model that takes one gets each crop's: the window's box
+    ``(y1 / h, x1 / w, (y1 + ch) / h, (x1 + cw) / w)`` (the padded size, so past 1 where padded)
+    within ``img``'s view.
     """
     (ch, cw), (sh, sw) = crop_size, stride
     if not (0 < sh <= ch and 0 < sw <= cw):
@@ -73,6 +105,9 @@ def slide_inference(
     b, _, h, w = img.shape
     windows = [(y1, y2, x1, x2) for y1, y2 in _windows(h, ch, sh) for x1, x2 in _windows(w, cw, sw)]
     crops = [(window, i) for window in windows for i in range(b)]
+    viewed = takes_view(model)
+    if viewed and view is None:
+        view = identity_view(b, img.device)
     count = img.new_zeros((1, 1, h, w))
     for y1, y2, x1, x2 in windows:
         count[..., y1:y2, x1:x2] += 1
@@ -82,7 +117,13 @@ def slide_inference(
         chunk = crops[start : start + batch_size]
         batch = torch.stack([img[i, :, y1:y2, x1:x2] for (y1, y2, x1, x2), i in chunk])
         batch = F.pad(batch, (0, cw - batch.shape[-1], 0, ch - batch.shape[-2]))
-        logits = _resize(model(batch), (ch, cw), align_corners)
+        if viewed:
+            views = torch.cat([sub_view(view[i : i + 1], (y1 / h, x1 / w, (y1 + ch) / h, (x1 + cw) / w))
+                               for (y1, _, x1, _), i in chunk])
+            out = model(batch, view=views)
+        else:
+            out = model(batch)
+        logits = _resize(out, (ch, cw), align_corners)
         if preds is None:
             dtype = torch.promote_types(logits.dtype, torch.float32)
             preds = logits.new_zeros((b, logits.shape[1], h, w), dtype=dtype)
@@ -110,7 +151,8 @@ def inference(
     ``mode`` is ``'whole'`` or ``'slide'`` (which needs ``crop_size`` and ``stride``). With one
     pass (one scale, no flip) the result is that pass's raw logits. With several passes
     (multi-scale and/or horizontal flip test-time augmentation) each pass rescales the image by
-    its factor (bilinear), runs ``mode``, un-flips flipped logits, and the result is the mean of
+    its factor (bilinear), runs ``mode`` (a flipped pass with the flipped identity view, so a
+    model's M0 is mirrored too), un-flips flipped logits, and the result is the mean of
     the passes' **softmax probabilities** at ``out_size``, as in mmseg's ``SegTTAModel``: logits
     of different scales are not calibrated against each other, probabilities are comparable.
     The argmax is the prediction either way.
@@ -128,10 +170,11 @@ def inference(
         x = _resize(img, (int(h * scale + 0.5), int(w * scale + 0.5)), align_corners)
         if flipped:
             x = x.flip(-1)
+        view = identity_view(x.shape[0], x.device, flipped=flipped)  # a rescale keeps the box
         if mode == "whole":
-            logits = whole_inference(model, x, out_size, align_corners)
+            logits = whole_inference(model, x, out_size, align_corners, view=view)
         else:
-            logits = slide_inference(model, x, out_size, crop_size, stride, batch_size, align_corners)
+            logits = slide_inference(model, x, out_size, crop_size, stride, batch_size, align_corners, view=view)
         return logits.flip(-1) if flipped else logits
 
     if len(passes) == 1:

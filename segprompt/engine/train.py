@@ -230,11 +230,13 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
                 skipped.update(batch["skipped"])
                 img = normalize(batch["img"].to(env.device, non_blocking=True), cfg.data.mean, cfg.data.std)
                 label = batch["label"].to(env.device, non_blocking=True)
+                # the part of the original image each crop covers, so SPM's M0 follows the crop (docs/spm.md)
+                view = batch["view"].to(env.device, non_blocking=True) if "view" in batch else None
                 last_micro = k == cfg.optimizer.accum_steps - 1
                 sync = net.no_sync() if (env.distributed and not last_micro) else contextlib.nullcontext()
                 with sync:
                     with autocast(env.device, amp):
-                        losses = net(img, label)
+                        losses = net(img, label, view=view)
                     loss = sum(losses.values()) / cfg.optimizer.accum_steps
                     scaler.scale(loss).backward()
                 for name, v in losses.items():
@@ -265,6 +267,9 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
                 t_log = time.perf_counter()
                 record = {"iter": done, "lr": lr, "loss": float(values[0]),
                           **{n: float(v) for n, v in zip(parts, values[1:].tolist())}, "time": dt}
+                for provider in model.loss_providers:  # e.g. the SPMs' prompt sizes and gradient norms
+                    if hasattr(provider, "diagnostics"):
+                        record.update(provider.diagnostics())
                 metrics_log.write(**record)
                 log.info("iter %d/%d %s", done, iters, info)
 

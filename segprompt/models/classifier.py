@@ -16,7 +16,8 @@ from segprompt.models.segmentor import EncoderDecoder
 class ImageClassifier(EncoderDecoder):
     task = "recognition"
 
-    def forward(self, img: torch.Tensor, label: torch.Tensor | None = None):
+    def forward(self, img: torch.Tensor, label: torch.Tensor | None = None, *, view: torch.Tensor | None = None):
+        # ``view`` is accepted for the shared contract and ignored: recognition has no geometry
         logits = self.decode_head(self.backbone(img))
         if label is None:
             return logits

@@ -17,6 +17,13 @@ class EncoderDecoder(nn.Module):
 
     Modules flagged ``keep_eval = True`` (frozen parts whose BatchNorm statistics must not move)
     stay in eval mode when the model is put in training mode.
+
+    ``view`` (B, 5) says which part of the original image each input covers,
+    ``(y0, x0, y1, x1, flipped)`` in normalised coordinates (the training crop, a sliding window, a
+    flipped TTA pass; ``None`` = the whole image as it is; see docs/spm.md and
+    :mod:`segprompt.data.view`). Each module in :attr:`view_users` (inserted by a tuning method,
+    e.g. the SPM chain, whose M0 must follow the image) gets ``set_view(view)`` before the
+    backbone runs and ``set_view(None)`` once it has run (so no view outlives its input).
     """
 
     task = "segmentation"
@@ -29,6 +36,7 @@ class EncoderDecoder(nn.Module):
         self.aux_heads = nn.ModuleList(aux_heads)
         self.align_corners = align_corners
         self.loss_providers: list[nn.Module] = []  # registered elsewhere in the tree, not owned here
+        self.view_users: list[nn.Module] = []  # likewise: modules with set_view(view | None)
 
     def train(self, mode: bool = True) -> "EncoderDecoder":
         super().train(mode)
@@ -38,8 +46,14 @@ class EncoderDecoder(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, img: torch.Tensor, label: torch.Tensor | None = None):
-        feats = self.backbone(img)
+    def forward(self, img: torch.Tensor, label: torch.Tensor | None = None, *, view: torch.Tensor | None = None):
+        for user in self.view_users:
+            user.set_view(view)
+        try:
+            feats = self.backbone(img)
+        finally:
+            for user in self.view_users:
+                user.set_view(None)
         logits = self.decode_head(feats)
         if label is None:
             return F.interpolate(logits, size=img.shape[-2:], mode="bilinear", align_corners=self.align_corners)

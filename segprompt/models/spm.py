@@ -31,6 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+REFERENCE_WIDTH = 256  # the paper's C, at which the group numbers are given
+
+
+def scaled_groups(groups: int, channels: int) -> int:
+    """A group number given at C = 256, scaled to width ``channels`` so that every group keeps the
+    paper's channels per group (at least one group): 32 groups at C = 256 are 4 at C = 32."""
+    return max(1, round(groups * channels / REFERENCE_WIDTH))
+
+
 def _groups(groups: int, *channels: int) -> int:
     g = groups
     while any(c % g for c in channels):
@@ -120,12 +129,21 @@ class SPM(nn.Module):
                  map_in_groups: int = 2, prompt_in_groups: int = 1, in_mode: str = "concat",
                  map_out_groups: int = 2, prompt_out_groups: int = 32,
                  dilations: tuple[int, int, int, int] = (1, 2, 4, 8), pdc_groups: int = 4,
-                 pdc_fuse_groups: int = 4, pdc_split: bool = True, bias: bool = True):
+                 pdc_fuse_groups: int = 4, pdc_split: bool = True, bias: bool = True,
+                 scale_groups: bool = True):
         super().__init__()
         if recurrent < 1:
             raise ValueError(f"SPM needs at least one recurrent iteration, got {recurrent}")
+        if channels < 4 or channels % 4:
+            raise ValueError(f"SPM channels (C) must be a positive multiple of 4 (the PDC has four branches), "
+                             f"got {channels}")
+        if scale_groups:  # group numbers are given at the paper's C = 256 (docs/spm.md, "Groups scale with C")
+            map_in_groups, prompt_in_groups, map_out_groups, prompt_out_groups, pdc_groups, pdc_fuse_groups = (
+                scaled_groups(g, channels) for g in (map_in_groups, prompt_in_groups, map_out_groups,
+                                                     prompt_out_groups, pdc_groups, pdc_fuse_groups))
         self.recurrent = recurrent
         self.num_classes = num_classes
+        self.prompt_ratio: torch.Tensor | None = None  # ||F_out - F_in|| / ||F_in|| of the last forward
         self.map_in = InputConv(in_channels, num_classes, channels, map_in_groups, in_mode, bias)
         self.map_pdc = PDC(channels, dilations, pdc_groups, pdc_fuse_groups, pdc_split, bias)
         self.map_out = PaddedGroupConv1x1(channels, num_classes, _groups(map_out_groups, channels), bias)
@@ -141,6 +159,7 @@ class SPM(nn.Module):
         if smap.shape[-2:] != feat.shape[-2:]:
             smap = F.interpolate(smap, size=feat.shape[-2:], mode="bilinear", align_corners=False)
         smap = smap.to(feat.dtype)
+        feat_in = feat
         interim: list[torch.Tensor] = []
         for _ in range(self.recurrent):  # theta shared over iterations (Eq. 2)
             logits = self.map_out(F.relu(self.map_pdc(F.relu(self.map_in(feat, smap)))))
@@ -148,7 +167,17 @@ class SPM(nn.Module):
             interim.append(logits)
             weight = self.prompt_out(F.relu(self.prompt_pdc(F.relu(self.prompt_in(feat, smap)))))
             feat = feat + feat * weight
+        self._track(feat_in, feat)
         return feat, smap, interim
+
+    @torch.no_grad()
+    def _track(self, feat_in: torch.Tensor, feat_out: torch.Tensor) -> None:
+        self.prompt_ratio = (feat_out - feat_in).float().norm() / feat_in.float().norm().clamp_min(1e-12)
+
+    def branch_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters of the prompt branch (In_c, PDC_c, Out_d) and the map branch (In_a, PDC_a, Out_b)."""
+        return {"prompt": [*self.prompt_in.parameters(), *self.prompt_pdc.parameters(), *self.prompt_out.parameters()],
+                "map": [*self.map_in.parameters(), *self.map_pdc.parameters(), *self.map_out.parameters()]}
 
 
 class SPMVector(SPM):
@@ -163,6 +192,7 @@ class SPMVector(SPM):
 
     def forward(self, feat: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         vec = vec.to(feat.dtype)
+        feat_in = feat
         interim: list[torch.Tensor] = []
         for _ in range(self.recurrent):  # theta shared over iterations (Eq. 2)
             expanded = vec[:, :, None, None].expand(-1, -1, *feat.shape[-2:])
@@ -173,6 +203,7 @@ class SPMVector(SPM):
             expanded = vec[:, :, None, None].expand(-1, -1, *feat.shape[-2:])
             weight = self.prompt_out(F.relu(self.prompt_pdc(F.relu(self.prompt_in(feat, expanded)))))
             feat = feat + feat * weight
+        self._track(feat_in, feat)
         return feat, vec, interim
 
 

@@ -4,6 +4,7 @@ from segprompt.tuning.adaptformer import AdaptFormer
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 from segprompt.tuning.basic import FullTuning, HeadTuning
 from segprompt.tuning.bias import BiasTuning
+from segprompt.tuning.lora import LoRA
 from segprompt.tuning.partial import PartialTuning
 from segprompt.tuning.scratch import LearnFromScratch
 from segprompt.tuning.side import Adapter, SideTuning
@@ -19,6 +20,7 @@ METHODS = {
     "adapter": Adapter,
     "vpt": VPT,
     "adaptformer": AdaptFormer,
+    "lora": LoRA,
     "spm": SPMTuning,
     "partial": PartialTuning,
 }

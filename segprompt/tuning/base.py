@@ -28,7 +28,11 @@ class TuningContext:
 def freeze(module: nn.Module, bn_eval: bool = True) -> None:
     """No gradient, so no optimizer state; with ``bn_eval`` its BatchNorm layers stay in eval mode,
     so their statistics stay as loaded. The flag sits on each norm layer rather than on ``module``,
-    so modules inserted into a frozen part later (prompts, adapters) still train normally."""
+    so modules inserted into a frozen part later (prompts, adapters) still train normally.
+
+    ``bn_eval=True`` is our default for frozen backbones (the tuning methods' ``bn_eval`` option);
+    MMSegmentation's ``norm_eval=False`` would keep updating the running statistics, which
+    ``bn_eval: false`` reproduces (the STDC stage-2 recipes do). See docs/conventions.md §4."""
     module.requires_grad_(False)
     if bn_eval:
         for m in module.modules():

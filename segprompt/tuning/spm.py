@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segprompt.data.view import is_identity, view_theta
 from segprompt.models.spm import SPM, SPMVector
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
@@ -25,7 +26,21 @@ INTERIM_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.4)
 
 
 class SPMChain(nn.Module):
-    """The backbone's ``stage_hook``: applies the SPM of each prompted slot and keeps the map."""
+    """The backbone's ``stage_hook``: applies the SPM of each prompted slot and keeps the map.
+
+    M0 follows the image (docs/spm.md, "M0 follows the image"): ``prior`` (K, r, r) covers the whole
+    original image, while the input may be a training crop (resized, flipped, padded), a sliding
+    window or a flipped TTA pass. The segmentor calls :meth:`set_view` with the input's view
+    (B, 5) = ``(y0, x0, y1, x1, flipped)``, the box of the original image the input covers in
+    normalised coordinates (:mod:`segprompt.data.view`). The first SPM then gets, per sample, M0
+    resampled at its feature size (h, w): output pixel ``u`` in [-1, 1] (align_corners=False
+    centres) reads M0 at ``g_x = ±(x1 - x0) u_x + (x0 + x1 - 1)`` (minus when flipped),
+    ``g_y = (y1 - y0) u_y + (y0 + y1 - 1)`` with ``F.affine_grid``/``F.grid_sample`` (bilinear,
+    border padding: the part of a box past the image repeats M0's edge). With no view, or the
+    identity view (0, 0, 1, 1, 0), M0 goes to the first SPM unchanged, exactly as before (the SPM
+    resizes it); in a mixed batch the identity rows get that same resize. The vector P0 of
+    recognition has no geometry and ignores the view.
+    """
 
     def __init__(self, spms: dict[int, SPM], prior: torch.Tensor, weights: dict[int, float], loss_fn: nn.Module,
                  align_corners: bool = False):
@@ -37,6 +52,10 @@ class SPMChain(nn.Module):
         self.align_corners = align_corners
         self._map: torch.Tensor | None = None
         self._interim: list[tuple[int, list[torch.Tensor]]] = []
+        self._view: torch.Tensor | None = None  # (B, 5) view of the current input; None = identity
+        # evaluation diagnostics: with capture_maps set, each eval forward keeps every slot's final map
+        self.capture_maps = False
+        self.captured_maps: dict[int, torch.Tensor] = {}
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if index == 0:
@@ -47,11 +66,42 @@ class SPMChain(nn.Module):
         if self._map is not None:
             smap = self._map
         else:  # M0 (K, r, r), or P0 (K,) for recognition
-            smap = self.prior.unsqueeze(0).expand(x.shape[0], *self.prior.shape)
+            smap = self.initial_map(x)
         x, self._map, interim = spm(x, smap)
         if self.training:
             self._interim.append((index + 1, interim))
+        elif self.capture_maps:
+            self.captured_maps[index + 1] = self._map.detach()
         return x
+
+    def set_view(self, view: torch.Tensor | None) -> None:
+        """The view (B, 5) or (5,) of the next input, or ``None`` (the whole image as it is)."""
+        if view is not None and (view.ndim not in (1, 2) or view.shape[-1] != 5):
+            raise ValueError(f"a view is (B, 5) = (y0, x0, y1, x1, flipped) per input, got shape {tuple(view.shape)}")
+        self._view = view
+
+    def initial_map(self, x: torch.Tensor) -> torch.Tensor:
+        """M0 for the input whose first prompted feature is ``x``: (B, K, r, r) as stored for the
+        identity view (or no view), else resampled to the view at ``x``'s size (class docstring)."""
+        b, prior = x.shape[0], self.prior
+        plain = prior.unsqueeze(0).expand(b, *prior.shape)
+        if self._view is None or prior.ndim != 3:
+            return plain
+        view = self._view.to(device=prior.device, dtype=prior.dtype).reshape(-1, 5)
+        if view.shape[0] not in (1, b):
+            raise ValueError(f"the view has {view.shape[0]} rows for a batch of {b}")
+        view = view.expand(b, 5)
+        same = is_identity(view)
+        if bool(same.all()):
+            return plain
+        size = tuple(x.shape[-2:])
+        grid = F.affine_grid(view_theta(view), [b, prior.shape[0], *size], align_corners=False)
+        m0 = F.grid_sample(plain.contiguous(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if bool(same.any()):  # identity rows: what the SPM's own resize makes of the stored M0
+            old = plain if tuple(prior.shape[-2:]) == size else F.interpolate(
+                plain, size=size, mode="bilinear", align_corners=False)
+            m0 = torch.where(same[:, None, None, None], old, m0)
+        return m0
 
     def _resize(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         if logits.ndim == 2:  # an interim category vector
@@ -69,13 +119,31 @@ class SPMChain(nn.Module):
         self._interim = []
         return out
 
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Per slot, from the last training forward/backward (docs/spm.md, "Diagnostics"):
+        ``spm{i}_prompt_ratio`` = ||F_out - F_in|| / ||F_in||, how much the prompts changed the
+        stage input; ``spm{i}_grad_prompt`` / ``spm{i}_grad_map`` = the L2 norm of the gradients
+        reaching the prompt branch (In_c, PDC_c, Out_d) and the map branch (In_a, PDC_a, Out_b)."""
+        out: dict[str, float] = {}
+        for slot, spm in self.spms.items():
+            if spm.prompt_ratio is not None:
+                out[f"spm{slot}_prompt_ratio"] = float(spm.prompt_ratio)
+            for branch, params in spm.branch_parameters().items():
+                grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+                if grads:
+                    out[f"spm{slot}_grad_{branch}"] = float(torch.stack(grads).norm())
+        return out
+
 
 class SPMTuning(TuningMethod):
     """Freeze the backbone and insert SPMs at ``stages`` (1-based slots).
 
     ``interim_weights`` are the a_i of Eq. 5 per slot; ``semantic_learning=False`` sets them all to
     0 (Table 6, "w/o SPL"); ``long_range=False`` makes every PDC dilation 1 ("w/o LSCM").
-    ``prior_resolution`` is the side of the stored M0 grid. Other options configure each SPM.
+    ``prior_resolution`` is the side of the stored M0 grid. Other options configure each SPM; the
+    group numbers are the paper's at C = 256 and, with ``scale_groups`` (default), scale with
+    ``channels`` so each group keeps its width (docs/spm.md).
     """
 
     def __init__(self, stages: list[int] = (1, 2, 3, 4), recurrent: int = 1, channels: int = 256,
@@ -84,13 +152,15 @@ class SPMTuning(TuningMethod):
                  dilations: tuple[int, int, int, int] = (1, 2, 4, 8), pdc_groups: int = 4,
                  pdc_fuse_groups: int = 4, pdc_split: bool = True, bias: bool = True,
                  interim_weights: list[float] = INTERIM_WEIGHTS, semantic_learning: bool = True,
-                 long_range: bool = True, prior_resolution: int = 64, bn_eval: bool = True):
+                 long_range: bool = True, prior_resolution: int = 64, bn_eval: bool = True,
+                 scale_groups: bool = True):
         self.stages = sorted(set(stages))
         self.spm_kwargs = dict(channels=channels, recurrent=recurrent, map_in_groups=map_in_groups,
                                prompt_in_groups=prompt_in_groups, in_mode=in_mode, map_out_groups=map_out_groups,
                                prompt_out_groups=prompt_out_groups,
                                dilations=tuple(dilations) if long_range else (1, 1, 1, 1),
-                               pdc_groups=pdc_groups, pdc_fuse_groups=pdc_fuse_groups, pdc_split=pdc_split, bias=bias)
+                               pdc_groups=pdc_groups, pdc_fuse_groups=pdc_fuse_groups, pdc_split=pdc_split, bias=bias,
+                               scale_groups=scale_groups)
         self.interim_weights = list(interim_weights) if semantic_learning else [0.0] * len(interim_weights)
         self.prior_resolution = prior_resolution
         self.bn_eval = bn_eval
@@ -116,6 +186,8 @@ class SPMTuning(TuningMethod):
         chain = SPMChain(spms, prior, weights, model.decode_head.loss_fn, model.align_corners)
         backbone.stage_hook = chain
         model.loss_providers.append(chain)
+        if not recognition and hasattr(model, "view_users"):  # M0 follows the input's view
+            model.view_users.append(chain)
 
     def _prior(self, ctx: TuningContext, backbone: nn.Module, r: int) -> torch.Tensor:
         k = ctx.num_classes

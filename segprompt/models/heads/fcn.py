@@ -9,11 +9,18 @@ from segprompt.models.heads.base import DecodeHead
 
 
 class FCNHead(DecodeHead):
+    """``loss_align_corners`` (recipe key): ``align_corners`` of the logits' resize before the loss
+    when it differs from the model's ``align_corners`` (null = the model's). The STDC recipes set it
+    false on the two auxiliary FCNs, as the CLIP-distilled paper's MMSegmentation fork does; true is
+    the original STDC-Seg code (docs/conventions.md §2)."""
+
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256, num_convs: int = 2,
                  kernel_size: int = 3, dilation: int = 1, concat_input: bool = True,
                  dropout: float = 0.1, in_index: int = -1, loss_weight: float = 1.0,
-                 align_corners: bool = False, loss: nn.Module | None = None):
-        super().__init__(channels, num_classes, dropout, in_index, loss_weight, align_corners, loss)
+                 align_corners: bool = False, loss: nn.Module | None = None,
+                 loss_align_corners: bool | None = None):
+        super().__init__(channels, num_classes, dropout, in_index, loss_weight, align_corners, loss,
+                         loss_align_corners)
         pad = kernel_size // 2 * dilation
         convs: list[nn.Module] = []
         for i in range(num_convs):
