@@ -107,7 +107,7 @@ class Job:
     overrides: list[str]
     out: str
     threads: int = 1
-    splits: tuple[str, ...] = ("val", "test")
+    test: bool = True  # also score the test split (training itself scores val)
 
 
 @dataclass
@@ -170,7 +170,7 @@ def pretrain_job(source: Path, cache_root: Path, scale: Scale, extra: list[str])
     cfg = load_recipe(RECIPES / "pretrain_source.yaml", over)
     cache = cache_root / f"source-{_hash([dump_recipe(cfg), source.name])}"
     return Job("pretrain", str(RECIPES / "pretrain_source.yaml"), over, str(cache / "run"),
-               threads=max(os.cpu_count() or 1, 1), splits=("val",)), cache
+               threads=max(os.cpu_count() or 1, 1), test=False), cache
 
 
 def method_overrides(method: str, target: Path, weights: Path, scale: Scale, lr: float, seed: int,
@@ -200,7 +200,7 @@ def run_job(job: Job) -> RunResult:
     torch.set_num_threads(job.threads)
     out = Path(job.out)
     start = time.perf_counter()
-    if not (out / "eval.json").is_file() or not (out / "scores.json").is_file():
+    if not (out / "scores.json").is_file():  # written last: a finished job is read back, not rerun
         out.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f"{out.name}.console.log", "ab") as log:
             saved = os.dup(1), os.dup(2)
@@ -212,9 +212,8 @@ def run_job(job: Job) -> RunResult:
                 result = json.loads((run / "eval.json").read_text())
                 scores = {"val": result["mIoU"]}
                 diag = {k: v for k, v in result.items() if k.endswith("_interim_mIoU")}
-                for split in job.splits:
-                    if split != "val":
-                        scores[split] = evaluate_checkpoint(run, checkpoint="last", split=split)[1]["mIoU"]
+                if job.test:
+                    scores["test"] = evaluate_checkpoint(run, checkpoint="last", split="test")[1]["mIoU"]
             finally:
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
@@ -274,9 +273,12 @@ def run_demo(out: Path, methods: list[str] = DEFAULT_METHODS, *, scale: str | Sc
     progress(f"source model: source-val mIoU {pre.scores['val']:.2f}")
 
     extra = list(adapt_overrides)
-    sweep = [Job(f"{m}/lr{lr:g}/seed0", str(RECIPES / "adapt_target.yaml"),
-                 method_overrides(m, target, weights, sc, lr, 0, extra), str(out / "runs" / m / f"lr{lr:g}-seed0"))
-             for m in methods for lr in sc.lrs]
+
+    def job(m: str, lr: float, s: int) -> Job:
+        return Job(f"{m}/lr{lr:g}/seed{s}", str(RECIPES / "adapt_target.yaml"),
+                   method_overrides(m, target, weights, sc, lr, s, extra), str(out / "runs" / m / f"lr{lr:g}-seed{s}"))
+
+    sweep = [job(m, lr, 0) for m in methods for lr in sc.lrs]
     done = [0]
 
     def tick(total: int) -> Callable[[RunResult], None]:
@@ -289,14 +291,9 @@ def run_demo(out: Path, methods: list[str] = DEFAULT_METHODS, *, scale: str | Sc
     n_total = len(sweep) + len(methods) * (sc.seeds - 1) + (len(STAGES) if controls else 0)
     results = _run_all(sweep, workers, tick(n_total))
     chosen = {m: max(sc.lrs, key=lambda lr: (results[f"{m}/lr{lr:g}/seed0"].scores["val"], -lr)) for m in methods}
-    second = [Job(f"{m}/lr{chosen[m]:g}/seed{s}", str(RECIPES / "adapt_target.yaml"),
-                  method_overrides(m, target, weights, sc, chosen[m], s, extra),
-                  str(out / "runs" / m / f"lr{chosen[m]:g}-seed{s}"))
-              for m in methods for s in range(1, sc.seeds)]
+    second = [job(m, chosen[m], s) for m in methods for s in range(1, sc.seeds)]
     if controls:
-        second += [Job(f"only-{p}/lr{chosen['full']:g}/seed0", str(RECIPES / "adapt_target.yaml"),
-                       method_overrides(f"only-{p}", target, weights, sc, chosen["full"], 0, extra),
-                       str(out / "runs" / f"only-{p}" / f"lr{chosen['full']:g}-seed0")) for p in STAGES]
+        second += [job(f"only-{p}", chosen["full"], 0) for p in STAGES]
     results.update(_run_all(second, workers, tick(n_total)))
 
     rows = []
@@ -308,8 +305,8 @@ def run_demo(out: Path, methods: list[str] = DEFAULT_METHODS, *, scale: str | Sc
                         {f"{x:g}": results[f"{m}/lr{x:g}/seed0"].scores["val"] for x in sc.lrs
                          if f"{m}/lr{x:g}/seed0" in results}))
     zero = _zero_shot(Path(pre.run), source, target)
-    spm_diag = {k: v for k, v in results.get(f"spm/lr{chosen.get('spm', 0):g}/seed0",
-                                             RunResult("", "", {}, 0, 0)).diagnostics.items()}
+    spm_run = results.get(f"spm/lr{chosen.get('spm', 0):g}/seed0")
+    spm_diag = spm_run.diagnostics if spm_run else {}
     report = {"scale": asdict(sc), "workers": workers, "source_val_mIoU": pre.scores["val"], "zero_shot": zero,
               "rows": [dict(asdict(r), mean=r.mean, std=r.std) for r in rows], "spm_diagnostics": spm_diag,
               "verdict": verdict(rows), "seconds": time.perf_counter() - t0}
@@ -399,7 +396,8 @@ def verdict(rows: list[Row]) -> str:
     return sentence
 
 
-def _table(report: dict, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+def table_lines(report: dict, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """The report's table as columns and rows of text (the CLI prints it, the Markdown holds it)."""
     by = {r.method: r for r in rows}
     head, full = by["head"], by["full"]
     cols = ["method", "trainable params", "% of full", "lr (chosen on val)", "target-test mIoU", "gap recovered"]
@@ -422,7 +420,7 @@ def write_report(out: Path, report: dict, rows: list[Row]) -> None:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    cols, lines = _table(report, rows)
+    cols, lines = table_lines(report, rows)
     df = pd.DataFrame([{"method": r.method, "label": r.label, "trainable_params": r.trainable, "lr": r.lr,
                         "mIoU_mean": round(r.mean, 3), "mIoU_std": round(r.std, 3), "seeds": len(r.scores),
                         "scores": " ".join(f"{s:.2f}" for s in r.scores),
@@ -447,11 +445,6 @@ def write_report(out: Path, report: dict, rows: list[Row]) -> None:
     fig.tight_layout()
     fig.savefig(out / "demo.png", dpi=120)
     plt.close(fig)
-
-
-def table_lines(report: dict, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    """The report's table as columns and rows of text (the CLI prints it)."""
-    return _table(report, rows)
 
 
 def rows_from_report(report: dict) -> list[Row]:
