@@ -272,8 +272,10 @@ def bench(
 def demo(
     out: Annotated[Optional[Path], typer.Option(help="Where the runs and the report go "
                                                      "(default results/demo/<timestamp>/).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated tuning methods (head and full are needed).")] =
-        "head,bias,adapter,lora,spm,full",
+    backbone: Annotated[str, typer.Option(help="resnet (the default, ~8 min on 2 CPU cores) or vit (adds VPT and "
+                                               "AdaptFormer; ~30 min on 2 CPU cores).")] = "resnet",
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated tuning methods (head and full are needed; "
+                                                        "default: all of the backbone's).")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Seeds per method (default: the scale's, 3 for quick).")] = None,
     scale: Annotated[str, typer.Option(help="quick (~6 min on 2 CPU cores) or full (longer, larger; a GPU).")] = "quick",
     workers: Annotated[Optional[int], typer.Option(help="Runs in parallel (default: min(2, CPU cores)).")] = None,
@@ -287,18 +289,18 @@ def demo(
 
     from rich.table import Table
 
-    from segprompt.engine.demo import SCALES, rows_from_report, run_demo, table_lines
+    from segprompt.engine.demo import SCALES, check_methods, edge_note, rows_from_report, run_demo, table_lines
     from segprompt.engine.rundir import new_run_dir
 
     if scale not in SCALES:
         raise SegpromptError(f"--scale {scale!r}: choose one of {', '.join(SCALES)}")
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    chosen = check_methods(backbone, None if methods is None else [m.strip() for m in methods.split(",") if m.strip()])
     out = new_run_dir(out or Path("results/demo") / time.strftime("%Y%m%d-%H%M%S"))
-    report = run_demo(out, chosen, scale=scale, seeds=seeds, seed=seed, workers=workers, controls=controls,
+    report = run_demo(out, chosen, backbone=backbone, scale=scale, seeds=seeds, seed=seed, workers=workers, controls=controls,
                       progress=lambda msg: err_console.print(msg, highlight=False))
     cols, lines = table_lines(report, rows_from_report(report))
     sc = report["scale"]
-    table = Table(title=f"segprompt demo ({scale}): source -> target transfer, {sc['classes']} classes, "
+    table = Table(title=f"segprompt demo ({backbone}, {scale}): source -> target transfer, {sc['classes']} classes, "
                         f"target-test mIoU over {sc['seeds']} seed(s)")
     for col in cols:
         table.add_column(col, justify="left" if col == "method" else "right")
@@ -313,6 +315,8 @@ def demo(
             f"{s}: interim-map mIoU {diag.get(s + '_interim_mIoU', float('nan')):.1f}, "
             f"prompt size {diag.get(s + '_prompt_ratio', float('nan')):.3f}" for s in slots))
     console.print(f"verdict: {report['verdict']}")
+    if report["edge_of_grid"]:
+        console.print(edge_note(report))
     console.print(f"report: {out / 'demo.md'}, {out / 'demo.csv'}, {out / 'demo.json'}, {out / 'demo.png'} "
                   f"({report['seconds']:.0f} s)")
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pandas as pd
 import pytest
 
-from segprompt.engine.demo import SCALES, Row, gap_recovered, run_demo, verdict
+from segprompt.engine.demo import SCALES, Row, gap_recovered, run_demo, table_lines, verdict
 from segprompt.errors import SegpromptError
 
 
@@ -76,4 +77,48 @@ def test_demo_refuses_a_table_without_its_reference_points(tmp_path):
     with pytest.raises(SegpromptError, match="head and full"):
         run_demo(tmp_path / "out", ["spm", "full"], data_root=tmp_path / "d", cache_root=tmp_path / "c")
     with pytest.raises(SegpromptError, match="not among"):
-        run_demo(tmp_path / "out", ["head", "vpt", "full"], data_root=tmp_path / "d", cache_root=tmp_path / "c")
+        run_demo(tmp_path / "out", ["head", "prefix", "full"], data_root=tmp_path / "d", cache_root=tmp_path / "c")
+    with pytest.raises(SegpromptError, match="--backbone 'swin'"):
+        run_demo(tmp_path / "out", backbone="swin", data_root=tmp_path / "d", cache_root=tmp_path / "c")
+
+
+TINY = dict(image=32, crop=32, pretrain_iters=3, adapt_iters=2, counts_source={"train": 8, "val": 2, "test": 0},
+            counts_target={"train": 4, "val": 2, "test": 2})
+
+
+def _tiny_kw(tmp_path, **scale):
+    return dict(scale=replace(SCALES["quick"], **TINY | scale), data_root=tmp_path / "data", cache_root=tmp_path / "cache",
+                workers=1, pretrain_overrides=["runtime.num_workers=0"], adapt_overrides=["runtime.num_workers=0"])
+
+
+def test_a_diverging_rate_is_a_result_of_the_sweep_not_a_crash(tmp_path):
+    report = run_demo(tmp_path / "out", ["head", "full"], controls=False, **_tiny_kw(tmp_path, lrs=(0.01, 1e30), seeds=1))
+    for row in report["rows"]:
+        assert row["val"]["1e+30"] is None  # diverged: recorded, and never the chosen rate
+        assert row["lr"] == 0.01 and row["scores"][0] is not None
+    assert report["edge_of_grid"] == {"head": 0.01, "full": 0.01}  # said in the report: the grid may be too narrow
+    assert "Head-Tuning 0.01, Full-Tuning 0.01" in (tmp_path / "out/demo.md").read_text()
+    saved = json.loads((tmp_path / "out/runs/full/lr1e+30-seed0/scores.json").read_text())
+    assert "non-finite loss" in saved["diverged"]
+    rows = [_row("head", [30, math.nan, 32], 1), _row("full", [40, 41, 39], 10)]
+    assert rows[0].mean == 31 and rows[0].diverged == 1
+    _, lines = table_lines({"zero_shot": None}, rows)
+    assert lines[1][4] == "31.00 ± 1.41 (1 of 3 seeds diverged)"
+
+
+def test_vit_demo_compares_vpt_and_adaptformer_and_tunes_one_stage_per_control(tmp_path):
+    from segprompt.models.backbones.vit import VisionTransformer
+
+    report = run_demo(tmp_path / "out", ["head", "vpt", "adaptformer", "full"], backbone="vit",
+                      **_tiny_kw(tmp_path, lrs=(0.06,), seeds=1))
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["head", "vpt", "adaptformer", "full", "only-embed", "only-stage1", "only-stage2", "only-stage3"]
+    assert rows["head"]["lr"] == pytest.approx(0.001)  # AdamW: the SGD grid / 60
+    assert rows["head"]["trainable"] < rows["vpt"]["trainable"] < rows["adaptformer"]["trainable"] < rows["full"]["trainable"]
+    vit = VisionTransformer(img_size=64, patch_size=4, embed_dim=64, depth=6, num_heads=4, out_indices=(1, 3, 5), num_stages=3)
+    embed = sum(p.numel() for p in vit.patch_embed.parameters()) + vit.pos_embed.numel() + vit.cls_token.numel()
+    block = sum(p.numel() for p in vit.blocks[0].parameters())
+    assert rows["only-embed"]["trainable"] - rows["head"]["trainable"] == embed  # pos_embed and cls_token too
+    assert rows["only-stage2"]["trainable"] - rows["head"]["trainable"] == 2 * block
+    with pytest.raises(SegpromptError, match="not among the resnet demo's"):
+        run_demo(tmp_path / "out3", ["head", "vpt", "full"], data_root=tmp_path / "d", cache_root=tmp_path / "c")

@@ -39,28 +39,66 @@ from typing import Any, Callable
 
 from segprompt.config import dump_recipe, load_recipe
 from segprompt.data.synthetic import generate_synthetic
-from segprompt.errors import SegpromptError
+from segprompt.errors import DivergedError, SegpromptError
 from segprompt.io import atomic_write_json, atomic_write_text
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 
-# method -> overrides for the small model (the SPM narrower than the paper's C = 256, its groups
-# scaled with C; SPM parameters at lr x10, as the paper's ViT recipes and our ResNet recipes do)
-METHODS: dict[str, list[str]] = {
-    "head": [],
-    "bias": [],
-    "adapter": ["tuning.channels=16", "tuning.groups=4"],
-    "lora": ["tuning.rank=4"],
-    "spm": ["tuning.stages=[1,2,3,4,5]", "tuning.recurrent=2", "tuning.channels=32", "tuning.prior_resolution=32",
-            "optimizer.param_groups=[{pattern: '^backbone\\.stage_hook\\.', lr_mult: 10.0}]"],
-    "full": [],
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A source model of the demo and what each method and control does to it."""
+
+    pretrain: str  # recipe in recipes/demo/: the source model, pre-trained by full tuning
+    adapt: str  # recipe in recipes/demo/: the same model adapted to the target (its base is ``pretrain``)
+    methods: dict[str, list[str]]  # method -> its overrides (``name:variant`` keys are variants of ``name``)
+    parts: dict[str, tuple[str, ...]]  # a control -> the backbone paths it tunes alone (the rest is frozen)
+    lr_scale: float = 1.0  # the grid is the scale's (SGD) grid times this, for another optimizer
+
+
+# the ViT's inserted modules train at lr x10, as the SPM paper's ViT recipes do for VPT, AdaptFormer
+# and SPM alike; the ResNet's SPM likewise (our ResNet recipes, docs/spm.md)
+_X10 = "optimizer.param_groups=[{{pattern: '^backbone\\.({})', lr_mult: 10.0}}]"
+BACKBONES: dict[str, Backbone] = {
+    # ResNet-18, width 16, output stride 8: the SPM paper's ResNet models in miniature
+    "resnet": Backbone(
+        "pretrain_source.yaml", "adapt_target.yaml",
+        methods={
+            "head": [],
+            "bias": [],
+            "adapter": ["tuning.channels=16", "tuning.groups=4"],
+            "lora": ["tuning.rank=4"],
+            # narrower than the paper's C = 256, its groups scaled with C (docs/spm.md)
+            "spm": ["tuning.stages=[1,2,3,4,5]", "tuning.recurrent=2", "tuning.channels=32",
+                    "tuning.prior_resolution=32", _X10.format("stage_hook\\.")],
+            "full": [],
+        },
+        parts={p: (p,) for p in ("stem", "layer1", "layer2", "layer3", "layer4")}),
+    # ViT, patch 4, width 64, 6 layers in 3 stages, SETR-style head: the paper's ViT-L in miniature,
+    # where VPT and AdaptFormer apply. AdamW: its grid is the SGD grid / 60.
+    "vit": Backbone(
+        "pretrain_source_vit.yaml", "adapt_target_vit.yaml",
+        methods={
+            "head": [],
+            "bias": [],
+            "vpt": ["tuning.num_tokens=4", _X10.format("prompt_tokens")],
+            "adaptformer": ["tuning.bottleneck=8", _X10.format("blocks\\.\\d+\\.adapter")],
+            "lora": ["tuning.rank=4"],
+            "spm": ["tuning.stages=[1,2,3]", "tuning.recurrent=2", "tuning.channels=32",
+                    "tuning.prior_resolution=32", _X10.format("stage_hook\\.")],
+            "full": [],
+        },
+        parts={"embed": ("patch_embed", "pos_embed", "cls_token"), "stage1": ("blocks.0", "blocks.1"),
+               "stage2": ("blocks.2", "blocks.3"), "stage3": ("blocks.4", "blocks.5")},
+        lr_scale=1 / 60),
 }
-DEFAULT_METHODS = ("head", "bias", "adapter", "lora", "spm", "full")
-BASELINES = ("bias", "adapter", "lora")  # the parameter-efficient methods SPM is compared against
+DEFAULT_METHODS = {name: tuple(b.methods) for name, b in BACKBONES.items()}
+# the parameter-efficient methods SPM is compared against
+BASELINES = ("bias", "adapter", "vpt", "adaptformer", "lora")
 LABELS = {"zero-shot": "Zero-shot (source model)", "head": "Head-Tuning", "bias": "Bias-Tuning",
-          "adapter": "Adapter", "lora": "LoRA", "spm": "SPM (ours)", "full": "Full-Tuning",
-          "side": "Side-Tuning", "scratch": "Learn-from-Scratch"}
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # the ResNet's parts, for the controls
+          "adapter": "Adapter", "vpt": "VPT-deep", "adaptformer": "AdaptFormer", "lora": "LoRA",
+          "spm": "SPM (ours)", "full": "Full-Tuning", "side": "Side-Tuning", "scratch": "Learn-from-Scratch"}
 
 
 @dataclass(frozen=True)
@@ -128,16 +166,24 @@ class Row:
     label: str
     trainable: int
     lr: float | None
-    scores: list[float]  # target-test mIoU per seed
+    scores: list[float]  # target-test mIoU per seed (NaN: that seed diverged)
     val: dict[str, float] = field(default_factory=dict)  # lr -> target-val mIoU of seed 0 (the sweep)
 
     @property
+    def finished(self) -> list[float]:
+        return [s for s in self.scores if not math.isnan(s)]
+
+    @property
+    def diverged(self) -> int:
+        return len(self.scores) - len(self.finished)
+
+    @property
     def mean(self) -> float:
-        return statistics.fmean(self.scores)
+        return statistics.fmean(self.finished) if self.finished else math.nan
 
     @property
     def std(self) -> float:
-        return statistics.stdev(self.scores) if len(self.scores) > 1 else 0.0
+        return statistics.stdev(self.finished) if len(self.finished) > 1 else 0.0
 
 
 # ------------------------------------------------------------------------------------ the protocol
@@ -164,23 +210,24 @@ def _size_overrides(scale: Scale) -> list[str]:
             f"data.train.crop_size=[{scale.crop},{scale.crop}]", f"data.test.scale=[{scale.image},{scale.image}]"]
 
 
-def pretrain_job(source: Path, cache_root: Path, scale: Scale, extra: list[str]) -> tuple[Job, Path]:
+def pretrain_job(backbone: Backbone, source: Path, cache_root: Path, scale: Scale,
+                 extra: list[str]) -> tuple[Job, Path]:
     over = [f"data.root={source}", *_size_overrides(scale), f"schedule.iters={scale.pretrain_iters}",
             f"checkpoint.interval={scale.pretrain_iters}", *extra]
-    cfg = load_recipe(RECIPES / "pretrain_source.yaml", over)
+    cfg = load_recipe(RECIPES / backbone.pretrain, over)
     cache = cache_root / f"source-{_hash([dump_recipe(cfg), source.name])}"
-    return Job("pretrain", str(RECIPES / "pretrain_source.yaml"), over, str(cache / "run"),
+    return Job("pretrain", str(RECIPES / backbone.pretrain), over, str(cache / "run"),
                threads=max(os.cpu_count() or 1, 1), test=False), cache
 
 
-def method_overrides(method: str, target: Path, weights: Path, scale: Scale, lr: float, seed: int,
-                     extra: list[str]) -> list[str]:
+def method_overrides(backbone: Backbone, method: str, target: Path, weights: Path, scale: Scale, lr: float,
+                     seed: int, extra: list[str]) -> list[str]:
     if method.startswith("only-"):  # control: full tuning of one backbone part (+ the head)
         part = method[len("only-"):]
-        frozen = ",".join(f"backbone.{p}" for p in STAGES if p != part)
+        frozen = ",".join(f"backbone.{p}" for name, paths in backbone.parts.items() if name != part for p in paths)
         tuning = ["tuning.name=partial", f"tuning.frozen=[{frozen}]", "tuning.bn_eval=true"]
     else:
-        tuning = [f"tuning.name={method.split(':')[0]}", *METHODS[method]]  # 'spm:variant' is spm
+        tuning = [f"tuning.name={method.split(':')[0]}", *backbone.methods[method]]  # 'spm:variant' is spm
     # no DataLoader workers: two runs side by side, each with its own loader processes, oversubscribe
     # two cores (measured 3x slower); a 64-pixel batch is augmented in the training process in ~1 ms
     return [f"data.root={target}", f"model.pretrained={weights}", *_size_overrides(scale),
@@ -206,6 +253,7 @@ def run_job(job: Job) -> RunResult:
             saved = os.dup(1), os.dup(2)
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
+            diverged = None
             try:
                 run = train(job.recipe, job.overrides, out=out, resume="auto")
                 # training ends by evaluating its last checkpoint on the val split (eval.json)
@@ -214,10 +262,13 @@ def run_job(job: Job) -> RunResult:
                 diag = {k: v for k, v in result.items() if k.endswith("_interim_mIoU")}
                 if job.test:
                     scores["test"] = evaluate_checkpoint(run, checkpoint="last", split="test")[1]["mIoU"]
+            except DivergedError as e:  # a rate of the sweep that diverges is a result, not a crash
+                diverged, diag = str(e), {}
+                scores = {"val": None, **({"test": None} if job.test else {})}
             finally:
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
-        atomic_write_json(out / "scores.json", {"scores": scores, "interim": diag,
+        atomic_write_json(out / "scores.json", {"scores": scores, "interim": diag, "diverged": diverged,
                                                 "seconds": time.perf_counter() - start})
     saved_scores = json.loads((out / "scores.json").read_text())
     cfg = load_recipe(out / "config.yaml")
@@ -226,7 +277,8 @@ def run_job(job: Job) -> RunResult:
     last = [r for r in records if "loss" in r]
     if last:
         diagnostics.update({k: v for k, v in last[-1].items() if k.startswith("spm") and "interim" not in k})
-    return RunResult(job.key, str(out), saved_scores["scores"], breakdown(cfg, cfg.data.num_classes or 0, "all").trainable,
+    scores = {k: math.nan if v is None else v for k, v in saved_scores["scores"].items()}  # None: diverged
+    return RunResult(job.key, str(out), scores, breakdown(cfg, cfg.data.num_classes or 0, "all").trainable,
                      saved_scores["seconds"], diagnostics)
 
 
@@ -247,7 +299,21 @@ def _run_all(jobs: list[Job], workers: int, progress: Callable[[RunResult], None
         return results
 
 
-def run_demo(out: Path, methods: list[str] = DEFAULT_METHODS, *, scale: str | Scale = "quick",
+def check_methods(backbone: str, methods: list[str] | None) -> list[str]:
+    """The methods to run (``None``: all of the backbone's); a user error names what is wrong."""
+    if backbone not in BACKBONES:
+        raise SegpromptError(f"--backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    methods = list(DEFAULT_METHODS[backbone] if methods is None else methods)
+    unknown = [m for m in methods if m not in BACKBONES[backbone].methods]
+    if unknown:
+        raise SegpromptError(f"--methods: {unknown} not among the {backbone} demo's "
+                             f"{', '.join(BACKBONES[backbone].methods)}")
+    if "head" not in methods or "full" not in methods:
+        raise SegpromptError("--methods must include head and full: 'gap recovered' is measured between them")
+    return methods
+
+
+def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "resnet", scale: str | Scale = "quick",
              seeds: int | None = None, data_root: Path = Path("data/demo"),
              cache_root: Path = Path("results/demo/cache"), seed: int = 0, workers: int | None = None,
              controls: bool = True, pretrain_overrides: list[str] = (), adapt_overrides: list[str] = (),
@@ -258,15 +324,12 @@ def run_demo(out: Path, methods: list[str] = DEFAULT_METHODS, *, scale: str | Sc
         if seeds < 1:
             raise SegpromptError(f"--seeds must be >= 1, got {seeds}")
         sc = replace(sc, seeds=seeds)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SegpromptError(f"--methods: {unknown} not among {', '.join(METHODS)}")
-    if "head" not in methods or "full" not in methods:
-        raise SegpromptError("--methods must include head and full: 'gap recovered' is measured between them")
+    methods = check_methods(backbone, methods)
+    bb = BACKBONES[backbone]
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
     source, target = prepare_domains(data_root, sc, seed)
-    job, cache = pretrain_job(source, cache_root, sc, list(pretrain_overrides))
+    job, cache = pretrain_job(bb, source, cache_root, sc, list(pretrain_overrides))
     progress(f"source pretraining ({sc.pretrain_iters} iterations; cached in {cache})")
     pre = _run_all([job], 1, lambda r: None)["pretrain"]
     weights = _extract_backbone(Path(pre.run), cache)
@@ -275,10 +338,12 @@ def run_demo(out: Path, methods: list[str] = DEFAULT_METHODS, *, scale: str | Sc
     extra = list(adapt_overrides)
 
     def job(m: str, lr: float, s: int) -> Job:
-        return Job(f"{m}/lr{lr:g}/seed{s}", str(RECIPES / "adapt_target.yaml"),
-                   method_overrides(m, target, weights, sc, lr, s, extra), str(out / "runs" / m / f"lr{lr:g}-seed{s}"))
+        return Job(f"{m}/lr{lr:g}/seed{s}", str(RECIPES / bb.adapt), method_overrides(bb, m, target, weights, sc, lr, s, extra),
+                   str(out / "runs" / m / f"lr{lr:g}-seed{s}"))
 
-    sweep = [job(m, lr, 0) for m in methods for lr in sc.lrs]
+    lrs = [float(f"{lr * bb.lr_scale:.3g}") for lr in sc.lrs]
+    parts = list(bb.parts) if controls else []
+    sweep = [job(m, lr, 0) for m in methods for lr in lrs]
     done = [0]
 
     def tick(total: int) -> Callable[[RunResult], None]:
@@ -288,30 +353,43 @@ def run_demo(out: Path, methods: list[str] = DEFAULT_METHODS, *, scale: str | Sc
                      f"test {r.scores.get('test', float('nan')):.2f}  ({r.seconds:.0f} s)")
         return f
 
-    n_total = len(sweep) + len(methods) * (sc.seeds - 1) + (len(STAGES) if controls else 0)
+    n_total = len(sweep) + len(methods) * (sc.seeds - 1) + len(parts)
     results = _run_all(sweep, workers, tick(n_total))
-    chosen = {m: max(sc.lrs, key=lambda lr: (results[f"{m}/lr{lr:g}/seed0"].scores["val"], -lr)) for m in methods}
+    chosen = {m: max(lrs, key=lambda lr: (_finite(results[f"{m}/lr{lr:g}/seed0"].scores["val"]), -lr))
+              for m in methods}
     second = [job(m, chosen[m], s) for m in methods for s in range(1, sc.seeds)]
-    if controls:
-        second += [job(f"only-{p}", chosen["full"], 0) for p in STAGES]
+    second += [job(f"only-{p}", chosen["full"], 0) for p in parts]
     results.update(_run_all(second, workers, tick(n_total)))
 
     rows = []
-    for m in [*methods, *([f"only-{p}" for p in STAGES] if controls else [])]:
+    for m in [*methods, *(f"only-{p}" for p in parts)]:
         lr = chosen.get(m, chosen["full"])
         runs = [results[k] for k in results if k.startswith(f"{m}/lr{lr:g}/seed")]
         label = LABELS.get(m, f"control: {m[len('only-'):]} only" if m.startswith("only-") else m)
         rows.append(Row(m, label, runs[0].trainable, lr, [r.scores["test"] for r in runs],
-                        {f"{x:g}": results[f"{m}/lr{x:g}/seed0"].scores["val"] for x in sc.lrs
+                        {f"{x:g}": results[f"{m}/lr{x:g}/seed0"].scores["val"] for x in lrs
                          if f"{m}/lr{x:g}/seed0" in results}))
     zero = _zero_shot(Path(pre.run), source, target)
     spm_run = results.get(f"spm/lr{chosen.get('spm', 0):g}/seed0")
     spm_diag = spm_run.diagnostics if spm_run else {}
-    report = {"scale": asdict(sc), "workers": workers, "source_val_mIoU": pre.scores["val"], "zero_shot": zero,
-              "rows": [dict(asdict(r), mean=r.mean, std=r.std) for r in rows], "spm_diagnostics": spm_diag,
+    # a rate chosen at an end of the grid may be short of the method's best: said, not hidden
+    edge = {m: lr for m, lr in chosen.items() if len(lrs) > 1 and lr in (lrs[0], lrs[-1])}
+    report = {"backbone": backbone, "scale": asdict(sc), "lrs": lrs, "edge_of_grid": edge, "workers": workers, "source_val_mIoU": pre.scores["val"], "zero_shot": zero,
+              "rows": [_row_json(r) for r in rows], "spm_diagnostics": spm_diag,
               "verdict": verdict(rows), "seconds": time.perf_counter() - t0}
     write_report(out, report, rows)
     return report
+
+
+def _row_json(r: Row) -> dict:
+    """A row for demo.json: a diverged seed is null (JSON has no NaN)."""
+    nan_to_none = lambda x: None if math.isnan(x) else x  # noqa: E731
+    return dict(asdict(r), scores=[nan_to_none(x) for x in r.scores], val={k: nan_to_none(v) for k, v in r.val.items()},
+                mean=nan_to_none(r.mean), std=r.std, diverged=r.diverged)
+
+
+def _finite(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
 
 
 def _extract_backbone(run: Path, cache: Path) -> Path:
@@ -361,6 +439,8 @@ def verdict(rows: list[Row]) -> str:
     head, full = by["head"], by["full"]
     gap = full.mean - head.mean
     noise = max(head.std, full.std)
+    if math.isnan(gap):
+        return "Head or full tuning diverged at every seed: the table has no gap to measure against."
     if gap <= noise:
         return (f"The benchmark does not separate the methods: full tuning ({full.mean:.1f}) is not above head "
                 f"tuning ({head.mean:.1f}) by more than the seeds' spread ({noise:.1f}).")
@@ -407,10 +487,20 @@ def table_lines(report: dict, rows: list[Row]) -> tuple[list[str], list[list[str
                   "n/a (new classes)" if zero is None else f"{zero:.2f}", "-"])
     for r in rows:
         rec = gap_recovered(r, head, full)
+        score = ("diverged" if not r.finished else
+                 f"{r.mean:.2f} ± {r.std:.2f}" if len(r.finished) > 1 else f"{r.mean:.2f} (1 seed)")
+        if r.diverged and r.finished:
+            score += f" ({r.diverged} of {len(r.scores)} seeds diverged)"
         lines.append([r.label, f"{r.trainable:,}", f"{100 * r.trainable / full.trainable:.1f} %", f"{r.lr:g}",
-                      f"{r.mean:.2f} ± {r.std:.2f}" if len(r.scores) > 1 else f"{r.mean:.2f} (1 seed)",
-                      "-" if math.isnan(rec) else f"{100 * rec:.0f} %"])
+                      score, "-" if math.isnan(rec) else f"{100 * rec:.0f} %"])
     return cols, lines
+
+
+def edge_note(report: dict) -> str:
+    grid = ", ".join(f"{x:g}" for x in report["lrs"])
+    return ("Chosen at an end of the learning-rate grid (" + grid + "): "
+            + ", ".join(f"{LABELS.get(m, m)} {lr:g}" for m, lr in report["edge_of_grid"].items())
+            + "; a wider grid could move these rows.")
 
 
 def write_report(out: Path, report: dict, rows: list[Row]) -> None:
@@ -430,6 +520,8 @@ def write_report(out: Path, report: dict, rows: list[Row]) -> None:
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(line) + " |" for line in lines]
     md += ["", f"**Verdict:** {report['verdict']}", ""]
+    if report.get("edge_of_grid"):
+        md += [edge_note(report), ""]
     atomic_write_text(out / "demo.md", "\n".join(md))
     atomic_write_json(out / "demo.json", report)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -449,4 +541,7 @@ def write_report(out: Path, report: dict, rows: list[Row]) -> None:
 
 def rows_from_report(report: dict) -> list[Row]:
     keep = {f for f in Row.__dataclass_fields__}
-    return [Row(**{k: v for k, v in r.items() if k in keep}) for r in report["rows"]]
+    none_to_nan = lambda x: math.nan if x is None else x  # noqa: E731
+    return [Row(**{k: v for k, v in r.items() if k in keep} | {"scores": [none_to_nan(x) for x in r["scores"]],
+                                                               "val": {k: none_to_nan(v) for k, v in r["val"].items()}})
+            for r in report["rows"]]

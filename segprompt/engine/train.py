@@ -39,7 +39,7 @@ from segprompt.engine.optim import build_optimizer, build_scheduler
 from segprompt.engine.progress import progress_bar
 from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST, MetricsLog, default_run_dir, environment,
                                      find_latest_run, new_run_dir, setup_logging, write_run_files)
-from segprompt.errors import SegpromptError
+from segprompt.errors import DivergedError, SegpromptError
 from segprompt.io import atomic_write_json
 from segprompt.models.text_guidance import deploy_text, has_learned_text
 
@@ -246,7 +246,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
                 last = run_dir / CKPT_DIR / LAST
                 metrics_log.write(event="non_finite_loss", iter=step + 1,
                                   **{n: float(v) for n, v in zip(["loss", *parts], values.tolist())})
-                raise SegpromptError(
+                raise DivergedError(
                     f"non-finite loss at iteration {step + 1} ({', '.join(f'{n}={v:.4g}' for n, v in zip(['loss', *parts], values.tolist()))}); "
                     f"training stopped without saving. The last good checkpoint is "
                     + (f"'{last}' (iteration {ckpt.load_checkpoint(last)['iteration']})" if last.is_file() else "none")

@@ -15,7 +15,8 @@ from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
 
 class PartialTuning(TuningMethod):
-    """``frozen`` lists module paths of the model (e.g. ``backbone.stdc``); each is frozen."""
+    """``frozen`` lists module paths of the model (e.g. ``backbone.stdc``), or paths of parameters
+    that belong to no sub-module (e.g. ``backbone.pos_embed``); each is frozen."""
 
     def __init__(self, frozen: list[str], bn_eval: bool = False):
         if not frozen:
@@ -26,9 +27,13 @@ class PartialTuning(TuningMethod):
 
     def apply(self, model: nn.Module, ctx: TuningContext) -> None:
         modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
         for path in self.frozen:
+            if path in params and path not in modules:  # a bare parameter, e.g. a ViT's backbone.pos_embed
+                params[path].requires_grad_(False)
+                continue
             if path not in modules:
                 near = sorted(n for n in modules if n and n.count(".") <= path.count(".") + 1)[:12]
-                raise SegpromptError(f"tuning.frozen: the model has no module '{path}'; "
+                raise SegpromptError(f"tuning.frozen: the model has no module or parameter '{path}'; "
                                      f"modules near the top: {', '.join(near)}")
             freeze(modules[path], self.bn_eval)
