@@ -37,12 +37,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
-from segprompt.config import dump_recipe, load_recipe
+from segprompt.config import dump_recipe, load_recipe, shipped_recipes
 from segprompt.data.synthetic import generate_synthetic
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_json, atomic_write_text
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 
 # method -> overrides for the small model (the SPM narrower than the paper's C = 256, its groups
 # scaled with C; SPM parameters at lr x10, as the paper's ViT recipes and our ResNet recipes do)
@@ -167,9 +165,10 @@ def _size_overrides(scale: Scale) -> list[str]:
 def pretrain_job(source: Path, cache_root: Path, scale: Scale, extra: list[str]) -> tuple[Job, Path]:
     over = [f"data.root={source}", *_size_overrides(scale), f"schedule.iters={scale.pretrain_iters}",
             f"checkpoint.interval={scale.pretrain_iters}", *extra]
-    cfg = load_recipe(RECIPES / "pretrain_source.yaml", over)
+    recipe = shipped_recipes() / "demo" / "pretrain_source.yaml"
+    cfg = load_recipe(recipe, over)
     cache = cache_root / f"source-{_hash([dump_recipe(cfg), source.name])}"
-    return Job("pretrain", str(RECIPES / "pretrain_source.yaml"), over, str(cache / "run"),
+    return Job("pretrain", str(recipe), over, str(cache / "run"),
                threads=max(os.cpu_count() or 1, 1), test=False), cache
 
 
@@ -275,7 +274,7 @@ def run_demo(out: Path, methods: list[str] = DEFAULT_METHODS, *, scale: str | Sc
     extra = list(adapt_overrides)
 
     def job(m: str, lr: float, s: int) -> Job:
-        return Job(f"{m}/lr{lr:g}/seed{s}", str(RECIPES / "adapt_target.yaml"),
+        return Job(f"{m}/lr{lr:g}/seed{s}", str(shipped_recipes() / "demo" / "adapt_target.yaml"),
                    method_overrides(m, target, weights, sc, lr, s, extra), str(out / "runs" / m / f"lr{lr:g}-seed{s}"))
 
     sweep = [job(m, lr, 0) for m in methods for lr in sc.lrs]
