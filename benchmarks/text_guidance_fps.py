@@ -3,7 +3,7 @@ plain STDC1-Seg baseline, timed alternately in one run (`segprompt bench RECIPE 
 
 The CLIP-distilled STDC-Seg paper's goal is a text model at >= 0.97x the baseline's FPS; it reports
 245.3 / 250.4 = 0.980 on Cityscapes (512x1024) and 196.8 / 197.6 = 0.996 on CamVid (720x960), with
-TensorRT FP32 on a GTX 1080Ti (Tables 1-2; ``shared/reference/clip_stdc.md`` §10). This script runs
+TensorRT FP32 on a GTX 1080Ti (Tables 1-2; ``docs/measurement.md``, "Speed"). This script runs
 the same comparison in PyTorch on whatever device is here (random weights, batch 1) and prints
 both FPS and the ratio. It is a measurement, not a test: the ratio is printed, never asserted.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ADE20K SceneParsing, 150 classes (shared/reference/datasets.md §3).
+# ADE20K SceneParsing, 150 classes (docs/datasets.md, "ADE20K").
 #
 # Where: http://sceneparsing.csail.mit.edu/ — the file is
 #   http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip (segprompt never downloads).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CamVid, 11 classes (shared/reference/datasets.md §2). Two public layouts; pick one explicitly.
+# CamVid, 11 classes (docs/datasets.md, "CamVid"). Two public layouts; pick one explicitly.
 #
 # --layout rgb720 (default): 960x720 frames, 32-class RGB colour labels <frame>_L.png, split 367/101/233.
 #   Where: https://www.kaggle.com/datasets/carlolepelaars/camvid

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CHASE-DB1, background / vessel (shared/reference/datasets.md §5).
+# CHASE-DB1, background / vessel (docs/datasets.md, "CHASE-DB1 and STARE").
 #
 # Where: https://blogs.kingston.ac.uk/retinal/chasedb1/ (segprompt never downloads).
 # Archive: CHASEDB1.zip, flat: Image_01L.jpg ... Image_14R.jpg (999x960), each with _1stHO.png and

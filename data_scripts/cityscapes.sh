@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cityscapes, 19 classes (shared/reference/datasets.md §1).
+# Cityscapes, 19 classes (docs/datasets.md, "Cityscapes").
 #
 # Where: https://www.cityscapes-dataset.com/downloads/ (free account; segprompt never downloads).
 # Put these two official archives, unrenamed and unextracted, in $SRC:

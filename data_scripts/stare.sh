@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# STARE, background / vessel (shared/reference/datasets.md §6).
+# STARE, background / vessel (docs/datasets.md, "CHASE-DB1 and STARE").
 #
 # Where: https://cecas.clemson.edu/~ahoover/stare/probing/index.html (segprompt never downloads).
 # Archives (their members are gzipped .ppm.gz files, read as they are):

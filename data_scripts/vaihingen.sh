@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ISPRS Vaihingen, 6 classes incl. clutter (shared/reference/datasets.md §4).
+# ISPRS Vaihingen, 6 classes incl. clutter (docs/datasets.md, "ISPRS Vaihingen").
 #
 # Where: https://www.isprs.org/education/benchmarks/UrbanSemLab/2d-sem-label-vaihingen.aspx
 #   (ISPRS 2D semantic labeling benchmark; the files are sent on request via the data request form).

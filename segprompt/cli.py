@@ -117,7 +117,8 @@ def prepare(
 
 @app.command("train")
 def train_cmd(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe.")],
+    recipe: Annotated[Path, typer.Argument(help="A recipe file, or the name of a shipped recipe (e.g. smoke, "
+                                                "spm/ade20k_r101_spm; docs/recipes.md).")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE (YAML scalar); repeatable.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default results/<recipe>/<timestamp>/).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto' (latest run of the recipe, or --out) or a checkpoint/run path.")] = None,
@@ -328,7 +329,6 @@ def ablate(
     paper: Annotated[str, typer.Option(help="spm | stdc.")] = "spm",
     list_: Annotated[bool, typer.Option("--list", help="List every table and figure of both papers.")] = False,
     plan: Annotated[bool, typer.Option("--plan", help="Print the runs, their state and exact commands; run nothing.")] = False,
-    run: Annotated[bool, typer.Option("--run", help="Launch the missing or interrupted runs, then collect (the default).")] = False,
     collect: Annotated[bool, typer.Option("--collect", help="Only read the run directories and print/export the table.")] = False,
     scale: Annotated[str, typer.Option(help="full | smoke (synthetic data, tiny schedules, minutes on a CPU).")] = "full",
     rows: Annotated[Optional[str], typer.Option(help="Comma-separated row names to keep, e.g. '1,1-2'.")] = None,
@@ -344,14 +344,15 @@ def ablate(
     data: Annotated[Path, typer.Option(help="smoke: where the synthetic stand-in datasets go.")] = Path("data"),
     verbose: Annotated[bool, typer.Option(help="local: show each run's training output (default: in _logs/).")] = False,
 ) -> None:
-    """Reproduce a paper's table: plan its runs, launch the missing ones, collect ours beside the paper's."""
+    """Reproduce a paper's table: launch its missing or interrupted runs, then collect ours beside the
+    paper's (--plan only prints the runs, --collect only reads them)."""
     from segprompt.engine import ablate as ab
 
     if list_:
         _list_tables()
         return
-    if sum((plan, run, collect)) > 1:
-        raise SegpromptError("give one of --plan, --run, --collect (none = --run, which collects after)")
+    if plan and collect:
+        raise SegpromptError("give --plan or --collect, not both (neither: run the missing runs, then collect)")
     chosen_rows = [r.strip() for r in rows.split(",") if r.strip()] if rows else None
     failures = []
     for t in ab.select_tables(paper, table, figure):
@@ -382,7 +383,8 @@ def ablate(
 def _list_tables() -> None:
     from rich.table import Table
 
-    from segprompt.tables import RECIPES_DIR, all_tables
+    from segprompt.config import shipped_name
+    from segprompt.tables import all_tables
 
     out = Table(title="Tables and figures of both papers (recipes/tables/); select with --paper P --table N / --figure N")
     for col in ("paper", "kind", "N", "title", "rows x cols", "recipes"):
@@ -390,7 +392,7 @@ def _list_tables() -> None:
     for t in all_tables():
         recipes = {str(t.cell(r, c)[0]) for r in t.rows for c in t.columns if c.kind in ("metric", "bench", "params")
                    and (c.recipe or r.recipe) and c.name not in r.skip}
-        missing = sorted(str(p.relative_to(RECIPES_DIR)) for p in map(Path, recipes) if not p.is_file())
+        missing = sorted(shipped_name(p) or p for p in recipes if not Path(p).is_file())
         out.add_row(t.paper, t.kind, t.table, t.title, f"{len(t.rows)} x {len(t.columns)}",
                     f"[red]{len(missing)} of {len(recipes)} missing[/]" if missing else f"{len(recipes)} present")
     console.print(out)

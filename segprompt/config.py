@@ -1,10 +1,14 @@
 """YAML recipes: `base:` inheritance, `--set` overrides and strict, typed validation.
 
 A recipe is a YAML mapping with the sections of :class:`Recipe`. ``base:`` names one file or a
-list of files (relative to the recipe) whose contents are merged first, later ones winning; the
-recipe itself wins over its bases. Mappings merge key by key and lists are replaced whole. A
-mapping that names a component (a ``name:`` key) is replaced whole when the name changes, so a
-recipe can swap ``model.backbone`` without inheriting the old backbone's options.
+list of files (relative to the recipe, else shipped recipes) whose contents are merged first,
+later ones winning; the recipe itself wins over its bases. Mappings merge key by key and lists
+are replaced whole. A mapping that names a component (a ``name:`` key) is replaced whole when the
+name changes, so a recipe can swap ``model.backbone`` without inheriting the old backbone's options.
+
+Recipes name files the way :func:`resolve_recipe` says (docs/recipes.md): an existing file is
+that file; otherwise a name such as ``smoke`` or ``spm/ade20k_r101_spm`` is the recipe shipped with
+segprompt (the repository's ``recipes/`` folder, installed as ``segprompt.recipes``).
 
 Validation is strict: an unknown key is an error naming the file that set it, the key path and
 the closest valid key; a wrong type names the key and the expected type. Components
@@ -22,6 +26,7 @@ import copy
 import dataclasses
 import re
 import difflib
+import importlib.resources
 import inspect
 import types
 import typing
@@ -187,6 +192,67 @@ class Recipe:
 
 
 # ----------------------------------------------------------------------------------------------
+# Shipped recipes and how a recipe name resolves (docs/recipes.md)
+
+
+def shipped_recipes() -> Path:
+    """The folder of the recipes that ship with segprompt: the repository's top-level ``recipes/``,
+    installed as the package ``segprompt.recipes`` (an editable install maps it to the checkout)."""
+    root = importlib.resources.files("segprompt.recipes")
+    if not isinstance(root, Path):
+        raise SegpromptError(f"segprompt's shipped recipes are inside an archive ({root}); install segprompt "
+                             f"with pip so that its files lie on disk")
+    return root
+
+
+def shipped_name(path: str | Path) -> str | None:
+    """``path`` as a shipped recipe name (``spm/ade20k_r101_spm.yaml``), or None outside them."""
+    try:
+        return Path(path).resolve().relative_to(shipped_recipes().resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def _shipped_candidate(name: str | Path) -> Path | None:
+    """The shipped recipe a bare name means: ``.yaml`` optional, a leading ``recipes/`` ignored."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        return None
+    if rel.parts[0] == "recipes" and len(rel.parts) > 1:
+        rel = Path(*rel.parts[1:])
+    root = shipped_recipes()
+    for cand in (root / rel, root / rel.with_name(rel.name + ".yaml")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _closest_shipped(name: str | Path) -> str:
+    root = shipped_recipes()
+    names = [p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")
+             if "tables" not in p.relative_to(root).parts]
+    key = Path(name).as_posix().removeprefix("recipes/").removesuffix(".yaml")
+    m = difflib.get_close_matches(key, names, n=1)
+    return f"Did you mean '{m[0]}'? " if m else ""
+
+
+def resolve_recipe(name: str | Path, folder: Path | None = None) -> Path:
+    """The recipe file ``name`` means: an existing file (relative to ``folder`` for a ``base:``,
+    else to the working directory) is that file; otherwise ``name`` is a shipped recipe, ``.yaml``
+    optional and a leading ``recipes/`` ignored (``smoke``, ``spm/ade20k_r101_spm``)."""
+    local = Path(folder, name) if folder is not None else Path(name)
+    if local.is_file():
+        return local
+    shipped = _shipped_candidate(name)
+    if shipped is not None:
+        return shipped
+    what = "is a folder, not a recipe file" if local.is_dir() else "does not exist"
+    raise SegpromptError(f"recipe '{local}' {what}, and '{name}' is not a shipped recipe (those are under "
+                         f"{shipped_recipes()}). {_closest_shipped(name)}Give a recipe file, or the name of a "
+                         f"shipped one such as smoke or spm/ade20k_r101_spm")
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading and merging
 
 
@@ -272,7 +338,11 @@ def _load_tree(path: Path, src: _Source, stack: tuple[Path, ...] = ()) -> dict:
         raise SegpromptError(f"{path}: 'base' must be a file name or a list of file names")
     merged: dict = {}
     for b in bases:
-        merged = _merge(merged, _load_tree((path.parent / b), src, (*stack, path)))
+        try:
+            base = resolve_recipe(b, folder=path.parent)
+        except SegpromptError as e:
+            raise SegpromptError(f"{path}: base '{b}': {e}") from None
+        merged = _merge(merged, _load_tree(base, src, (*stack, path)))
     root = src.origin.get("")
     _record(src, d, "", str(path))
     src.origin[""] = root or str(path)
@@ -322,7 +392,7 @@ def _list_index(node: list, k: str, keys: list[str], item: str) -> int:
 
 def resolve_tree(path: str | Path, overrides: list[str] = ()) -> tuple[dict, _Source]:
     src = _Source({"": "<defaults>"})
-    tree = _merge(Recipe().to_dict(), _load_tree(Path(path), src))
+    tree = _merge(Recipe().to_dict(), _load_tree(resolve_recipe(path), src))
     for item in overrides:
         keys, value = parse_override(item)
         _apply_override(tree, keys, value, item)
@@ -343,12 +413,6 @@ def load_yaml_as(path: str | Path, tp: type) -> Any:
     tree = _read_yaml(Path(path))
     _record(src, tree, "", str(path))
     return _check(tree, tp, "", src)
-
-
-def recipe_from_dict(d: dict, where: str = "<config>") -> Recipe:
-    src = _Source({"": where})
-    _record(src, d, "", where)
-    return validate(copy.deepcopy(d), src)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,6 +1,6 @@
-"""The papers' tables as data (``recipes/tables/*.yaml``): rows, columns, the recipe behind each
-cell and the published values. ``count-params`` compares the parameter columns; ``ablate`` runs
-and collects the metric columns.
+"""The papers' tables as data (``recipes/tables/*.yaml``, shipped with the recipes): rows, columns,
+the recipe behind each cell (relative to the shipped recipes) and the published values.
+``count-params`` compares the parameter columns; ``ablate`` runs and collects the metric columns.
 
 A cell's recipe is the column's ``recipe`` (a template where ``{key}`` is the row's key) or else
 the row's; its overrides are the row's ``set`` then the column's. Paper values are numbers, or
@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segprompt.config import load_yaml_as
+from segprompt.config import load_yaml_as, shipped_recipes
 from segprompt.errors import SegpromptError
 
-TABLES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "tables"
-RECIPES_DIR = TABLES_DIR.parent
 KINDS = ("params", "metric", "bench", "gain")  # what a column shows (see the module docstring)
 
 
@@ -112,12 +110,12 @@ class Table:
         template = col.recipe or row.recipe
         if template is None:
             raise SegpromptError(f"{self.path}: row '{row.name}' column '{col.name}' names no recipe")
-        return RECIPES_DIR / template.format(key=row.key), [*row.set, *col.set]
+        return shipped_recipes() / template.format(key=row.key), [*row.set, *col.set]
 
     def cells(self, row: Row, col: Column) -> list[tuple[Path, list[str]]]:
         """Every recipe behind a cell: the ones a column averages over, else :meth:`cell`'s."""
         if col.average:
-            return [(RECIPES_DIR / t.format(key=row.key), [*row.set, *col.set]) for t in col.average]
+            return [(shipped_recipes() / t.format(key=row.key), [*row.set, *col.set]) for t in col.average]
         return [self.cell(row, col)]
 
     def metric(self, row: Row, col: Column) -> str | None:
@@ -155,5 +153,10 @@ def load_table(path: Path) -> Table:
     return table
 
 
+def tables_dir() -> Path:
+    """The shipped tables: ``tables/`` among the shipped recipes."""
+    return shipped_recipes() / "tables"
+
+
 def all_tables() -> list[Table]:
-    return [load_table(p) for p in sorted(TABLES_DIR.glob("*.yaml"))]
+    return [load_table(p) for p in sorted(tables_dir().glob("*.yaml"))]

@@ -63,6 +63,15 @@ def write_recipe(path: Path, root: Path, **sections) -> Path:
     return path
 
 
+def recipe_from_dict(d: dict, folder: Path):
+    """``d`` loaded and validated as a recipe, the way the CLI reads one (from ``folder/recipe.yaml``)."""
+    from segprompt.config import load_recipe
+
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return load_recipe(path)
+
+
 @pytest.fixture()
 def recipe(tmp_path, synthetic_root) -> Path:
     return write_recipe(tmp_path / "tiny.yaml", synthetic_root)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, write_recipe
-from segprompt.config import dump_recipe, load_recipe
+from segprompt.config import dump_recipe, load_recipe, shipped_name, shipped_recipes
 from segprompt.engine import ablate as ab
 from segprompt.errors import SegpromptError
 from segprompt.tables import load_table
@@ -66,6 +66,19 @@ def test_config_hash_follows_the_resolved_config(tmp_path, synthetic_root):
     assert ab.config_hash(load_recipe(a, ["runtime.num_workers=3", "runtime.log_interval=5"])) == h
     # a run initialised from another run is a different run
     assert ab.config_hash(load_recipe(a), load_from="abc") != h
+
+
+def test_plan_commands_name_shipped_recipes_and_relative_run_dirs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout: the commands must still run from here
+    t, = ab.select_tables("spm", table="4")
+    plan = ab.build_plan(t, rows=["1"])
+    _, commands = ab.render_plan(plan)
+    run = plan.runs[0]
+    cmd = ab.command(run)
+    assert cmd[:3] == ["segprompt", "train", shipped_name(run.recipe)] and cmd[2].startswith("spm/")
+    assert cmd[cmd.index("--out") + 1] == str(Path("results/ablate/spm_table4") / run.dir.name)
+    assert all(str(shipped_recipes()) not in c for c in commands)  # no absolute checkout or site-packages path
+    assert load_recipe(cmd[2], run.overrides) == run.cfg  # the printed name resolves to the planned recipe
 
 
 def test_plan_names_runs_by_hash_and_prints_commands(table, tmp_path):
@@ -253,6 +266,7 @@ def test_missing_recipe_is_planned_but_never_run(tmp_path, synthetic_root):
     assert col.cells[("later", "mIoU")].status == "recipe missing"
 
 
+@pytest.mark.slow
 def test_slurm_path_through_submitit_local_executor(table, tmp_path):
     plan = ab.build_plan(table, root=tmp_path / "ab", rows=["head"], seeds=1)
     assert ab.command(plan.runs[0])[0] == "segprompt"
@@ -301,6 +315,7 @@ def test_slurm_submission_with_fake_sbatch_and_sacct(tmp_path, synthetic_root, m
     assert len(calls.read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_torchrun_launcher_runs_the_printed_command(table, tmp_path):
     plan = ab.build_plan(table, root=tmp_path / "ab", rows=["head"], seeds=1)
     report = ab.run_plan(plan, launcher="torchrun", gpus=1, echo=lambda m: None)
@@ -312,6 +327,7 @@ def test_torchrun_launcher_runs_the_printed_command(table, tmp_path):
     assert "iter 6/6" in (plan.root / "_logs" / f"{run.dir.name}.log").read_text()  # torchrun's output
 
 
+@pytest.mark.slow
 def test_cli_smoke_table_plan_and_list(tmp_path):
     res = run_cli("ablate", "--table", "4", "--scale", "smoke", "--rows", "1", "--seeds", "2",
                   "--results", str(tmp_path / "ab"), "--out", str(tmp_path / "tables"), "--data", str(tmp_path / "data"),

@@ -1,6 +1,7 @@
 """Backbones (ResNetV1c, ViT), heads (PSP, SETR-UP), VPT and AdaptFormer.
 
-The counts are those of ``shared/reference/spm.md`` §5-6, built full size on the meta device.
+The counts are those of ``docs/spm.md`` ("Backbones and heads as the paper counts them", "Baselines"),
+built full size on the meta device.
 ResNet-side tables count conv/linear weights and biases (no BatchNorm); ViT-side ones count
 everything but BatchNorm (LayerNorm, cls token, position embedding). Checkpoint tests save random
 weights in each supported naming and check that they load back exactly.
@@ -15,7 +16,7 @@ import torchvision
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from segprompt.config import recipe_from_dict
+from conftest import recipe_from_dict
 from segprompt.data.meta import DatasetMeta
 from segprompt.engine.build import apply_tuning, build_segmentor
 from segprompt.errors import SegpromptError
@@ -68,7 +69,7 @@ def tiny_vit(**kw) -> VisionTransformer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Counts (spm.md §5-6)
+# Counts (docs/spm.md)
 
 
 def test_resnet101_v1c_counts():
@@ -478,7 +479,7 @@ def test_recipe_builds_vit_with_pretrained_weights_and_vpt(tmp_path):
                                 {"name": "psp", "channels": 8, "pool_scales": [1, 2], "in_index": 0}],
                   "pretrained": str(tmp_path / "vit.pth")},
         "tuning": {"name": "vpt", "num_tokens": 2, "bias": True},
-    })
+    }, tmp_path)
     meta = DatasetMeta(name="synthetic", classes=["a", "b", "c"], palette=[[0, 0, 0]] * 3)
     model = build_segmentor(recipe, meta)
     apply_tuning(model, recipe, TuningContext(num_classes=3))
@@ -486,4 +487,4 @@ def test_recipe_builds_vit_with_pretrained_weights_and_vpt(tmp_path):
     assert model.backbone.prompt_tokens.shape == (4, 2, 32)
     assert model.decode_head.norm.normalized_shape == (32,)
     with pytest.raises(SegpromptError, match="unknown key 'model.backbone.out_indice'"):
-        recipe_from_dict({"model": {"backbone": {"name": "vit", "out_indice": [1]}}})
+        recipe_from_dict({"model": {"backbone": {"name": "vit", "out_indice": [1]}}}, tmp_path)

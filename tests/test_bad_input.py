@@ -104,12 +104,14 @@ def test_missing_and_mismatched_pretrained_weights(tmp_path, synthetic_root):
         train(recipe, [f"model.pretrained={wrong}"], out=tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     res = run_cli("train", str(tmp_path / "none.yaml"))
     assert res.returncode == 2
     assert "error:" in res.stderr and "none.yaml' does not exist" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_cli_error_from_a_data_worker_is_clean(data_copy, tmp_path):
     path = _first(data_copy)
     cv2.imwrite(str(path), np.full((64, 64), 9, np.uint8))

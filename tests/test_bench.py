@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, run_cli
 from segprompt.config import dump_recipe, load_recipe
 from segprompt.engine import bench as bench_mod
-from segprompt.engine.bench import BenchOptions, bench_model, model_costs, recipe_costs, run_bench
+from segprompt.engine.bench import BenchOptions, bench_model, model_costs, run_bench
 
 BASELINE = REPO / "recipes/stdc/cityscapes_stdc1_baseline.yaml"
 STAGE2 = REPO / "recipes/stdc/cityscapes_stdc1_stage2.yaml"
@@ -74,6 +74,7 @@ def test_vs_alternates_chunks_and_reports_ratio(monkeypatch):
     assert {c[1] for c in timed[1::2]} == {b["chunk_iterations"]}
 
 
+@pytest.mark.slow
 def test_cli_bench_json_records_every_knob_and_guards_out(tmp_path):
     out = tmp_path / "bench.json"
     res = run_cli("bench", str(BASELINE), *FAST, "--json", "--out", str(out))
@@ -97,6 +98,7 @@ def test_cli_bench_json_records_every_knob_and_guards_out(tmp_path):
     assert res.returncode == 2 and "512by1024" in res.stderr and "HxW" in res.stderr
 
 
+@pytest.mark.slow
 def test_run_directory_gets_bench_json_and_history(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -116,10 +118,11 @@ def test_run_directory_gets_bench_json_and_history(tmp_path):
 def test_recipe_costs_default_size_is_the_papers():
     cfg = load_recipe(REPO / "recipes/stdc/camvid_stdc1_baseline.yaml")
     assert bench_mod.default_size(cfg) == (720, 960)
-    costs = recipe_costs(cfg, keys=("flops_mmcv",))
+    costs = model_costs(bench_model(cfg), bench_mod.default_size(cfg), keys=("flops_mmcv",))
     assert round(costs["flops_mmcv"] / 1e9, 2) == 22.40  # K=11 at 720x960 (the paper's 22.42 is K=19)
 
 
+@pytest.mark.slow
 def test_count_params_json_has_stdc_rows():
     res = run_cli("count-params", "--json")
     assert res.returncode == 0, res.stderr
@@ -137,5 +140,5 @@ def test_count_params_json_has_stdc_rows():
     assert mismatched == {("2", "STDC1-Seg (baseline)", "FLOPs (G)"), ("2", "Ours (stage 1)", "#Params (M)"),
                           ("2", "Ours (stage 1)", "FLOPs (G)"), ("2", "Ours (stage 2)", "#Params (M)"),
                           ("2", "Ours (stage 2)", "FLOPs (G)")}
-    assert all("clip_stdc.md" in got[k]["reason"] for k in mismatched)
+    assert all("docs/stdc_clip.md" in got[k]["reason"] for k in mismatched)
     assert all(r["reason"] is None for k, r in got.items() if k not in mismatched)

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segprompt.config import dump_recipe, load_recipe, recipe_from_dict
+from conftest import recipe_from_dict
+from segprompt.config import dump_recipe, load_recipe, resolve_recipe, shipped_name, shipped_recipes
 from segprompt.errors import SegpromptError
+from segprompt.tables import all_tables
 
 
 def _w(path: Path, d: dict) -> Path:
@@ -139,7 +141,7 @@ def test_not_yaml(tmp_path):
 def test_resolved_config_round_trips(tmp_path):
     p = _w(tmp_path / "r.yaml", {"optimizer": {"param_groups": [{"pattern": "backbone", "lr_mult": 0.1}]}})
     r = load_recipe(p, ["evaluation.crop_size=[32, 32]"])
-    again = recipe_from_dict(yaml.safe_load(dump_recipe(r)))
+    again = recipe_from_dict(yaml.safe_load(dump_recipe(r)), tmp_path)
     assert again == r
 
 
@@ -150,6 +152,53 @@ def test_yaml_12_floats_in_recipes(tmp_path):
 
 
 def test_shipped_recipes_validate():
-    for path in sorted(Path(__file__).resolve().parents[1].rglob("recipes/**/*.yaml")):
-        if "tables" not in path.parts:  # table definitions are validated by tests/test_params.py
-            load_recipe(path)
+    root = shipped_recipes()
+    # table definitions are validated by tests/test_params.py
+    paths = sorted(p for p in root.rglob("*.yaml") if "tables" not in p.relative_to(root).parts)
+    names = {shipped_name(p).removesuffix(".yaml") for p in paths}
+    table1, = (t for t in all_tables() if t.id == "spm_table1")
+    table1_recipes = {shipped_name(table1.cell(r, c)[0]).removesuffix(".yaml")
+                      for r in table1.rows for c in table1.columns if c.kind == "metric"}
+    assert len(paths) > 100 and "smoke" in names
+    assert "spm/ade20k_r101_spm" in table1_recipes and table1_recipes <= names  # every Table 1 recipe ships
+    for path in paths:
+        load_recipe(path)
+
+
+def test_recipe_names_resolve_to_shipped_recipes(tmp_path, monkeypatch):
+    root = shipped_recipes()
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    for name in ("smoke", "smoke.yaml", "recipes/smoke.yaml"):  # .yaml optional, a leading recipes/ dropped
+        assert resolve_recipe(name) == root / "smoke.yaml"
+    assert resolve_recipe("spm/ade20k_r101_spm") == root / "spm" / "ade20k_r101_spm.yaml"
+    shipped = load_recipe("smoke")
+    assert shipped == load_recipe(root / "smoke.yaml") and shipped.schedule.iters == 40
+    # an existing file is that file, even where a shipped recipe has the same name
+    _w(tmp_path / "smoke.yaml", {"schedule": {"iters": 3}})
+    assert resolve_recipe("smoke.yaml") == Path("smoke.yaml") and load_recipe("smoke.yaml").schedule.iters == 3
+    assert load_recipe("smoke").schedule.iters == 40  # no file called 'smoke': the shipped one
+    with pytest.raises(SegpromptError, match=r"recipe 'smok' does not exist.*Did you mean 'smoke'\? Give a recipe file"):
+        load_recipe("smok")
+    with pytest.raises(SegpromptError, match="is a folder, not a recipe file"):
+        load_recipe(tmp_path)
+
+
+def test_base_chains_resolve_among_shipped_recipes_and_from_a_users_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # shipped chain: spm/ade20k_r101_spm_r1 -> ade20k_r101_spm.yaml -> ../_base/{models,datasets,...}
+    r1 = load_recipe("spm/ade20k_r101_spm_r1")
+    assert r1.tuning["name"] == "spm" and r1.tuning["recurrent"] == 1  # r1's own key over its base's 3
+    assert r1.data.dataset == "ade20k" and r1.data.num_classes == 150  # from _base/datasets/ade20k.yaml
+    assert r1.model.decode_head["name"] == "psp"  # from _base/models/psp_r101-d8.yaml
+    # a user's recipe elsewhere builds on a shipped one by name
+    (tmp_path / "mine").mkdir()
+    mine = _w(tmp_path / "mine" / "r.yaml", {"base": "spm/ade20k_r101_spm", "tuning": {"recurrent": 2},
+                                              "data": {"root": "/datasets/ade20k"}})
+    r = load_recipe(mine)
+    assert r.tuning["recurrent"] == 2 and r.tuning["stages"] == [1, 2, 3, 4, 5] and r.data.root == "/datasets/ade20k"
+    # ... and a file next to it wins over a shipped recipe of the same name
+    _w(tmp_path / "mine" / "smoke.yaml", {"schedule": {"iters": 5}})
+    assert load_recipe(_w(tmp_path / "mine" / "s.yaml", {"base": "smoke.yaml"})).schedule.iters == 5
+    bad = _w(tmp_path / "mine" / "bad.yaml", {"base": "spm/ade20k_r101_spn"})
+    with pytest.raises(SegpromptError, match=r"bad.yaml: base 'spm/ade20k_r101_spn'.*Did you mean 'spm/ade20k_r101_spm'"):
+        load_recipe(bad)

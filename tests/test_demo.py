@@ -41,6 +41,7 @@ def test_verdict_says_when_the_benchmark_cannot_separate_methods():
     assert gap_recovered(rows[1], rows[0], rows[2]) == pytest.approx((31 - 31) / (31.25 - 31))
 
 
+@pytest.mark.slow
 def test_demo_protocol_sweeps_seeds_controls_and_reports(tmp_path):
     tiny = replace(SCALES["quick"], image=32, crop=32, pretrain_iters=3, adapt_iters=2, lrs=(0.01, 0.02), seeds=2,
                    counts_source={"train": 8, "val": 2, "test": 0}, counts_target={"train": 4, "val": 2, "test": 2})

@@ -217,6 +217,7 @@ def test_bad_options_are_clear_errors():
         LoRA(rank=0)
 
 
+@pytest.mark.slow
 def test_train_then_eval_reproduces_the_stored_miou(tmp_path, synthetic_root):
     from segprompt.engine.train import train
 

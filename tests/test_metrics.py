@@ -191,6 +191,7 @@ def _all_reduce_worker(rank: int, port: int, preds: torch.Tensor, labels: torch.
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_over_two_gloo_processes_equals_single_process(tmp_path):
     rng = np.random.default_rng(3)
     preds, labels = _random_batch(rng, 2, k_label=5, k_pred=5)

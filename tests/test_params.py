@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import run_cli
 from segprompt.config import load_recipe
 from segprompt.engine.params import breakdown
@@ -46,6 +48,7 @@ def test_paper_convention_leaves_out_batchnorm():
     assert every.trainable - no_bn.trainable == bn > 0
 
 
+@pytest.mark.slow
 def test_count_params_cli_json(tmp_path):
     res = run_cli("count-params", str(SMOKE), "--set", "tuning.name=head", "--num-classes", "6", "--json")
     assert res.returncode == 0, res.stderr
@@ -70,14 +73,15 @@ def test_paper_figures_match_except_the_documented_ones():
     for r in rows:
         resnet_spm = r.recipe.startswith("spm/") and "_r101_spm" in r.recipe and r.column.endswith(("Prompt", "#Params"))
         if resnet_spm or (r.table, r.row, r.column) in expected_mismatch:
-            assert r.reason and ("spm.md" in r.reason), r  # each difference says why
+            assert r.reason and ("docs/spm.md" in r.reason), r  # each difference says why
         elif r.table == "9":  # AdaptFormer's averages over five datasets; the SPM's groups left open
             assert not r.match and r.reason and ("AdaptFormer" in r.reason or "groups open" in r.reason), r
         else:
-            assert r.match, r  # every figure spm.md lists as reproduced, ViT-L SPM rows included
+            assert r.match, r  # every figure docs/spm.md lists as reproduced, ViT-L SPM rows included
     assert sum(not r.match for r in rows) >= len(expected_mismatch)
 
 
+@pytest.mark.slow
 def test_count_params_paper_json_fields():
     res = run_cli("count-params", "--table", "7", "--json")
     assert res.returncode == 0, res.stderr

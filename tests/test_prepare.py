@@ -1,7 +1,7 @@
 """`segprompt prepare DATASET` on tiny fake archives in each official layout, checked pixel by pixel.
 
 The fakes use the official archive names, folder structure, file formats and colour codings
-(shared/reference/datasets.md), with a few small images. The expected mappings below are written
+(docs/datasets.md), with a few small images. The expected mappings below are written
 from the reference tables, independently of the converters' own tables.
 """
 
@@ -85,7 +85,7 @@ def read(path: Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ Cityscapes
 
-# labelId -> trainId, the table of datasets.md §1 (cityscapesScripts helpers/labels.py)
+# labelId -> trainId (docs/datasets.md, "Cityscapes"; cityscapesScripts helpers/labels.py)
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 CITYSCAPES_FRAMES = {"train": [("aachen", "aachen_000000_000019"), ("bochum", "bochum_000000_000313")],
@@ -156,7 +156,7 @@ def test_cityscapes_label_id_outside_the_table_is_an_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------- CamVid
 
-# The 32 CamVid colours (RGB) and the 11 evaluated classes in alphabetical order (datasets.md §2)
+# The 32 CamVid colours (RGB) and the 11 evaluated classes in alphabetical order (docs/datasets.md, "CamVid")
 CAMVID_COLOURS = {
     "Animal": (64, 128, 64), "Archway": (192, 0, 128), "Bicyclist": (0, 128, 192), "Bridge": (0, 128, 64),
     "Building": (128, 0, 0), "Car": (64, 0, 128), "CartLuggagePram": (64, 0, 192), "Child": (192, 128, 64),
@@ -298,7 +298,7 @@ def test_ade20k_value_above_150_is_an_error(tmp_path):
 
 # ------------------------------------------------------------------------------------- Vaihingen
 
-# RGB colour -> class after mmseg's reduce-zero-label (datasets.md §4, the RGB column)
+# RGB colour -> class after mmseg's reduce-zero-label (docs/datasets.md, "ISPRS Vaihingen")
 VAIHINGEN_RGB = {(255, 255, 255): 0, (0, 0, 255): 1, (0, 255, 255): 2, (0, 255, 0): 3, (255, 255, 0): 4,
                  (255, 0, 0): 5, (0, 0, 0): 255}
 VAIHINGEN_SIZES = {1: (40, 56), 3: (33, 41), 2: (32, 48)}  # area -> (h, w): train, train, val

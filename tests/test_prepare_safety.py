@@ -228,6 +228,7 @@ def test_extracted_folder_works_like_the_archive(tmp_path):
     assert all(da[k] == db[k] for k in da if k != "meta.json") and a.label_values == b.label_values
 
 
+@pytest.mark.slow
 def test_cli_prepare_check_and_errors(tmp_path):
     make_chase_db1(tmp_path / "src")
     out = tmp_path / "chase"

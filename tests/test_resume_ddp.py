@@ -60,6 +60,7 @@ def _iters_logged(run) -> int:
     return max((r["iter"] for r in lines if "loss" in r), default=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [2, 5, 9])
 def test_resume_after_sigkill_is_bitwise_identical(uninterrupted, tmp_path, kill_after):
     recipe, ref = uninterrupted
@@ -87,6 +88,7 @@ def test_resume_after_sigkill_is_bitwise_identical(uninterrupted, tmp_path, kill
     assert kept == ["iter_0000008.pt", "iter_0000012.pt"]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(uninterrupted, tmp_path, synthetic_root):
     recipe = write_recipe(tmp_path / "tiny.yaml", synthetic_root)
     # dropout off: its masks come from per-rank RNG streams, which differ by design
@@ -103,6 +105,7 @@ def test_ddp_two_processes_match_one_process(uninterrupted, tmp_path, synthetic_
     assert len(b["rng"]) == 2  # every rank's RNG state is kept for resume
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_matches_single_process(uninterrupted, tmp_path):
     _, run = uninterrupted
     single = run_cli("eval", str(run), "--checkpoint", "last")

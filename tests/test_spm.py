@@ -129,7 +129,7 @@ def test_only_spm_and_heads_train_and_frozen_parts_stay():
 
 
 def test_default_design_matches_the_vit_table_count():
-    # design D2 of shared/reference/spm.md §7.4: P = 108,032 + 393·Cf + 513·K
+    # design D2 (docs/spm.md, "What one SPM costs"): P = 108,032 + 393·Cf + 513·K
     for cf, k in [(1024, 150), (64, 150), (2048, 6), (256, 2)]:
         assert spm_param_count(cf, k) == 108_032 + 393 * cf + 513 * k
 

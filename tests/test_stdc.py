@@ -1,6 +1,6 @@
 """STDC-Seg: STDC network, context path, text-guidance hook, detail head, OHEM and FLOP counting.
 
-The parameter and FLOP figures are those of ``shared/reference/clip_stdc.md`` §3, built full size
+The parameter and FLOP figures are those of ``docs/stdc_clip.md`` ("Parameters and FLOPs"), built full size
 on the meta device. The text module is a stand-in with TextGuidance's interface (a fixed K x 1024
 embedding and a cosine score map), installed as ``segprompt.models.text_guidance`` for the test.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segprompt.config import recipe_from_dict
+from conftest import recipe_from_dict
 from segprompt.data.meta import DatasetMeta
 from segprompt.engine.build import build_segmentor, load_backbone_weights
 from segprompt.engine.flops import mmcv_flops, torch_flops
@@ -152,7 +152,7 @@ def test_recipe_builds_stdc_seg_and_trains_one_step(tmp_path):
                                 {"name": "stdc_detail", "in_index": 0}],
                   "align_corners": True},
         "loss": {"name": "ohem_cross_entropy", "mode": "mmseg-fork"},
-    })
+    }, tmp_path)
     meta = DatasetMeta(name="synthetic", classes=["a", "b", "c"], palette=[[0, 0, 0]] * 3)
     model = build_segmentor(recipe, meta)
     assert [h.conv_seg.in_channels for h in model.aux_heads] == [64, 64, 64]
@@ -168,7 +168,7 @@ def test_recipe_builds_stdc_seg_and_trains_one_step(tmp_path):
     with torch.no_grad():
         assert model(img).shape == (2, 3, 64, 64)
     with pytest.raises(SegpromptError, match="variant"):
-        recipe_from_dict({"model": {"backbone": {"name": "stdc", "variant": "stdc3"}}})
+        recipe_from_dict({"model": {"backbone": {"name": "stdc", "variant": "stdc3"}}}, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------

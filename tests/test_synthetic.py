@@ -94,6 +94,7 @@ def test_deterministic_for_a_seed(tmp_path):
     assert len(differing) == 9
 
 
+@pytest.mark.slow
 def test_same_files_in_another_process(tmp_path):
     """Nothing depends on per-process state such as Python's salted str hash."""
     generate_synthetic(tmp_path / "here", seed=7, **SMALL)

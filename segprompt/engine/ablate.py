@@ -41,16 +41,16 @@ import submitit
 import torch
 import yaml
 
-from segprompt.config import Recipe, load_recipe, load_yaml_as, resolve_tree, run_defining_config
+from segprompt.config import (Recipe, load_recipe, load_yaml_as, resolve_recipe, resolve_tree, run_defining_config,
+                              shipped_name, shipped_recipes)
 from segprompt.engine.metrics import category_iou
 from segprompt.engine.rundir import CKPT_DIR, CONFIG, LAST
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from segprompt.tables import RECIPES_DIR, TABLES_DIR, Column, Row, Table, all_tables
+from segprompt.tables import Column, Row, Table, all_tables, tables_dir
 
 ABLATE_ROOT = Path("results/ablate")
 TABLES_OUT = Path("results/tables")
-SMOKE_PROFILE = TABLES_DIR / "smoke" / "profile.yaml"
 SMOKE_BANNER = "SMOKE SCALE: synthetic data, tiny schedules — not comparable to the paper"
 MISSING = "—"
 # Slurm states of a job that will still write to its run directory
@@ -74,7 +74,7 @@ def select_tables(paper: str = "spm", table: str | None = None, figure: str | No
     chosen = [t for t in mine if t.kind == kind and t.table == str(number)]
     if not chosen:
         have = ", ".join(f"{t.kind} {t.table}" for t in mine)
-        raise SegpromptError(f"the {paper.upper()} paper has no {kind} {number} in {TABLES_DIR} "
+        raise SegpromptError(f"the {paper.upper()} paper has no {kind} {number} in {tables_dir()} "
                              f"(it has: {have}); `segprompt ablate --list` lists every table")
     return chosen
 
@@ -106,7 +106,12 @@ class SmokeProfile:
     seeds: int | None = None  # keep the first N seeds of a cell; null = all
 
 
-def load_smoke_profile(path: Path = SMOKE_PROFILE) -> SmokeProfile:
+def smoke_profile_path() -> Path:
+    return tables_dir() / "smoke" / "profile.yaml"
+
+
+def load_smoke_profile(path: Path | None = None) -> SmokeProfile:
+    path = path or smoke_profile_path()
     profile = load_yaml_as(path, SmokeProfile)
     for name, spec in profile.datasets.items():  # the schema checker leaves mapping values as read
         if not (isinstance(spec, dict) and isinstance(spec.get("classes"), int) and set(spec) <= {"classes", "seed"}):
@@ -124,7 +129,7 @@ def smoke_overrides(recipe: Path, overrides: list[str], profile: SmokeProfile, d
     tree, _ = resolve_tree(recipe, overrides)
     dataset = tree["data"]["dataset"]
     if dataset not in profile.datasets:
-        raise SegpromptError(f"{SMOKE_PROFILE}: 'datasets' has no synthetic stand-in for data.dataset "
+        raise SegpromptError(f"{smoke_profile_path()}: 'datasets' has no synthetic stand-in for data.dataset "
                              f"'{dataset}' (recipe {recipe}); add '{dataset}: <classes>' to it")
     k = profile.datasets[dataset].classes
     out = ["data.dataset=synthetic", f"data.num_classes={k}", f"data.root={smoke_root(data_root, dataset)}"]
@@ -226,10 +231,7 @@ def _label(recipe: Path, seed_key: str | None, seed: int | None) -> str:
 
 
 def _recipe_key(path: Path) -> str:
-    try:
-        return path.resolve().relative_to(RECIPES_DIR.resolve()).as_posix()
-    except ValueError:
-        return str(path)
+    return shipped_name(path) or str(path)
 
 
 def build_plan(table: Table, *, scale: str = "full", root: Path = ABLATE_ROOT, rows: list[str] | None = None,
@@ -270,7 +272,7 @@ def build_plan(table: Table, *, scale: str = "full", root: Path = ABLATE_ROOT, r
         dep_recipe = table.load_from.get(_recipe_key(recipe))
         if dep_recipe is not None:
             seed_over = [o for o in overrides if seed_key is not None and o.startswith(f"{seed_key}=")]
-            dep = get_run(RECIPES_DIR / dep_recipe, seed_over, seed_key, seed)
+            dep = get_run(shipped_recipes() / dep_recipe, seed_over, seed_key, seed)
         h = config_hash(cfg, dep.hash if dep is not None else None)
         if h not in runs:
             run = Run(recipe, full, label, cfg, h, folder / f"{label}-{h[:12]}", load_from=dep)
@@ -394,7 +396,12 @@ def train_cell(recipe: str, overrides: list[str], out: str, load_from: str | Non
 
 
 def _shown(path: Path) -> str:
-    """``path`` relative to the working directory when it lies inside it (commands run from there)."""
+    """How a printed command names a recipe: a shipped one by its name (it resolves from any working
+    directory), else relative to the working directory when inside it, else as given."""
+    name = shipped_name(path)
+    with contextlib.suppress(SegpromptError):
+        if name is not None and resolve_recipe(name).resolve() == Path(path).resolve():
+            return name
     try:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -452,7 +459,7 @@ def preflight(plan: Plan) -> None:
     missing = sorted({_recipe_key(r.recipe) for r in todo if r.cfg is None})
     if missing:
         raise SegpromptError(
-            f"{plan.table.id}: cannot run cells whose recipe is missing: {', '.join(missing)} (under {RECIPES_DIR}). "
+            f"{plan.table.id}: cannot run cells whose recipe is missing: {', '.join(missing)} (under {shipped_recipes()}). "
             f"Write them, or run the other rows with --rows")
     problems = []
     for r in todo:

@@ -1,6 +1,6 @@
 """`segprompt bench`: parameters, FLOPs and inference speed of a recipe's model as deployed, with
-the FPS protocol of CLIP-distilled STDC-Seg (Sec. 4, Tables 1-2; ``shared/reference/clip_stdc.md``
-§3 counting rules, §10 FPS protocol).
+the FPS protocol of CLIP-distilled STDC-Seg (Sec. 4, Tables 1-2; ``docs/measurement.md``: "FLOPs" for
+the counting rules, "Speed" for the FPS protocol).
 
 * **Model** (:func:`bench_model`): the recipe's network built without pretrained files (random
   weights, as the paper's protocol allows), tuning applied, learned text prompts deployed into a
@@ -198,13 +198,6 @@ def model_costs(model: nn.Module, size: tuple[int, int], keys: tuple[str, ...] =
     if unknown:
         raise ValueError(f"unknown cost keys {unknown}; known: {list(fns)}")
     return {k: int(fns[k]()) for k in keys}
-
-
-def recipe_costs(cfg: Recipe, size: tuple[int, int] | None = None,
-                 keys: tuple[str, ...] = COST_KEYS) -> dict[str, int]:
-    """:func:`model_costs` of the recipe's deployed model (:func:`bench_model`) at ``size``
-    (default :func:`default_size`); no data or weight file is read."""
-    return model_costs(bench_model(cfg), size or default_size(cfg), keys)
 
 
 # ---- targets and output files ------------------------------------------------------------------

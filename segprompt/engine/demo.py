@@ -37,13 +37,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
-from segprompt.config import dump_recipe, load_recipe
+from segprompt.config import dump_recipe, load_recipe, shipped_recipes
 from segprompt.data.synthetic import generate_synthetic
 from segprompt.errors import DivergedError, SegpromptError
 from segprompt.io import atomic_write_json, atomic_write_text
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
-
 
 
 @dataclass(frozen=True)
@@ -125,7 +122,7 @@ SCALES = {
                    target=dict(domain_shift=0.0, first_class=5, object_scale=1.0),
                    counts_source={"train": 192, "val": 32, "test": 0},
                    counts_target={"train": 48, "val": 32, "test": 64},
-                   pretrain_iters=2000, adapt_iters=300, lrs=(0.02, 0.06), seeds=3),
+                   pretrain_iters=2000, adapt_iters=300, lrs=(0.02, 0.06, 0.18), seeds=3),
     # the same protocol, longer and at twice the resolution (a GPU, or an afternoon of CPU)
     "full": Scale(image=128, crop=112, classes=6,
                   source=dict(domain_shift=0.0, first_class=0, object_scale=1.0),
@@ -214,9 +211,9 @@ def pretrain_job(backbone: Backbone, source: Path, cache_root: Path, scale: Scal
                  extra: list[str]) -> tuple[Job, Path]:
     over = [f"data.root={source}", *_size_overrides(scale), f"schedule.iters={scale.pretrain_iters}",
             f"checkpoint.interval={scale.pretrain_iters}", *extra]
-    cfg = load_recipe(RECIPES / backbone.pretrain, over)
+    cfg = load_recipe(shipped_recipes() / "demo" / backbone.pretrain, over)
     cache = cache_root / f"source-{_hash([dump_recipe(cfg), source.name])}"
-    return Job("pretrain", str(RECIPES / backbone.pretrain), over, str(cache / "run"),
+    return Job("pretrain", str(shipped_recipes() / "demo" / backbone.pretrain), over, str(cache / "run"),
                threads=max(os.cpu_count() or 1, 1), test=False), cache
 
 
@@ -338,8 +335,8 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
     extra = list(adapt_overrides)
 
     def job(m: str, lr: float, s: int) -> Job:
-        return Job(f"{m}/lr{lr:g}/seed{s}", str(RECIPES / bb.adapt), method_overrides(bb, m, target, weights, sc, lr, s, extra),
-                   str(out / "runs" / m / f"lr{lr:g}-seed{s}"))
+        return Job(f"{m}/lr{lr:g}/seed{s}", str(shipped_recipes() / "demo" / bb.adapt),
+                   method_overrides(bb, m, target, weights, sc, lr, s, extra), str(out / "runs" / m / f"lr{lr:g}-seed{s}"))
 
     lrs = [float(f"{lr * bb.lr_scale:.3g}") for lr in sc.lrs]
     parts = list(bb.parts) if controls else []

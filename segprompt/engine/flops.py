@@ -1,4 +1,4 @@
-"""FLOP counts of a segmentor's inference path, as papers report them (``shared/reference/clip_stdc.md`` §3).
+"""FLOP counts of a segmentor's inference path, as papers report them (``docs/measurement.md``, "FLOPs").
 
 * :func:`mmcv_flops` follows MMCV's ``get_model_complexity_info`` (``mmcv/cnn/utils/flops_counter.py``,
   run by MMSegmentation's ``tools/get_flops.py``), the counter behind the CLIP-distilled STDC-Seg

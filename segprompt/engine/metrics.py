@@ -4,7 +4,7 @@ A K x K confusion matrix (rows = ground truth, columns = prediction) is accumula
 device over the whole dataset (and summed across ranks); the metrics are computed once from it.
 Pixels labelled ``ignore_index`` are never counted. A class without ground-truth pixels gets NaN
 for the ratios whose denominator is its ground-truth area, and NaNs are skipped by the class mean,
-as mmseg's ``nanmean`` does (see shared/reference/ecosystem.md section 4).
+as mmseg's ``nanmean`` does (``docs/measurement.md``, "Segmentation metrics").
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Groups follow the SPM paper's tables: **Backbone** (the backbone's own parameter
 (decode and auxiliary heads). Inserted modules are recognised by identity: the parameters that
 exist after the tuning method ran but not before.
 
-Two counting conventions (``shared/reference/spm.md`` §4-5):
+Two counting conventions (``docs/spm.md``, "Counting conventions"):
 
 * ``paper`` (every table of the SPM paper): every parameter except those of BatchNorm layers, as
   MMCV's counter reports the paper's SyncBN models. That is conv/linear weights and biases for the
@@ -135,7 +135,7 @@ def paper_counts(tables: list, costs: bool = False) -> list[PaperCount]:
     ``flops_torch``: the STDC paper's #Params and FLOPs), computed on the recipe's deployed model at
     its default bench size (:mod:`segprompt.engine.bench`), scaled by the column's ``scale`` and
     compared at its ``digits``."""
-    from segprompt.config import load_recipe
+    from segprompt.config import load_recipe, shipped_name
     from segprompt.engine.bench import COST_KEYS, bench_model, default_size, model_costs
 
     cache: dict[tuple, Breakdown] = {}
@@ -170,5 +170,5 @@ def paper_counts(tables: list, costs: bool = False) -> list[PaperCount]:
                 match = abs(ours - paper_value) < 1e-9
                 reason = None if match else (t.note(row, col) or "differs from the paper (no known reason)")
                 out.append(PaperCount(t.paper, t.table, row.name, col.name, ours, paper_value, match, reason,
-                                      str(recipe.relative_to(recipe.parents[1]))))
+                                      shipped_name(recipe) or str(recipe)))
     return out

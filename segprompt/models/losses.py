@@ -38,7 +38,7 @@ class CrossEntropyLoss(nn.Module):
 
 class OhemCrossEntropyLoss(nn.Module):
     """Cross-entropy with online hard example mining, in the three forms STDC-Seg runs have used
-    (``shared/reference/clip_stdc.md`` §8). ``min_kept`` defaults to B*H*W // 16 of the batch on
+    (``docs/stdc_clip.md``, "OHEM"). ``min_kept`` defaults to B*H*W // 16 of the batch on
     this process (the original's n_min = images per GPU x crop area / 16).
 
     * ``original`` (STDC-Seg ``OhemCELoss``, genuine OHEM): per-pixel CE (ignored pixels give 0 and

@@ -8,9 +8,10 @@ each iteration
 * generates the prompt (Eq. 4): ``W = Out_d(PDC_c(In_c(F ⊕ M))); F = F + F ⊗ W``.
 
 The paper leaves the grouping of every conv and the dilation rates open, and no single fixed
-design reproduces its ResNet parameter column (``shared/reference/spm.md`` §7). Every choice is
-therefore an argument; the defaults are design "D2" of spm.md §7.4, which matches the ViT-L
-Table 7 counts exactly (587,414 parameters at Cf=1024, K=150):
+design reproduces its ResNet parameter column (``docs/spm.md``, "Why the ResNet Prompt column is not
+reproduced"). Every choice is therefore an argument; the defaults are design "D2" (``docs/spm.md``,
+"What one SPM costs"), which matches the ViT-L Table 7 counts exactly (587,414 parameters at
+Cf=1024, K=150):
 
 * ``In_a``: 1x1 conv on the concatenation, 2 groups; ``In_c``: dense; both to ``C = 256``;
 * ``Out_b``: C -> K, 2 groups; ``Out_d``: C -> Cf, 32 groups;
@@ -69,7 +70,7 @@ class PaddedGroupConv1x1(nn.Module):
 
 class InputConv(nn.Module):
     """``Conv1x1(F ⊕ M) -> C``: ``mode='concat'`` groups the concatenation; ``mode='split'``
-    groups F and maps M densely to every group (the two readings of spm.md §7.2)."""
+    groups F and maps M densely to every group (the two readings in ``docs/spm.md``, "What one SPM costs")."""
 
     def __init__(self, feat_channels: int, num_classes: int, channels: int, groups: int, mode: str = "concat",
                  bias: bool = True):

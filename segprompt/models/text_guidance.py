@@ -1,6 +1,6 @@
 """Text guidance of CLIP-distilled STDC-Seg (Textual Guidance Module, Sec. 3.1.2, Eq. 1): the score
 map ``S[b, k] = cos(F4[b, :, i, j], T_k)`` between every pixel of the last backbone stage and each
-class's CLIP text embedding; plain cosine, no temperature (``shared/reference/clip_stdc.md`` §4).
+class's CLIP text embedding; plain cosine, no temperature (``docs/stdc_clip.md``, "Text guidance").
 
 The embeddings T come from one of the paper's two stages (Sec. 3.2, §6 of the reference):
 
@@ -30,7 +30,7 @@ from segprompt.io import atomic_torch_save, sha256_file
 from segprompt.models.text.clip_text import DEFAULT_WEIGHTS, CLIPTextEncoder, missing_weights_error, text_config
 from segprompt.models.text.prompt_learner import PromptLearner
 
-CLIP_ARCH = "RN50"  # the only CLIP whose text embedding (1024-d) has STDC's F4 width (clip_stdc.md §4)
+CLIP_ARCH = "RN50"  # the only CLIP whose text embedding (1024-d) has STDC's F4 width (docs/stdc_clip.md)
 PROMPTS = ("fixed", "learned")
 
 

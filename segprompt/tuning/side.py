@@ -1,5 +1,5 @@
 """Side-Tuning (Zhang et al. [55]) and Adapter (Houlsby et al. [25]) on ResNet residual blocks, as
-the SPM paper's baselines (Tables 1-3; ``shared/reference/spm.md`` §6).
+the SPM paper's baselines (Tables 1-3; ``docs/spm.md``, "Baselines").
 
 Each residual block of the frozen backbone gets a small path: a 3x3 conv C_in -> ``channels``
 (``groups`` groups, bias), a ReLU, and a 1x1 conv ``channels`` -> C_out (bias).

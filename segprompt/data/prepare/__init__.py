@@ -1,4 +1,4 @@
-"""`segprompt prepare DATASET` for the real datasets (issue 5): one module per dataset.
+"""`segprompt prepare DATASET` for the real datasets (``docs/datasets.md``): one module per dataset.
 
 Each module turns the official archives (or an extracted copy) into the prepared layout
 (``img_dir/<split>/``, ``ann_dir/<split>/``, ``meta.json``) with the shared machinery of

@@ -1,6 +1,6 @@
 """ADE20K SceneParsing (150 classes): ``segprompt prepare ade20k``.
 
-``shared/reference/datasets.md`` §3. From ``ADEChallengeData2016.zip``: ``images/{training,validation}``
+``docs/datasets.md``, "ADE20K". From ``ADEChallengeData2016.zip``: ``images/{training,validation}``
 JPEGs are copied byte for byte; ``annotations`` PNGs hold 0..150 with 0 = "other objects" (not
 evaluated). The zero label is reduced here, exactly once (mmseg's ``reduce_zero_label``): 0 -> 255,
 v -> v - 1, so train IDs are 0..149 and training never shifts labels again. A value above 150 is an

@@ -1,6 +1,6 @@
 """CamVid (11 classes): ``segprompt prepare camvid [--layout rgb720|segnet360]``.
 
-``shared/reference/datasets.md`` §2. Two incompatible public layouts, chosen explicitly and recorded
+``docs/datasets.md``, "CamVid". Two incompatible public layouts, chosen explicitly and recorded
 in ``meta.json`` (with the mapping ``exact11``):
 
 - ``rgb720`` (default): the original 960x720 frames with 32-class RGB colour labels ``<name>_L.png``

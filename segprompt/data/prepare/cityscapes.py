@@ -1,6 +1,6 @@
 """Cityscapes (19 classes): ``segprompt prepare cityscapes``.
 
-``shared/reference/datasets.md`` §1: the shipped ``*_gtFine_labelIds.png`` are mapped to the 19
+``docs/datasets.md``, "Cityscapes": the shipped ``*_gtFine_labelIds.png`` are mapped to the 19
 trainIds through a 256-entry lookup table (cityscapesScripts ``helpers/labels.py``); every other
 labelId becomes 255. Polygons are not re-rendered: the official evaluator reads exactly these files.
 Images are copied byte for byte. Splits: train (2975) and val (500); the test split is left out

@@ -1,6 +1,6 @@
 """What every `segprompt prepare DATASET` shares: archives, parallel conversion, verification, meta.json.
 
-Conventions of ``shared/reference/datasets.md`` (top): labels are remapped once, here, into train
+Conventions of ``docs/datasets.md`` ("The prepared layout and its rules"): labels are remapped once, here, into train
 IDs 0..K-1 with 255 = ignore; prepare works offline from archives the user already has; it checks
 per-split counts, the label value set and equal image/label sizes, and records the sources
 (names, sizes, SHA-256), the options, the counts and the label values found in ``meta.json``.

@@ -1,6 +1,6 @@
 """Retinal vessels (background, vessel): ``segprompt prepare chase_db1`` and ``segprompt prepare stare``.
 
-``shared/reference/datasets.md`` §5-6, following mmseg's ``chase_db1.py`` / ``stare.py``:
+``docs/datasets.md``, "CHASE-DB1 and STARE", following mmseg's ``chase_db1.py`` / ``stare.py``:
 
 - CHASE-DB1: ``CHASEDB1.zip`` (flat: ``Image_01L.jpg`` ... ``Image_14R.jpg`` with ``_1stHO.png`` and
   ``_2ndHO.png``). Sorted by name, the first 20 images (01L-10R) are ``train``, the last 8 ``val``.

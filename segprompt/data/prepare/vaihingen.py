@@ -1,6 +1,6 @@
 """ISPRS Vaihingen (6 classes incl. clutter): ``segprompt prepare vaihingen [--tiling mmseg|true-stride]``.
 
-``shared/reference/datasets.md`` §4, following mmseg ``tools/dataset_converters/vaihingen.py``:
+``docs/datasets.md``, "ISPRS Vaihingen", following mmseg ``tools/dataset_converters/vaihingen.py``:
 
 - Archives are chosen **by name**: the IRRG tiles ``top/top_mosaic_09cm_area<N>.tif`` from
   ``ISPRS_semantic_labeling_Vaihingen.zip`` and the eroded labels ``..._noBoundary.tif`` from

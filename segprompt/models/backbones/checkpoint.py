@@ -4,7 +4,7 @@ A backbone's ``load_pretrained(path, name)`` reads the file with :func:`read_sta
 keys to the backbone's own and drops what the format carries but the backbone never runs (an
 ImageNet classifier), then calls :func:`load_strict`. Any other difference is an error that lists
 the keys, because a silently half-loaded backbone trains to a plausible but wrong result
-(``shared/reference/ecosystem.md`` §2, complaint 12).
+(``docs/checkpoints.md``, "Pretrained backbone and CLIP files").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""ResNetV1c (deep stem) with dilated stages, as MMSegmentation's `ResNetV1c` (`shared/reference/spm.md` §2.1).
+"""ResNetV1c (deep stem) with dilated stages, as MMSegmentation's `ResNetV1c` (``docs/spm.md``, "Backbones and
+heads as the paper counts them").
 
 The network is ``stem -> layer1 .. layer4``; :attr:`ResNet.stages` lists them in order. A tuning
 method may set :attr:`stage_hook`, a module called as ``hook(i, x)`` on the input of stage ``i``

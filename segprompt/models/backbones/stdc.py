@@ -1,6 +1,6 @@
 """STDC network and the STDC-Seg context path (Fan et al., CVPR 2021, §3.1-3.2, Fig. 4), with the
 optional text guidance of the CLIP-distilled STDC-Seg paper (§3.2, "EnText"), as
-``shared/reference/clip_stdc.md`` §1, §2 and §4 describe them.
+``docs/stdc_clip.md`` describes them.
 
 * :class:`STDCNet` is the feature path of STDC1/STDC2: two ConvX stem stages (H/2, H/4) and three
   stages of "cat" STDC blocks (H/8, H/16, H/32; 256/512/1024 channels). The ImageNet classifier
@@ -234,7 +234,7 @@ class STDCContextPath(nn.Module):
     ``text`` (a mapping of options) switches on the paper's EnText guidance:
     ``segprompt.models.text_guidance.TextGuidance(class_names, **text)`` maps feat32 (the paper's
     F4) to the cosine score map S (K channels), and concat(feat32, S) feeds both ``arm32`` and the
-    global context ``conv_avg`` (their inputs grow from 1024 to 1024 + K channels; clip_stdc.md §4).
+    global context ``conv_avg`` (their inputs grow from 1024 to 1024 + K channels; ``docs/stdc_clip.md``, "Text guidance").
     ``class_names`` are the dataset's classes (meta.json), given by the engine.
     """
 

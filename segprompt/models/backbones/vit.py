@@ -1,5 +1,5 @@
 """Vision Transformer (Dosovitskiy et al., ICLR 2021) as MMSegmentation's `VisionTransformer` in SETR
-(``shared/reference/spm.md`` §2.2): qkv bias, LayerNorm eps 1e-6, a cls token, no patch norm, no
+(``docs/spm.md``, "Backbones and heads as the paper counts them"): qkv bias, LayerNorm eps 1e-6, a cls token, no patch norm, no
 final norm. ViT-L/16 at 512x512 (the defaults) holds 304,147,456 parameters; ViT-B/16 is
 ``embed_dim=768, depth=12, num_heads=12``.
 

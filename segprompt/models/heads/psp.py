@@ -3,7 +3,7 @@
 Each pool scale s: adaptive average pool to s x s -> 1x1 conv-BN-ReLU in->channels -> bilinear
 upsample back. The input and the pooled maps are concatenated (in + len(scales)·channels) ->
 3x3 conv-BN-ReLU -> dropout -> 1x1 classifier. Convs followed by BN carry no bias
-(``shared/reference/spm.md`` §3).
+(``docs/spm.md``, "Backbones and heads as the paper counts them").
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 x ``up_scale``) -> 1x1 classifier. The first conv maps in->channels, the others channels->channels.
 
 SETR-PUP on ViT-L uses 4 convs at x2 (main) and 2 convs at x4 (three auxiliaries, ADE20K config);
-the SPM paper's retinal head is 3 convs at x2 on ResNet-101-d8 (``shared/reference/spm.md`` §3).
+the SPM paper's retinal head is 3 convs at x2 on ResNet-101-d8 (``docs/spm.md``, "Backbones and heads as
+the paper counts them").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The text auxiliary head of CLIP-distilled STDC-Seg (L_text, Sec. 3.2.1): the cosine score map S
 of the text guidance, divided by a temperature of 0.07, is used as logits of a cross-entropy loss
 after bilinear upsampling (align_corners=False) to the label (reference `VanillaHead`,
-``shared/reference/clip_stdc.md`` §4).
+``docs/stdc_clip.md``, "Text guidance").
 
 It has no parameters, so it shares only the interface of :class:`~segprompt.models.heads.base.DecodeHead`
 (``forward(feats)``, ``loss(logits, label)``, ``in_index``, ``loss_weight``), not its classifier.

@@ -1,5 +1,5 @@
 """CLIP's text tower and the CoOp-style prompt learner used by the text guidance of
-CLIP-distilled STDC-Seg (``shared/papers/clip_distilled_stdc_seg.txt``, Sec. 3)."""
+CLIP-distilled STDC-Seg (Sec. 3 of the paper; ``docs/stdc_clip.md``)."""
 
 from segprompt.models.text.clip_text import CLIPTextEncoder
 from segprompt.models.text.prompt_learner import PromptLearner

@@ -8,7 +8,7 @@ Two entry points:
   the token ids, ``text_projection``). Stage 1 of the paper uses these as fixed text embeddings.
 - :meth:`CLIPTextEncoder.encode_embeddings`: token embeddings already formed (learnable context
   vectors spliced in, Eq. 2) -> embeddings, with the positional embedding and causal mask cut to
-  the sequence length (``shared/reference/clip_stdc.md`` §5).
+  the sequence length (``docs/stdc_clip.md``, "Prompt learner").
 
 Weights come from a local file only: OpenAI's TorchScript ``RN50.pt`` or an open_clip state dict.
 """

@@ -1,7 +1,7 @@
 """Class-specific learnable prompts (CoOp; the Prompt Optimization Module of CLIP-distilled
 STDC-Seg, Sec. 3.1.3, Eq. 2): ``T_i = CLIP([V_i1 ... V_iM E_i1 ... E_il])`` with a frozen text tower.
 
-Layout as in the reference code (``shared/reference/clip_stdc.md`` §5): each class name is
+Layout as in the reference code (``docs/stdc_clip.md``, "Prompt learner"): each class name is
 tokenised into ``name_length`` slots ``[SOT] name [EOT] 0...``; the M context vectors go right
 after [SOT], so the sequence is ``[SOT] V_1..V_M name [EOT] 0...`` of length ``M + name_length``
 (16 for M = 11, name_length = 5) and the EOT token sits at ``argmax(name ids) + M``.
