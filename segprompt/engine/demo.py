@@ -116,7 +116,7 @@ class Scale:
 
 
 SCALES = {
-    # ~6 minutes on 2 CPU cores
+    # ~8 minutes on 2 CPU cores
     "quick": Scale(image=64, crop=64, classes=6,
                    source=dict(domain_shift=0.0, first_class=0, object_scale=1.0),
                    target=dict(domain_shift=0.0, first_class=5, object_scale=1.0),
