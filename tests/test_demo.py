@@ -72,6 +72,8 @@ def test_demo_protocol_sweeps_seeds_controls_and_reports(tmp_path):
     stamp = cached[0].stat().st_mtime_ns
     again = run_demo(tmp_path / "out2", ["head", "full"], controls=False, **kw)  # the source model is reused
     assert cached[0].stat().st_mtime_ns == stamp and [r["method"] for r in again["rows"]] == ["head", "full"]
+    with pytest.raises(SegpromptError, match="holds a finished run with other settings"):  # never mixed in
+        run_demo(tmp_path / "out2", ["head", "full"], controls=False, **kw | {"seed": 1})
 
 
 def test_demo_refuses_a_table_without_its_reference_points(tmp_path):
@@ -114,7 +116,7 @@ def test_vit_demo_compares_vpt_and_adaptformer_and_tunes_one_stage_per_control(t
                       **_tiny_kw(tmp_path, lrs=(0.06,), seeds=1))
     rows = {r["method"]: r for r in report["rows"]}
     assert list(rows) == ["head", "vpt", "adaptformer", "full", "only-embed", "only-stage1", "only-stage2", "only-stage3"]
-    assert rows["head"]["lr"] == pytest.approx(0.001)  # AdamW: the SGD grid / 60
+    assert rows["head"]["lr"] == pytest.approx(0.003)  # AdamW: the SGD grid / 20
     assert rows["head"]["trainable"] < rows["vpt"]["trainable"] < rows["adaptformer"]["trainable"] < rows["full"]["trainable"]
     vit = VisionTransformer(img_size=64, patch_size=4, embed_dim=64, depth=6, num_heads=4, out_indices=(1, 3, 5), num_stages=3)
     embed = sum(p.numel() for p in vit.patch_embed.parameters()) + vit.pos_embed.numel() + vit.cls_token.numel()

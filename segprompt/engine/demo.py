@@ -73,7 +73,7 @@ BACKBONES: dict[str, Backbone] = {
         },
         parts={p: (p,) for p in ("stem", "layer1", "layer2", "layer3", "layer4")}),
     # ViT, patch 4, width 64, 6 layers in 3 stages, SETR-style head: the paper's ViT-L in miniature,
-    # where VPT and AdaptFormer apply. AdamW: its grid is the SGD grid / 60.
+    # where VPT and AdaptFormer apply. AdamW: its grid is the SGD grid / 20.
     "vit": Backbone(
         "pretrain_source_vit.yaml", "adapt_target_vit.yaml",
         methods={
@@ -88,7 +88,7 @@ BACKBONES: dict[str, Backbone] = {
         },
         parts={"embed": ("patch_embed", "pos_embed", "cls_token"), "stage1": ("blocks.0", "blocks.1"),
                "stage2": ("blocks.2", "blocks.3"), "stage3": ("blocks.4", "blocks.5")},
-        lr_scale=1 / 60),
+        lr_scale=1 / 20),
 }
 DEFAULT_METHODS = {name: tuple(b.methods) for name, b in BACKBONES.items()}
 # the parameter-efficient methods SPM is compared against
@@ -121,7 +121,7 @@ SCALES = {
                    source=dict(domain_shift=0.0, first_class=0, object_scale=1.0),
                    target=dict(domain_shift=0.0, first_class=5, object_scale=1.0),
                    counts_source={"train": 192, "val": 32, "test": 0},
-                   counts_target={"train": 48, "val": 32, "test": 64},
+                   counts_target={"train": 96, "val": 32, "test": 64},
                    pretrain_iters=2000, adapt_iters=300, lrs=(0.02, 0.06, 0.18), seeds=3),
     # the same protocol, longer and at twice the resolution (a GPU, or an afternoon of CPU)
     "full": Scale(image=128, crop=112, classes=6,
@@ -266,8 +266,12 @@ def run_job(job: Job) -> RunResult:
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
         atomic_write_json(out / "scores.json", {"scores": scores, "interim": diag, "diverged": diverged,
+                                                "recipe": job.recipe, "overrides": job.overrides,
                                                 "seconds": time.perf_counter() - start})
     saved_scores = json.loads((out / "scores.json").read_text())
+    if saved_scores.get("overrides") != job.overrides:  # another protocol's run: never mixed into this table
+        raise SegpromptError(f"'{out}' holds a finished run with other settings than this demo's "
+                             f"({job.key}); give the demo a new --out")
     cfg = load_recipe(out / "config.yaml")
     diagnostics = dict(saved_scores["interim"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
