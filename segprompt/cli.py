@@ -1,7 +1,9 @@
 """`segprompt` command line: prepare, train and eval (typer + rich).
 
 The CLI only parses arguments and prints; all work happens in :mod:`segprompt.engine` and
-:mod:`segprompt.data`. User errors (:class:`SegpromptError`) print one clear message and exit 2.
+:mod:`segprompt.data`. User errors (:class:`SegpromptError`, and the OS errors of
+``USER_OS_ERRORS``: a full disk, no permission, a file in the way) print one clear message and
+exit 2. Off a terminal (a log file, a pipe) nothing is wrapped at 80 columns.
 """
 
 from __future__ import annotations
@@ -11,14 +13,25 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 
-from segprompt.errors import SegpromptError
+from segprompt.errors import USER_OS_ERRORS, SegpromptError, os_problem
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient and text-guided semantic segmentation experiments.")
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _flag_shows_no_type(display_type_rich):
+    """typer's rich help gives flags (which take no value) the type ``<bool>``; show none."""
+    def display(self, ctx):
+        return None if self.is_flag else display_type_rich(self, ctx)
+    return display
+
+
+typer.core.TyperOption.display_type_rich = _flag_shows_no_type(typer.core.TyperOption.display_type_rich)
 
 PREPARERS = ("synthetic", "cityscapes", "camvid", "ade20k", "vaihingen", "chase_db1", "stare")
 
@@ -61,6 +74,7 @@ def prepare(
     import os
     from contextlib import ExitStack
 
+    from segprompt.data.meta import META_FILE
     from segprompt.engine.progress import progress_bar
 
     if dataset not in PREPARERS:
@@ -90,6 +104,7 @@ def prepare(
                       + ", ".join(f"{k} {v}" for k, v in meta.splits.items()) + f"; {meta.num_classes} classes; "
                       "every file decodes, sizes agree, label values and counts as recorded")
         return
+    meta_before = _file_id(out / META_FILE)  # written last; unchanged after the run = nothing was done
     real = {"--src": src, "--expect-counts": expect_counts, "--layout": layout, "--tiling": tiling,
             "--tile-size": tile_size, "--tile-stride": tile_stride, "--annotator": annotator}
     if dataset == "synthetic":
@@ -111,8 +126,18 @@ def prepare(
                                 log=lambda m: console.print(m, markup=False, highlight=False),
                                 layout=layout, tiling=tiling, tile_size=tile_size, tile_stride=tile_stride,
                                 annotator=annotator)
-    console.print(f"[green]prepared[/] {meta.name} at {out}: "
-                  + ", ".join(f"{k} {v}" for k, v in meta.splits.items()) + f"; {meta.num_classes} classes")
+    same = meta_before is not None and meta_before == _file_id(out / META_FILE)
+    console.print(f"[green]{'already prepared' if same else 'prepared'}[/] {meta.name} at {out}: "
+                  + ", ".join(f"{k} {v}" for k, v in meta.splits.items()) + f"; {meta.num_classes} classes"
+                  + ("; same options and sources, nothing written" if same else ""))
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 @app.command("train")
@@ -122,7 +147,11 @@ def train_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE (YAML scalar); repeatable.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default results/<recipe>/<timestamp>/).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto' (latest run of the recipe, or --out) or a checkpoint/run path.")] = None,
-    load_from: Annotated[Optional[Path], typer.Option(help="Initialise weights from a checkpoint; the iteration counter starts at 0.")] = None,
+    load_from: Annotated[Optional[Path], typer.Option(help="Initialise weights from a checkpoint (segprompt, MMSegmentation "
+                                                           "or a state dict); the iteration counter starts at 0. It must "
+                                                           "supply at least half of the model's tensors.")] = None,
+    load_from_partial: Annotated[bool, typer.Option("--load-from-partial", help="Let --load-from supply fewer than half "
+                                                                                "of the model's tensors.")] = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Train a recipe on one CPU, one GPU, or under torchrun (DDP)."""
@@ -134,9 +163,11 @@ def train_cmd(
         return
     if resume and load_from:
         raise SegpromptError("--resume continues a run; --load-from starts a new one from weights: use one")
+    if load_from_partial and not load_from:
+        raise SegpromptError("--load-from-partial goes with --load-from PATH")
     from segprompt.engine.train import train
 
-    train(recipe, overrides, out=out, resume=resume, load_from=load_from)
+    train(recipe, overrides, out=out, resume=resume, load_from=load_from, load_from_partial=load_from_partial)
 
 
 @app.command("eval")
@@ -159,7 +190,12 @@ def eval_cmd(
                                           split=split, save_preds=save_preds)
     if _is_main():
         console.print(format_table(result))
-        console.print(f"wrote {run_dir / 'eval.json'}")
+        it = f" (iteration {result['iter']})" if result.get("iter") is not None else ""
+        console.print(f"checkpoint {result['checkpoint']}{it}, split {result['split']}", markup=False, highlight=False)
+        if save_preds is not None:
+            console.print(f"wrote {result['images']} predictions (<stem>.png class ids, <stem>_overlay.png) to "
+                          f"{save_preds}", markup=False, highlight=False)
+        console.print(f"wrote {run_dir / 'eval.json'}", markup=False, highlight=False)
 
 
 @app.command("count-params")
@@ -438,9 +474,20 @@ def _user_message(e: SegpromptError) -> str:
     return text.rsplit(marker, 1)[-1].strip() if marker in text else text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    for c in (console, err_console):
+        c.soft_wrap = not c.is_terminal  # a log file or a pipe gets whole lines
     try:
-        app()
+        app(args=argv)
     except SegpromptError as e:
-        err_console.print(f"[bold red]error:[/] {_user_message(e)}", markup=True, highlight=False)
-        sys.exit(2)
+        _fail(_user_message(e))
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        _fail(os_problem(e))
+
+
+def _fail(message: str) -> None:
+    err_console.print("[bold red]error:[/] ", end="", markup=True, highlight=False)
+    err_console.print(message, markup=False, highlight=False)
+    sys.exit(2)

@@ -49,6 +49,39 @@ class Component(dict):
     """Marker type: a mapping ``{name: <constructor>, **kwargs}`` checked against a table."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``typing.Annotated[int, Range(1)]`` is an int >= 1."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo < value instead of lo <= value
+    hi_open: bool = False
+    note: str = ""  # what a boundary value means, shown in messages
+
+    def __contains__(self, v: float) -> bool:
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo}"
+        else:
+            text = f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+AtLeast1 = typing.Annotated[int, Range(1)]
+AtLeast0 = typing.Annotated[int, Range(0)]
+NonNegative = typing.Annotated[float, Range(0)]
+Positive = typing.Annotated[float, Range(0, lo_open=True)]
+Fraction = typing.Annotated[float, Range(0, 1)]
+Beta = typing.Annotated[float, Range(0, 1, hi_open=True)]
+
+
 def _tables() -> dict[str, tuple[dict[str, Any], set[str]]]:
     """Component tables: kind -> (name -> constructor, arguments the builder supplies itself)."""
     from segprompt.models import BACKBONES, HEADS, LOSSES
@@ -76,88 +109,88 @@ class ModelConfig:
 
 @dataclass
 class TrainPipelineConfig:
-    scale: tuple[int, int] | None = None  # (long, short) as MMSegmentation's (w, h) scale
-    ratio_range: tuple[float, float] | None = None
-    scales: list[tuple[int, int]] | None = None  # discrete scale list, one drawn per sample
+    scale: tuple[AtLeast1, AtLeast1] | None = None  # (long, short) as MMSegmentation's (w, h) scale
+    ratio_range: tuple[Positive, Positive] | None = None
+    scales: list[tuple[AtLeast1, AtLeast1]] | None = None  # discrete scale list, one drawn per sample
     keep_ratio: bool = True
-    crop_size: tuple[int, int] | None = None  # (h, w)
-    cat_max_ratio: float = 1.0
-    flip_prob: float = 0.5
+    crop_size: tuple[AtLeast1, AtLeast1] | None = None  # (h, w)
+    cat_max_ratio: typing.Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    flip_prob: Fraction = 0.5
     photometric: bool = True
 
 
 @dataclass
 class TestPipelineConfig:
-    scale: tuple[int, int] | None = None
+    scale: tuple[AtLeast1, AtLeast1] | None = None
     keep_ratio: bool = True
 
 
 @dataclass
 class DataConfig:
     dataset: str = "synthetic"  # which `segprompt prepare DATASET` makes `root`
-    num_classes: int | None = None  # if set, checked against meta.json (and used by count-params)
+    num_classes: AtLeast1 | None = None  # if set, checked against meta.json (and used by count-params)
     root: str = "data/synthetic"
     train_split: str = "train"
     val_split: str = "val"
-    batch_size: int = 8  # global batch: world size x per-process batch x accumulation steps
+    batch_size: AtLeast1 = 8  # global batch: world size x per-process batch x accumulation steps
     mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB, 0..255 units
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[Positive, Positive, Positive] = IMAGENET_STD
     train: TrainPipelineConfig = field(default_factory=TrainPipelineConfig)
     test: TestPipelineConfig = field(default_factory=TestPipelineConfig)
     skip_bad_images: bool = False  # skip unreadable images (counted, summarised) instead of failing
     # train on N images drawn from the training split by subset_seed (the SPM paper's one-shot
     # retinal protocol: N = 1, one run per seed); null = the whole split
-    train_subset: int | None = None
+    train_subset: AtLeast1 | None = None
     subset_seed: int = 0
 
 
 @dataclass
 class ParamGroupConfig:
     pattern: str  # regular expression searched in parameter names; the first match wins
-    lr_mult: float = 1.0
-    decay_mult: float = 1.0
+    lr_mult: NonNegative = 1.0
+    decay_mult: NonNegative = 1.0
 
 
 @dataclass
 class OptimizerConfig:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
+    lr: NonNegative = 0.01
+    weight_decay: NonNegative = 5e-4
+    momentum: NonNegative = 0.9
     nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: NonNegative = 1e-8
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
-    grad_clip: float | None = None  # max global L2 norm of the gradients
-    accum_steps: int = 1
+    grad_clip: Positive | None = None  # max global L2 norm of the gradients
+    accum_steps: AtLeast1 = 1
 
 
 @dataclass
 class ScheduleConfig:
-    iters: int = 40
-    warmup_iters: int = 0
-    warmup_ratio: float = 1e-6  # lr at iteration 0 = ratio x poly lr (MMSegmentation's linear warm-up)
-    power: float = 0.9
-    min_lr: float = 1e-4
+    iters: AtLeast1 = 40
+    warmup_iters: AtLeast0 = 0
+    warmup_ratio: Fraction = 1e-6  # lr at iteration 0 = ratio x poly lr (MMSegmentation's linear warm-up)
+    power: NonNegative = 0.9
+    min_lr: NonNegative = 1e-4
 
 
 @dataclass
 class EvaluationConfig:
-    interval: int = 0  # evaluate every N iterations; 0 = only at the end
+    interval: typing.Annotated[int, Range(0, note="0 = only at the end")] = 0  # evaluate every N iterations
     metric: str = "mIoU"  # selects the best checkpoint
     mode: Literal["whole", "slide"] = "whole"
-    crop_size: tuple[int, int] | None = None  # slide window (h, w)
-    stride: tuple[int, int] | None = None
-    slide_batch: int = 4  # windows per forward pass
+    crop_size: tuple[AtLeast1, AtLeast1] | None = None  # slide window (h, w)
+    stride: tuple[AtLeast1, AtLeast1] | None = None  # at most crop_size (checked in _check_relations)
+    slide_batch: AtLeast1 = 4  # windows per forward pass
     tta: bool = False
-    tta_scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    tta_scales: list[Positive] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     tta_flip: bool = True
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 1000  # write checkpoints/last.pt every N iterations (and at the end)
-    keep: int = 0  # also keep the newest N checkpoints/iter_<N>.pt
+    interval: AtLeast1 = 1000  # write checkpoints/last.pt every N iterations (and at the end)
+    keep: AtLeast0 = 0  # also keep the newest N checkpoints/iter_<N>.pt
     save_full_model: bool = False  # default: only what training changed + frozen-weights reference
 
 
@@ -167,8 +200,8 @@ class RuntimeConfig:
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["off", "fp16", "bf16"] = "off"
-    num_workers: int = 2
-    log_interval: int = 10
+    num_workers: AtLeast0 = 2
+    log_interval: AtLeast1 = 10
     find_unused_parameters: bool = False
     cudnn_benchmark: bool = False
 
@@ -309,13 +342,22 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, referrer: Path | None = None) -> dict:
+    if path.is_dir():
+        raise SegpromptError(f"recipe '{path}' is a directory; pass a YAML recipe file, e.g. "
+                             f"'{next(iter(sorted(path.glob('*.yaml'))), path / 'NAME.yaml')}'")
     if not path.is_file():
+        if referrer is not None:
+            raise SegpromptError(f"base recipe '{path}' does not exist; 'base:' in '{referrer}' names it "
+                                 f"(base paths are relative to the recipe's folder)")
         raise SegpromptError(f"recipe '{path}' does not exist")
     try:
         d = yaml_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SegpromptError(f"recipe '{path}' is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise SegpromptError(f"recipe '{path}' is not valid YAML{where}: {' '.join(what.split())}") from None
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -328,7 +370,7 @@ def _load_tree(path: Path, src: _Source, stack: tuple[Path, ...] = ()) -> dict:
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise SegpromptError(f"recipe inheritance loops: {chain}")
-    d = _read_yaml(path)
+    d = _read_yaml(path, stack[-1] if stack else None)
     bases = d.pop("base", None)
     if bases is None:
         bases = []
@@ -424,7 +466,21 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def validate(tree: dict, src: _Source) -> Recipe:
-    return _check(tree, Recipe, "", src)
+    recipe = _check(tree, Recipe, "", src)
+    _check_relations(recipe, src)
+    return recipe
+
+
+def _check_relations(r: Recipe, src: _Source) -> None:
+    """Rules that tie two keys together (each key's own range is checked by its type)."""
+    ev = r.evaluation
+    if ev.mode == "slide" and (ev.crop_size is None or ev.stride is None):
+        _fail(src, "evaluation.mode", "evaluation.mode 'slide' needs evaluation.crop_size and evaluation.stride "
+                                      "(window and step, [h, w]); set both, or use mode 'whole'")
+    if ev.crop_size is not None and ev.stride is not None and any(
+            s > c for s, c in zip(ev.stride, ev.crop_size)):
+        _fail(src, "evaluation.stride", f"evaluation.stride {list(ev.stride)} must not exceed evaluation.crop_size "
+                                        f"{list(ev.crop_size)} (windows would leave gaps)")
 
 
 def _type_name(tp: Any) -> str:
@@ -432,7 +488,8 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if origin is typing.Annotated:
-        return "a component mapping with 'name'"
+        base, rng = typing.get_args(tp)
+        return f"{_type_name(base)} {rng}" if isinstance(rng, Range) else "a component mapping with 'name'"
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is Literal:
@@ -467,6 +524,11 @@ def _check(value: Any, tp: Any, path: str, src: _Source) -> Any:
         return value
     if origin is typing.Annotated:
         base, kind = typing.get_args(tp)
+        if isinstance(kind, Range):
+            value = _check(value, base, path, src)
+            if value not in kind:
+                _fail(src, path, f"'{shown}' must be {_type_name(tp)}, got {value!r}")
+            return value
         return _check_component(value, kind, path, src)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)

@@ -81,7 +81,7 @@ def test_unknown_section(tmp_path):
     ("schedule.iters=ten", r"'schedule.iters' must be int, got 'ten'"),
     ("optimizer.lr=true", r"'optimizer.lr' must be float, got True"),
     ("runtime.deterministic=1", r"'runtime.deterministic' must be bool"),
-    ("data.train.crop_size=[1, 2, 3]", r"'data.train.crop_size' must be a list of 2 \(int, int\), got \[1, 2, 3\]"),
+    ("data.train.crop_size=[1, 2, 3]", r"'data.train.crop_size' must be a list of 2 \(int >= 1, int >= 1\), got \[1, 2, 3\]"),
     ("runtime.amp=fp8", r"'runtime.amp' must be one of 'off', 'fp16', 'bf16', got 'fp8'"),
     ("data.mean=3", r"'data.mean' must be a list of 3"),
     ("optimizer=5", r"'optimizer' must be a mapping"),

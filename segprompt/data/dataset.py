@@ -4,7 +4,8 @@
 uint8 train IDs, 255 = ignore) and ``ROOT/meta.json``. Labels are never shifted here: every
 remapping happened once, at prepare time. Each sample is checked as it is read (readable image,
 equal image/label sizes, label values in {0..K-1, ignore}), so a wrong label fails with the file
-name instead of a device-side assert or a silently wrong metric.
+name instead of a device-side assert or a silently wrong metric. A JPEG or PNG cut short is
+unreadable too, though OpenCV would decode it (:mod:`segprompt.data.truncation`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta
 from segprompt.data.transforms import TestTransform, TrainTransform, label_to_tensor, to_tensor
+from segprompt.data.truncation import truncated_file
 from segprompt.data.view import identity_view
 from segprompt.errors import SegpromptError
 
@@ -29,17 +31,26 @@ class BadImage(Exception):
     """An image that could not be decoded (may be skipped when the recipe allows it)."""
 
 
-def read_image(path: Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+def _decode(path: Path, flags: int) -> tuple[np.ndarray | None, str]:
+    """(the decoded array or None, why not) of an image file."""
+    img = cv2.imread(str(path), flags)
     if img is None:
-        raise BadImage(f"cannot read image '{path}': the file is missing, empty or corrupt")
+        return None, "the file is missing, empty or corrupt"
+    cut = truncated_file(path)
+    return (None, cut) if cut else (img, "")
+
+
+def read_image(path: Path) -> np.ndarray:
+    img, why = _decode(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise BadImage(f"cannot read image '{path}': {why}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def read_label(path: Path) -> np.ndarray:
-    lbl = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    lbl, why = _decode(path, cv2.IMREAD_UNCHANGED)
     if lbl is None:
-        raise SegpromptError(f"cannot read label '{path}': the file is missing, empty or corrupt")
+        raise SegpromptError(f"cannot read label '{path}': {why}")
     if lbl.ndim != 2 or lbl.dtype != np.uint8:
         raise SegpromptError(
             f"label '{path}' must be a single-channel 8-bit PNG of class ids (got shape {lbl.shape}, "

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from segprompt.data.meta import ANN_DIR, IMG_DIR, META_FILE, DatasetMeta, read_meta, write_meta
-from segprompt.errors import SegpromptError
+from segprompt.errors import SegpromptError, os_problem
 
 __all__ = ["generate_synthetic", "class_names", "DEFAULT_COUNTS", "MAX_CLASSES"]
 
@@ -329,6 +329,8 @@ def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
             raise SegpromptError(f"object_scale must be in [0.25, 2], got {object_scale}")
         options["object_scale"] = float(object_scale)
 
+    if out.exists() and not out.is_dir():
+        raise SegpromptError(f"'{out}' is a file, not a folder; pass another --out")
     existing = out.exists() and not (out.is_dir() and not any(out.iterdir()))  # an empty dir is free
     if existing and not force:
         meta = _same_dataset(out, options)
@@ -339,7 +341,10 @@ def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
             f"size, counts, shift). Pass another --out, or --force to replace it (the old folder is "
             f"kept as '{out.name}.old-<timestamp>').")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SegpromptError(f"cannot create {os_problem(e, out)}") from None
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

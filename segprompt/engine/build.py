@@ -6,7 +6,9 @@ the explicit tables in :mod:`segprompt.models` and :mod:`segprompt.tuning`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,17 @@ from segprompt.tuning import METHODS, TuningContext
 
 def _kwargs(component: dict) -> dict:
     return {k: v for k, v in component.items() if k != "name"}
+
+
+@contextlib.contextmanager
+def recipe_key(key: str, name: str | None = None) -> Iterator[None]:
+    """A constructor refusing a recipe's options (``ValueError``/``TypeError``, e.g. a ResNet depth
+    the schema cannot know) becomes a user error that names the recipe key that fed it."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        what = f"{key} ('{name}')" if name else key
+        raise SegpromptError(f"{what}: {' '.join(str(e).split())}; change it in the recipe or with --set") from None
 
 
 def load_backbone_weights(backbone: nn.Module, path: str, backbone_name: str) -> None:
@@ -68,22 +81,29 @@ def build_segmentor(cfg: Recipe, meta: DatasetMeta, load_pretrained: bool = True
         extra = {}
         if "class_names" in inspect.signature(backbone_cls).parameters:  # text-guided backbones
             extra["class_names"] = list(meta.classes)
-        backbone = backbone_cls(**_kwargs(m.backbone), **extra)
-        loss = LOSSES[cfg.loss["name"]](ignore_index=meta.ignore_index, **_kwargs(cfg.loss))
+        with recipe_key("model.backbone", m.backbone["name"]):
+            backbone = backbone_cls(**_kwargs(m.backbone), **extra)
+        with recipe_key("loss", cfg.loss["name"]):
+            loss = LOSSES[cfg.loss["name"]](ignore_index=meta.ignore_index, **_kwargs(cfg.loss))
 
-        def head(spec: dict) -> nn.Module:
+        def head(spec: dict, key: str) -> nn.Module:
             in_index = spec.get("in_index", -1)
-            in_channels = backbone.feature_channels[in_index]
-            return HEADS[spec["name"]](in_channels=in_channels, num_classes=meta.num_classes,
-                                       align_corners=m.align_corners, loss=loss, **_kwargs(spec))
+            channels = backbone.feature_channels
+            if not -len(channels) <= in_index < len(channels):
+                raise SegpromptError(f"{key}.in_index {in_index} is not a feature of backbone "
+                                     f"'{m.backbone['name']}', which has {len(channels)} (0..{len(channels) - 1})")
+            with recipe_key(key, spec["name"]):
+                return HEADS[spec["name"]](in_channels=channels[in_index], num_classes=meta.num_classes,
+                                           align_corners=m.align_corners, loss=loss, **_kwargs(spec))
 
-        decode_head = head(m.decode_head)
+        decode_head = head(m.decode_head, "model.decode_head")
         if getattr(decode_head, "task", "segmentation") == "recognition":
             if m.aux_heads:
                 raise SegpromptError("model.aux_heads: a classification head (linear_cls) takes no auxiliary heads")
             model = ImageClassifier(backbone, decode_head, [], m.align_corners)
         else:
-            model = EncoderDecoder(backbone, decode_head, [head(h) for h in m.aux_heads], m.align_corners)
+            aux = [head(h, f"model.aux_heads.{i}") for i, h in enumerate(m.aux_heads)]
+            model = EncoderDecoder(backbone, decode_head, aux, m.align_corners)
     if m.pretrained and load_pretrained:
         load_backbone_weights(model.backbone, m.pretrained, m.backbone["name"])
     if load_pretrained:  # CLIP text weights (or cached stage-1 embeddings) come from text.clip_weights
@@ -95,7 +115,8 @@ def apply_tuning(model: EncoderDecoder, cfg: Recipe, ctx: TuningContext) -> None
     """Let the recipe's tuning method decide what trains (it may insert modules)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.runtime.seed + 1)
-        METHODS[cfg.tuning["name"]](**_kwargs(cfg.tuning)).apply(model, ctx)
+        with recipe_key("tuning", cfg.tuning["name"]):
+            METHODS[cfg.tuning["name"]](**_kwargs(cfg.tuning)).apply(model, ctx)
 
 
 def build_model(cfg: Recipe, meta: DatasetMeta) -> EncoderDecoder:
@@ -133,7 +154,8 @@ def build_train_dataset(cfg: Recipe, meta: DatasetMeta) -> SegDataset | Recognit
 def build_eval_dataset(cfg: Recipe, meta: DatasetMeta, split: str | None = None) -> SegDataset | RecognitionDataset:
     if is_recognition(cfg):
         return _recognition_dataset(cfg, meta, split or cfg.data.val_split, train=False)
-    tf = TestTransform(scale=cfg.data.test.scale, keep_ratio=cfg.data.test.keep_ratio)
+    with recipe_key("data.test"):
+        tf = TestTransform(scale=cfg.data.test.scale, keep_ratio=cfg.data.test.keep_ratio)
     return SegDataset(cfg.data.root, split or cfg.data.val_split, meta, test_transform=tf,
                       skip_bad_images=cfg.data.skip_bad_images)
 

@@ -7,6 +7,11 @@ file and its SHA-256, or the seed the model was initialised with, and, for a run
 ``--load-from`` (e.g. the STDC paper's second stage on top of the first), that initial checkpoint
 and its SHA-256: frozen weights are rebuilt by loading the pretrained file, then the initial
 checkpoint. ``checkpoint.save_full_model`` stores the whole model instead. Every write is atomic (:mod:`segprompt.io`).
+
+``--load-from`` takes a segprompt checkpoint, an MMSegmentation one (``state_dict``) or a bare
+state dict (timm, torchvision) and refuses a file that supplies fewer than
+:data:`LOAD_FROM_MIN_SHARE` of the model's tensors, unless ``--load-from-partial`` says a partial
+load is meant: a file that matches nothing would otherwise train from scratch without a word.
 """
 
 from __future__ import annotations
@@ -19,8 +24,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from segprompt.errors import SegpromptError
+from segprompt.errors import SegpromptError, torch_load_reason
 from segprompt.io import atomic_torch_save, sha256_file
+
+# --load-from: the least share of the model's tensors (state-dict entries, BatchNorm's
+# num_batches_tracked counters not counted) the file must supply. The STDC second stage supplies
+# about 60% (its frozen CLIP text encoder comes from its own file); a foreign file supplies ~0%.
+LOAD_FROM_MIN_SHARE = 0.5
+# what `segprompt train` writes (what eval and --resume read)
+CONTENTS = ("a dict of 'model' (name -> tensor), 'iteration', 'config' and, for resuming, 'optimizer', "
+            "'scheduler', 'scaler', 'rng', written by `segprompt train` to RUN/checkpoints/")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "iteration", "best", "rng")
 
 
 def changed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -58,15 +72,40 @@ def frozen_source(pretrained: str | None, seed: int, init: str | Path | None = N
     return src
 
 
-def load_init(model: nn.Module, path: str | Path) -> list[str]:
+def init_tensors(state: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``--load-from`` file: segprompt's ``model``, MMSegmentation's ``state_dict``,
+    or a bare state dict (timm, torchvision)."""
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not (isinstance(state, dict) and state
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise SegpromptError(f"--load-from '{path}' holds no weights segprompt can read: it takes a segprompt "
+                             f"checkpoint ('model'), an MMSegmentation one ('state_dict') or a state dict of "
+                             f"tensors (timm, torchvision)")
+    return state
+
+
+def load_init(model: nn.Module, path: str | Path, *, partial: bool = False) -> tuple[int, int, list[str]]:
     """Initialise ``model`` from a checkpoint's weights, as MMSegmentation's ``load_from`` does
-    (non-strict): tensors the model does not have are skipped and returned; shapes must agree."""
-    state = load_checkpoint(path)
-    state = state.get("model", state)
+    (non-strict); shapes must agree. Unless ``partial``, the file must supply
+    :data:`LOAD_FROM_MIN_SHARE` of the model's tensors. Returns (tensors loaded, the model's
+    tensors, the file's tensors this model does not have), ``num_batches_tracked`` not counted."""
+    state = init_tensors(load_checkpoint(path), path)
     own = model.state_dict()
+    counted = [k for k in own if not k.endswith("num_batches_tracked")]
+    matched = [k for k in counted if k in state]
+    if not partial and len(matched) < LOAD_FROM_MIN_SHARE * len(counted):
+        missing = [k for k in counted if k not in state]
+        raise SegpromptError(
+            f"--load-from '{path}' supplies {len(matched)} of this model's {len(counted)} tensors (fewer than "
+            f"{LOAD_FROM_MIN_SHARE:.0%}): missing e.g. {missing[:4]}; the file holds e.g. {sorted(state)[:4]}. "
+            f"Pass a checkpoint of this recipe's model, or add --load-from-partial to load the {len(matched)} "
+            f"that match on purpose")
     dropped = sorted(k for k in state if k not in own)
     load_model_state(model, {k: v for k, v in state.items() if k in own}, str(path), allow_partial=True)
-    return dropped
+    return len(matched), len(counted), dropped
 
 
 def restore_frozen(model: nn.Module, ckpt: dict, where: str) -> None:
@@ -82,7 +121,7 @@ def restore_frozen(model: nn.Module, ckpt: dict, where: str) -> None:
     if sha256_file(path) != init["sha256"]:
         raise SegpromptError(f"checkpoint '{where}' was initialised from '{path}' (sha256 {init['sha256'][:12]}...), "
                              f"but that file has changed; restore the original")
-    load_init(model, path)
+    load_init(model, path, partial=True)  # accepted (or meant partial) when the run started
 
 
 def check_frozen_source(ckpt: dict, pretrained: str | None, where: str) -> None:
@@ -125,14 +164,35 @@ def save_checkpoint(path: Path, **fields: Any) -> None:
     atomic_torch_save(fields, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> Any:
+    """What a checkpoint file holds (tensors and plain data only: ``weights_only``)."""
     path = Path(path)
+    if path.is_dir():
+        raise SegpromptError(f"checkpoint '{path}' is a directory; pass a .pt file (a run's are in "
+                             f"{path / 'checkpoints'})")
     if not path.is_file():
         raise SegpromptError(f"checkpoint '{path}' does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise SegpromptError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:  # a truncated or foreign file: say which one, in one line
+        raise SegpromptError(f"checkpoint '{path}' cannot be read ({torch_load_reason(e)}): it is truncated, corrupt "
+                             f"or not a PyTorch checkpoint; a segprompt checkpoint is {CONTENTS}") from None
+
+
+def load_run_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """A checkpoint ``segprompt train`` wrote (for ``eval``; with ``resume``, one that holds the
+    training state too); anything else is an error naming the file and what such a checkpoint holds."""
+    state = load_checkpoint(path)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())):
+        found = f"keys {sorted(map(str, state))[:6]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise SegpromptError(f"'{path}' is not a segprompt checkpoint (it holds {found}); a segprompt checkpoint "
+                             f"is {CONTENTS}")
+    lacking = [k for k in RESUME_KEYS if k not in state] if resume else []
+    if lacking:
+        raise SegpromptError(f"checkpoint '{path}' cannot be resumed: it has no {', '.join(lacking)} (a deployed "
+                             f"or exported model); start a new run from its weights with --load-from")
+    return state
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, *,

@@ -176,7 +176,7 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrid
     env = dist_utils.init_distributed(cfg.runtime.device)
     try:
         meta = dataset_meta(cfg)
-        state = ckpt.load_checkpoint(ckpt_path)
+        state = ckpt.load_run_checkpoint(ckpt_path)
         ckpt.check_frozen_source(state, cfg.model.pretrained, str(ckpt_path))
         model = build_checkpoint_model(cfg, meta, state, str(ckpt_path))
         model.to(env.device)

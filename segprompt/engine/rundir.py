@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from segprompt import __version__
-from segprompt.errors import SegpromptError
+from segprompt.errors import SegpromptError, os_problem
 from segprompt.io import atomic_write_json, atomic_write_text
 
 CONFIG = "config.yaml"
@@ -38,11 +38,16 @@ def default_run_dir(recipe: str | Path, results: str | Path = "results") -> Path
 
 def new_run_dir(path: Path) -> Path:
     """Create ``path`` for a new run; refuse a folder that already holds anything."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise SegpromptError(
-            f"run directory '{path}' already exists and is not empty; choose another --out, or "
-            f"continue that run with `segprompt train ... --out {path} --resume auto`")
-    (path / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise SegpromptError(f"run directory '{path}' is a file, not a folder; choose another --out")
+    if path.is_dir() and any(path.iterdir()):
+        resume = (f", or continue that run with `segprompt train ... --out {path} --resume auto`"
+                  if (path / CONFIG).is_file() else "")
+        raise SegpromptError(f"run directory '{path}' already exists and is not empty; choose another --out{resume}")
+    try:
+        (path / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SegpromptError(f"cannot create run directory {os_problem(e, path)}") from None
     return path
 
 
@@ -116,9 +121,14 @@ def setup_logging(run: Path | None, is_main: bool) -> logging.Logger:
         log.removeHandler(h)
         h.close()
     if is_main:
-        from rich.logging import RichHandler
+        if sys.stdout.isatty():
+            from rich.logging import RichHandler
 
-        log.addHandler(RichHandler(show_path=False, markup=False, rich_tracebacks=False))
+            log.addHandler(RichHandler(show_path=False, markup=False, rich_tracebacks=False))
+        else:  # a log file or a pipe: one line per record, never wrapped at 80 columns
+            sh = logging.StreamHandler(sys.stdout)
+            sh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(sh)
         if run is not None:
             fh = logging.FileHandler(run / "train.log")
             fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

@@ -39,7 +39,7 @@ from segprompt.engine.optim import build_optimizer, build_scheduler
 from segprompt.engine.progress import progress_bar
 from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST, MetricsLog, default_run_dir, environment,
                                      find_latest_run, new_run_dir, setup_logging, write_run_files)
-from segprompt.errors import DivergedError, SegpromptError
+from segprompt.errors import DivergedError, SegpromptError, os_problem
 from segprompt.io import atomic_write_json
 from segprompt.models.text_guidance import deploy_text, has_learned_text
 
@@ -49,6 +49,7 @@ class RunPlan:
     run_dir: Path
     cfg: Recipe
     resume_from: Path | None
+    note: str | None = None  # logged once the run's log is open
 
 
 def _check_same_config(saved: Recipe, now: Recipe, run_dir: Path) -> None:
@@ -72,8 +73,12 @@ def plan_run(recipe: str | Path, overrides: list[str], out: str | Path | None, r
             if run_dir is not None and (run_dir / CONFIG).is_file():
                 # the run died before its first checkpoint: start it again in the same place
                 _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
-                return RunPlan(run_dir, cfg, None)
-            return RunPlan(new_run_dir(run_dir or default_run_dir(recipe)), cfg, None)
+                return RunPlan(run_dir, cfg, None, f"--resume auto: '{run_dir}' has no checkpoint yet; "
+                                                   f"starting it again from iteration 0")
+            where = f"'{run_dir}'" if run_dir is not None else f"'{default_run_dir(recipe).parent}'"
+            run_dir = new_run_dir(run_dir or default_run_dir(recipe))
+            return RunPlan(run_dir, cfg, None, f"--resume auto: no run with a checkpoint in {where}; "
+                                               f"starting a new run in '{run_dir}'")
         ckpt_path = run_dir / CKPT_DIR / LAST
     else:
         p = Path(resume)
@@ -111,8 +116,9 @@ def _micro_batch(cfg: Recipe, world: int) -> int:
 
 
 def train(recipe: str | Path, overrides: list[str] = (), *, out: str | Path | None = None,
-          resume: str | None = None, load_from: str | Path | None = None) -> Path:
-    """Run (or resume) one training run; returns its run directory."""
+          resume: str | None = None, load_from: str | Path | None = None, load_from_partial: bool = False) -> Path:
+    """Run (or resume) one training run; returns its run directory. ``load_from_partial`` lets
+    ``load_from`` supply less than ``checkpoint.LOAD_FROM_MIN_SHARE`` of the model's tensors."""
     pre = load_recipe(recipe, overrides)
     env = dist_utils.init_distributed(pre.runtime.device)
     try:
@@ -126,14 +132,16 @@ def train(recipe: str | Path, overrides: list[str] = (), *, out: str | Path | No
         plan, error = dist_utils.broadcast_object((plan, error))
         if error:
             raise SegpromptError(error)
-        return _train(plan, env, load_from)
+        return _train(plan, env, load_from, load_from_partial)
     finally:
         dist_utils.cleanup()
 
 
-def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None) -> Path:
+def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, load_from_partial: bool) -> Path:
     cfg, run_dir = plan.cfg, plan.run_dir
     log = setup_logging(run_dir if env.is_main else None, env.is_main)
+    if plan.note:
+        log.info("%s", plan.note)
     seed_everything(cfg.runtime.seed + env.rank, cfg.runtime.deterministic, cfg.runtime.cudnn_benchmark)
     if env.is_main:
         write_run_files(run_dir, dump_recipe(cfg), environment(env.world_size, cfg.runtime.seed, env.device))
@@ -143,8 +151,9 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
 
     model = build_model(cfg, meta)
     if load_from:
-        dropped = ckpt.load_init(model, load_from)
-        log.info("loaded weights from %s (iteration counter starts at 0)%s", load_from,
+        loaded, total, dropped = ckpt.load_init(model, load_from, partial=load_from_partial)
+        log.info("loaded weights from %s: %d of the model's %d tensors (iteration counter starts at 0)%s",
+                 load_from, loaded, total,
                  f"; skipped {len(dropped)} tensor(s) this model does not have: {dropped[:8]}" if dropped else "")
     model.to(env.device)
     if env.distributed:
@@ -159,7 +168,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
     start_iter, best = 0, None
     rng_states = None
     if plan.resume_from is not None:
-        state = ckpt.load_checkpoint(plan.resume_from)
+        state = ckpt.load_run_checkpoint(plan.resume_from, resume=True)
         ckpt.check_frozen_source(state, cfg.model.pretrained, str(plan.resume_from))
         ckpt.restore_frozen(model, state, str(plan.resume_from))
         ckpt.load_model_state(model, state["model"], str(plan.resume_from))
@@ -206,15 +215,29 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
     if frozen and plan.resume_from is not None and state.get("frozen_source", {}).get("init"):
         init_from = state["frozen_source"]["init"]["path"]
 
+    saved = {LAST: start_iter} if plan.resume_from is not None else {}  # name -> iteration on disk
+    if best is not None:
+        saved[BEST] = best["iter"]
+
     def save(name: str, iteration: int) -> None:
         states = dist_utils.all_gather_object(ckpt.rng_state())
         if env.is_main:
-            ckpt.save_checkpoint(
-                run_dir / CKPT_DIR / name, model=ckpt.model_state(model, cfg.checkpoint.save_full_model),
-                full_model=cfg.checkpoint.save_full_model,
-                frozen_source=ckpt.frozen_source(frozen_from, cfg.runtime.seed, init_from),
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                iteration=iteration, best=best, rng=states, config=cfg.to_dict())
+            path = run_dir / CKPT_DIR / name
+            try:
+                ckpt.save_checkpoint(
+                    path, model=ckpt.model_state(model, cfg.checkpoint.save_full_model),
+                    full_model=cfg.checkpoint.save_full_model,
+                    frozen_source=ckpt.frozen_source(frozen_from, cfg.runtime.seed, init_from),
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                    iteration=iteration, best=best, rng=states, config=cfg.to_dict())
+            except OSError as e:  # the write is atomic: the file on disk is the previous one
+                kept = (f"the previous '{name}' (iteration {saved[name]}) is intact"
+                        if name in saved and path.is_file() else f"no earlier '{name}' was written")
+                raise SegpromptError(f"checkpoint of iteration {iteration} not saved: "
+                                     f"{os_problem(e, path, hint=False)}; {kept}. Free space (or fix what the error "
+                                     f"names), then continue with `segprompt train ... --out {run_dir} --resume auto`"
+                                     ) from None
+            saved[name] = iteration
         dist_utils.barrier()
 
     skipped: set[str] = set()
@@ -248,8 +271,9 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
                                   **{n: float(v) for n, v in zip(["loss", *parts], values.tolist())})
                 raise DivergedError(
                     f"non-finite loss at iteration {step + 1} ({', '.join(f'{n}={v:.4g}' for n, v in zip(['loss', *parts], values.tolist()))}); "
-                    f"training stopped without saving. The last good checkpoint is "
-                    + (f"'{last}' (iteration {ckpt.load_checkpoint(last)['iteration']})" if last.is_file() else "none")
+                    f"training stopped without saving. "
+                    + (f"The last good checkpoint is '{last}' (iteration {ckpt.load_checkpoint(last)['iteration']})"
+                       if last.is_file() else "No checkpoint was saved before it")
                     + ". Lower optimizer.lr, set optimizer.grad_clip, or check the data")
             if cfg.optimizer.grad_clip:
                 scaler.unscale_(optimizer)
@@ -300,8 +324,15 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None)
         deploy_best(model, run_dir, cfg)
         log.info("deployed model (text embeddings computed once, no text encoder): %s",
                  run_dir / CKPT_DIR / DEPLOYED)
-    log.info("done: %s (best %s)", run_dir, best)
+    log.info("%s", _summary(run_dir, best, iters))
     return run_dir
+
+
+def _summary(run_dir: Path, best: dict | None, iters: int) -> str:
+    """The run's last log line: where it is and its best evaluation."""
+    score = (f"best {best['metric']} {best['value']:.2f} at iteration {best['iter']} ({run_dir / CKPT_DIR / BEST})"
+             if best else "no evaluation")
+    return f"done: {iters} iteration{'s' if iters != 1 else ''} in '{run_dir}'; {score}"
 
 
 def deploy_best(model: torch.nn.Module, run_dir: Path, cfg: Recipe) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segprompt.errors import SegpromptError
+from segprompt.errors import SegpromptError, torch_load_reason
 from segprompt.io import atomic_torch_save, sha256_file
 from segprompt.models.text.clip_text import DEFAULT_WEIGHTS, CLIPTextEncoder, missing_weights_error, text_config
 from segprompt.models.text.prompt_learner import PromptLearner
@@ -149,8 +149,8 @@ class TextGuidance(nn.Module):
             ok = (blob["class_names"] == self.class_names and tuple(emb.shape) == (self.num_classes, self.embed_dim)
                   and (sha is None or blob["clip_sha256"] == sha))
         except Exception as e:
-            raise SegpromptError(f"cached text embeddings '{path}' cannot be read ({type(e).__name__}: {e}); "
-                                 f"delete the file and it is recomputed from the CLIP weights") from e
+            raise SegpromptError(f"cached text embeddings '{path}' cannot be read ({torch_load_reason(e)}); "
+                                 f"delete the file and it is recomputed from the CLIP weights") from None
         if not ok:
             raise SegpromptError(f"cached text embeddings '{path}' are for other class names or another CLIP "
                                  f"file; delete the file and it is recomputed from the CLIP weights")

@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 
 from segprompt.data.meta import ANN_DIR, IMG_DIR, META_FILE, DatasetMeta, read_meta, write_meta
+from segprompt.data.truncation import truncated, truncated_file
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -261,8 +262,15 @@ def match_members(source: Source, pattern: str) -> list[tuple[str, re.Match]]:
 
 # ------------------------------------------------------------------------------ decoding, mapping
 
+def _check_whole(data: bytes, where: str) -> None:
+    cut = truncated(data)
+    if cut:  # OpenCV would decode it, the missing part grey
+        raise SegpromptError(f"{where} is not a readable image ({cut}); the archive or copy is damaged")
+
+
 def decode_image(data: bytes, where: str) -> np.ndarray:
     """A colour image as OpenCV gives it: HxWx3 uint8, **BGR** channel order."""
+    _check_whole(data, where)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise SegpromptError(f"{where} is not a readable image (corrupt or truncated)")
@@ -276,6 +284,7 @@ def decode_rgb(data: bytes, where: str) -> np.ndarray:
 
 def decode_index(data: bytes, where: str) -> np.ndarray:
     """A single-channel 8-bit index image (label ids), exactly as stored."""
+    _check_whole(data, where)
     lbl = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if lbl is None:
         raise SegpromptError(f"{where} is not a readable image (corrupt or truncated)")
@@ -402,6 +411,10 @@ def verify_sample(root: Path, sample: Sample, num_classes: int) -> list[int]:
     lbl = cv2.imread(str(lbl_path), cv2.IMREAD_UNCHANGED)
     if lbl is None:
         raise SegpromptError(f"label '{lbl_path}' is missing or does not decode")
+    for kind, path in (("image", img_path), ("label", lbl_path)):
+        cut = truncated_file(path)
+        if cut:
+            raise SegpromptError(f"{kind} '{path}' is cut short ({cut})")
     if lbl.ndim != 2 or lbl.dtype != np.uint8:
         raise SegpromptError(f"label '{lbl_path}' is not a single-channel 8-bit PNG ({lbl.shape}, {lbl.dtype})")
     if img.shape[:2] != lbl.shape:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segprompt.errors import SegpromptError
+from segprompt.errors import SegpromptError, torch_load_reason
 
 _SHOWN = 20  # keys listed per kind of mismatch
 
@@ -31,7 +31,8 @@ def read_state_dict(path: str | Path, name: str, kind: str) -> dict[str, torch.T
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SegpromptError(f"pretrained weights '{p}' cannot be read ({type(e).__name__}: {e})") from e
+        raise SegpromptError(f"pretrained weights '{p}' cannot be read ({torch_load_reason(e)}): it is truncated, "
+                             f"corrupt or not a PyTorch checkpoint") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -25,7 +25,7 @@ import torch
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
-from segprompt.errors import SegpromptError
+from segprompt.errors import SegpromptError, torch_load_reason
 from segprompt.models.backbones.checkpoint import load_strict
 
 DEFAULT_WEIGHTS = "pretrained/clip/RN50.pt"
@@ -86,7 +86,7 @@ def read_clip_state_dict(path: str | Path, arch: str = "RN50") -> dict[str, torc
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
             raise SegpromptError(f"CLIP weights '{p}' cannot be read as OpenAI's TorchScript archive or as a "
-                                 f"state dict ({type(e).__name__}: {e})") from e
+                                 f"state dict ({torch_load_reason(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
