@@ -279,8 +279,11 @@ def resolve_recipe(name: str | Path, folder: Path | None = None) -> Path:
     shipped = _shipped_candidate(name)
     if shipped is not None:
         return shipped
-    what = "is a folder, not a recipe file" if local.is_dir() else "does not exist"
-    raise SegpromptError(f"recipe '{local}' {what}, and '{name}' is not a shipped recipe (those are under "
+    if local.is_dir():
+        inside = next(iter(sorted(local.glob("*.yaml"))), None)
+        raise SegpromptError(f"recipe '{local}' is a directory; pass a YAML recipe file"
+                             + (f", e.g. '{inside}'" if inside else ""))
+    raise SegpromptError(f"recipe '{local}' does not exist, and '{name}' is not a shipped recipe (those are under "
                          f"{shipped_recipes()}). {_closest_shipped(name)}Give a recipe file, or the name of a "
                          f"shipped one such as smoke or spm/ade20k_r101_spm")
 

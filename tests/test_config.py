@@ -179,7 +179,7 @@ def test_recipe_names_resolve_to_shipped_recipes(tmp_path, monkeypatch):
     assert load_recipe("smoke").schedule.iters == 40  # no file called 'smoke': the shipped one
     with pytest.raises(SegpromptError, match=r"recipe 'smok' does not exist.*Did you mean 'smoke'\? Give a recipe file"):
         load_recipe("smok")
-    with pytest.raises(SegpromptError, match="is a folder, not a recipe file"):
+    with pytest.raises(SegpromptError, match="is a directory; pass a YAML recipe file"):
         load_recipe(tmp_path)
 
 
