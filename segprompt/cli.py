@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from segprompt.errors import SegpromptError
+from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient and text-guided semantic segmentation experiments.")
@@ -438,3 +438,12 @@ def main() -> None:
     except SegpromptError as e:
         err_console.print(f"[bold red]error:[/] {_user_message(e)}", markup=True, highlight=False)
         sys.exit(2)
+    except RunInterrupted as e:  # last.pt saved; the message says how to resume (docs/runs.md)
+        if _is_main():
+            err_console.print(str(e), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(128 + e.signum)
+    except RunCrashed as e:  # the traceback is in the run's train.log
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(1)

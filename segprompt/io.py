@@ -3,6 +3,10 @@
 A write lands in a temporary file in the destination folder, is flushed to disk, and is renamed
 over the destination in one step, so a crash (or SIGKILL) leaves either the old file or the new
 one, never a half-written file that a later run would trust.
+
+A temporary's name carries the writing process's PID and host (``.<name>.~<pid>@<host>~<random>.tmp``),
+so the next run can tell leftovers of a killed process from another process's write in progress:
+:func:`remove_stale_temporaries` removes only those whose PID is not alive on this host (docs/runs.md).
 """
 
 from __future__ import annotations
@@ -11,15 +15,67 @@ import hashlib
 import io
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
 
+_TEMP = re.compile(r"^\.(?P<name>.+)\.~(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)~[^/]*\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "_"
+
+
+def temp_prefix(path: str | os.PathLike, pid: int | None = None) -> str:
+    """Prefix of the temporaries of ``path`` written by this process (or ``pid`` on this host);
+    add a random part and ``.tmp``."""
+    return f".{Path(path).name}.~{os.getpid() if pid is None else pid}@{_host()}~"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named like one of our temporaries (of any process)."""
+    return _TEMP.match(Path(path).name) is not None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporaries in ``folder`` (of ``name`` only, if given) left by processes that are
+    dead; those of live processes and of other hosts are kept. Returns what was removed."""
+    folder, host, removed = Path(folder), _host(), []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        m = _TEMP.match(p.name)
+        if m is None or m["host"] != host or (name is not None and m["name"] != name) or pid_alive(int(m["pid"])):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except FileNotFoundError:  # another process cleaned it up first
+            continue
+        removed.append(p)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
