@@ -16,7 +16,7 @@ import typer
 import typer.core
 from rich.console import Console
 
-from segprompt.errors import USER_OS_ERRORS, SegpromptError, os_problem
+from segprompt.errors import USER_OS_ERRORS, RunCrashed, RunInterrupted, SegpromptError, os_problem
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient and text-guided semantic segmentation experiments.")
@@ -481,13 +481,19 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv)
     except SegpromptError as e:
         _fail(_user_message(e))
+    except RunInterrupted as e:  # last.pt saved; the message says how to resume (docs/runs.md)
+        if _is_main():
+            err_console.print(str(e), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(128 + e.signum)
+    except RunCrashed as e:  # the traceback is in the run's train.log
+        _fail(str(e), status=1)
     except OSError as e:
         if e.errno not in USER_OS_ERRORS:
             raise
         _fail(os_problem(e))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
     err_console.print("[bold red]error:[/] ", end="", markup=True, highlight=False)
     err_console.print(message, markup=False, highlight=False)
-    sys.exit(2)
+    sys.exit(status)

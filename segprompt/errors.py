@@ -50,6 +50,24 @@ def torch_load_reason(e: Exception) -> str:
     return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
-class DivergedError(SegpromptError):
+class NonFiniteLoss(SegpromptError):
     """Training met a non-finite loss: the run's settings (usually the learning rate) diverge.
-    A learning-rate sweep records it as a diverged run rather than stopping."""
+    A learning-rate sweep (``segprompt demo``) records it as a diverged run rather than stopping."""
+
+
+class RunInterrupted(BaseException):
+    """Training stopped on SIGINT/SIGTERM at an iteration boundary; the message says how to resume.
+
+    Not an ``Exception`` (as ``KeyboardInterrupt`` is not), so code that carries on after a failed
+    run, such as ``segprompt ablate``, stops. The CLI exits with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message, signum)
+        self.message, self.signum = message, signum
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RunCrashed(Exception):
+    """A run died of an unexpected exception (a bug) whose traceback is already in its train.log."""

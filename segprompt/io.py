@@ -5,6 +5,10 @@ over the destination in one step, so a crash (or SIGKILL) leaves either the old 
 one, never a half-written file that a later run would trust. The file gets the mode any other
 file would (0666 less the umask; ``mkstemp`` would make it 0600), and a failed write raises the
 ``OSError`` naming the destination, not the temporary file.
+
+A temporary's name carries the writing process's PID and host (``.<name>.~<pid>@<host>~<random>.tmp``),
+so the next run can tell leftovers of a killed process from another process's write in progress:
+:func:`remove_stale_temporaries` removes only those whose PID is not alive on this host (docs/runs.md).
 """
 
 from __future__ import annotations
@@ -13,16 +17,68 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
+_TEMP = re.compile(r"^\.(?P<name>.+)\.~(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)~[^/]*\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "_"
+
+
+def temp_prefix(path: str | os.PathLike, pid: int | None = None) -> str:
+    """Prefix of the temporaries of ``path`` written by this process (or ``pid`` on this host);
+    add a random part and ``.tmp``."""
+    return f".{Path(path).name}.~{os.getpid() if pid is None else pid}@{_host()}~"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named like one of our temporaries (of any process)."""
+    return _TEMP.match(Path(path).name) is not None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporaries in ``folder`` (of ``name`` only, if given) left by processes that are
+    dead; those of live processes and of other hosts are kept. Returns what was removed."""
+    folder, host, removed = Path(folder), _host(), []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        m = _TEMP.match(p.name)
+        if m is None or m["host"] != host or (name is not None and m["name"] != name) or pid_alive(int(m["pid"])):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except FileNotFoundError:  # another process cleaned it up first
+            continue
+        removed.append(p)
+    return removed
+
 
 def _create_temp(path: Path) -> tuple[int, Path]:
-    """A new ``.<name>.<random>.tmp`` beside ``path``, opened for writing with mode 0666 less the umask."""
+    """A new temporary beside ``path`` (named by :func:`temp_prefix`), opened for writing with mode
+    0666 less the umask."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = path.parent / f"{temp_prefix(path)}{secrets.token_hex(4)}.tmp"
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:

@@ -144,6 +144,25 @@ def test_run_skips_finished_runs_and_resumes_interrupted_ones(table, tmp_path):
         ab.build_plan(table, root=root, rows=["full"])
 
 
+def test_a_cell_running_elsewhere_is_not_run_twice(table, tmp_path):
+    from segprompt.engine import runlock
+
+    plan = ab.build_plan(table, root=tmp_path / "ab", rows=["head"], seeds=1)
+    run = plan.runs[0]
+    held = runlock.lock_run_dir(run.dir)  # as another `ablate` (or `train`) running this cell holds it
+    try:
+        assert ab.build_plan(table, root=tmp_path / "ab", rows=["head"], seeds=1).runs[0].state == "missing"
+        report = ab.run_plan(plan, echo=lambda m: None)
+    finally:
+        held.release()
+    assert report.launched == [] and not report.failed
+    [(waiting, why)] = report.waiting
+    assert waiting is run and why.startswith(f"running in another process (PID {os.getpid()} on host ")
+    assert sorted(p.name for p in run.dir.iterdir()) == [".lock"]  # nothing written by a second writer
+    report = ab.run_plan(plan, echo=lambda m: None)  # once it is free, the cell runs
+    assert [r.dir for r in report.launched] == [run.dir] and run.done
+
+
 def test_finished_run_of_another_table_is_reused(table, tmp_path):
     root = tmp_path / "ab"
     plan = ab.build_plan(table, root=root, rows=["full"], seeds=1)

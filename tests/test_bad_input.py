@@ -89,7 +89,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, syntheti
     assert last["iteration"] == failed_at - 1 and f"(iteration {failed_at - 1})" in msg
     assert all(torch.isfinite(v.float()).all() for v in last["model"].values())
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert events[-1]["event"] == "non_finite_loss" and events[-1]["iter"] == failed_at
+    assert events[-2]["event"] == "non_finite_loss" and events[-2]["iter"] == failed_at
+    assert events[-1] == {"event": "end", "status": "diverged", "iter": failed_at - 1}
+    last_line = (run / "train.log").read_text().splitlines()[-1]
+    assert f"run ended: diverged after {failed_at - 1} iteration(s): non-finite loss at iteration {failed_at}" in last_line
 
 
 def test_missing_and_mismatched_pretrained_weights(tmp_path, synthetic_root):

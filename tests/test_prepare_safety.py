@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, write_recipe
+from faults import dead_pid
 from segprompt.data.meta import read_meta
 from segprompt.data.prepare import check, prepare
 from segprompt.errors import SegpromptError
-from segprompt.io import sha256_file
+from segprompt.io import sha256_file, temp_prefix
 from test_prepare import (make_ade20k, make_chase_db1, make_cityscapes, make_vaihingen, png, vaihingen_counts,
                           write_tar, write_zip)
 
@@ -76,7 +77,8 @@ def test_interrupted_conversion_resumes_and_ends_identical(tmp_path):
         read_meta(out, "vaihingen")
     written = sorted((out / "ann_dir").rglob("*.png"))
     assert 0 < len(written) < sum(counts.values())
-    stale = out / "img_dir" / "val" / ".area2_0_0_16_16.png.k3j2.tmp"  # what a kill mid-write leaves
+    # what a kill mid-write leaves: a temporary named after a process that is gone
+    stale = out / "img_dir" / "val" / f"{temp_prefix('area2_0_0_16_16.png', pid=dead_pid())}k3j2.tmp"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"\x89PNG half")
     kept = {p: p.stat().st_mtime_ns for p in written}

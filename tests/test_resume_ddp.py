@@ -1,4 +1,4 @@
-"""Exact resume after SIGKILL, and DDP (2 gloo processes) against one process.
+"""Exact resume after SIGKILL and after SIGINT/SIGTERM, and DDP (2 gloo processes) against one process.
 
 These run the real CLI in subprocesses, as a user (or torchrun) would.
 """
@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+import faults
 from conftest import REPO, run_cli, write_recipe
 
 DETERMINISTIC = ["runtime.deterministic=true", "schedule.iters=12", "checkpoint.interval=4",
@@ -118,3 +119,78 @@ def test_distributed_evaluation_matches_single_process(uninterrupted, tmp_path):
     assert r1["per_class"] == r2["per_class"]  # pixel counts and IoUs identical
     for k in ("aAcc", "mIoU", "mAcc", "mDice", "mFscore"):
         assert r1[k] == r2[k]
+
+
+def _train_args(recipe, run, *extra):
+    return ("train", str(recipe), "--out", str(run), *sum((["--set", s] for s in DETERMINISTIC), []), *extra)
+
+
+def _assert_resumes_exactly(recipe, run, ref, stopped_at):
+    """``--resume auto`` from the interrupt's last.pt ends bitwise equal to the uninterrupted run."""
+    assert _last(run)["iteration"] == stopped_at
+    res = run_cli(*_train_args(recipe, run, "--resume", "auto"))
+    assert res.returncode == 0, res.stderr
+    a, b = _last(ref), _last(run)
+    assert a["iteration"] == b["iteration"] == 12
+    _assert_same_tensors(a["model"], b["model"])
+    _assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert a["best"] == b["best"]
+
+
+@pytest.mark.slow
+def test_sigint_saves_at_the_iteration_boundary_and_resumes_exactly(uninterrupted, tmp_path):
+    recipe, ref = uninterrupted
+    run = tmp_path / "run"
+    # Ctrl-C while iteration 6 evaluates: 6 is no checkpoint.interval (4) iteration, so last.pt is the interrupt's
+    rc = faults.run(*_train_args(recipe, run), log=tmp_path / "console.log",
+                    fault_spec=faults.fault("segprompt.engine.train:evaluate", signal.SIGINT))
+    console = (tmp_path / "console.log").read_text()
+    assert rc == 130, console
+    line = f"interrupted at iteration 6; resume with `segprompt train {recipe} --set runtime.deterministic=true"
+    assert line in console and f"--out {run} --resume auto`" in console
+    log = (run / "train.log").read_text().splitlines()
+    assert "run ended: interrupted by SIGINT after 6 iteration(s)" in log[-1] and line in log[-1]
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) == {
+        "event": "end", "status": "interrupted", "iter": 6, "signal": "SIGINT"}
+    _assert_resumes_exactly(recipe, run, ref, 6)
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_stops_at_the_next_iteration_and_resumes_exactly(uninterrupted, tmp_path):
+    recipe, ref = uninterrupted
+    run = tmp_path / "run"
+    # with a data worker: Slurm sends SIGTERM to every process of the job before it kills them
+    proc = faults.start(*_train_args(recipe, run, "--set", "runtime.num_workers=1"), log=tmp_path / "console.log")
+    with faults.reaped(proc):
+        faults.signal_after(proc, run, 2, signal.SIGTERM, children=True)
+        assert proc.wait(120) == 143, (tmp_path / "console.log").read_text()
+    stopped = int((tmp_path / "console.log").read_text().split("interrupted at iteration ")[1].split(";")[0])
+    assert 2 <= stopped < 12
+    _assert_resumes_exactly(recipe, run, ref, stopped)
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_quits_at_once_without_saving(uninterrupted, tmp_path):
+    recipe, _ = uninterrupted
+    run = tmp_path / "run"
+    rc = faults.run(*_train_args(recipe, run), log=tmp_path / "console.log",
+                    fault_spec=faults.fault("segprompt.engine.train:evaluate", signal.SIGINT, times=2))
+    assert rc == -signal.SIGINT  # killed by the signal, as the shell reports with 130
+    assert "Ctrl-C again quits at once" in (tmp_path / "console.log").read_text()
+    assert _last(run)["iteration"] == 4  # the interval checkpoint before; nothing saved at 6
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_to_stop_when_one_rank_gets_sigterm(tmp_path, synthetic_root):
+    recipe = write_recipe(tmp_path / "tiny.yaml", synthetic_root)
+    run = tmp_path / "run"
+    proc = faults.start(*_train_args(recipe, run), log=tmp_path / "console.log", torchrun=2)
+    with faults.reaped(proc):
+        faults.signal_after(proc, run, 2, signal.SIGTERM, pid=faults.child_with_rank(proc.pid, 1))
+        proc.wait(180)  # rank 0 would wait forever in its next collective if rank 1 stopped alone
+    console = (tmp_path / "console.log").read_text()
+    assert proc.returncode != 0, console
+    stopped = _last(run)["iteration"]
+    assert 2 <= stopped < 12 and len(_last(run)["rng"]) == 2
+    assert f"interrupted at iteration {stopped}; resume with `torchrun --nproc-per-node=2 -m segprompt train" in console
+    assert f"interrupted by SIGTERM after {stopped} iteration(s)" in (run / "train.log").read_text()

@@ -185,7 +185,7 @@ def test_force_moves_the_old_folder_aside(tmp_path):
     assert len(aside) == 1 and tree_digest(aside[0]) == old
     generate_synthetic(out, seed=7, force=True, **SMALL)  # a second force in the same second
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("syn.old-")]) == 2
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_interrupted_run_leaves_no_dataset_and_no_temp_folder(tmp_path):

@@ -10,13 +10,16 @@ unreadable too, though OpenCV would decode it (:mod:`segprompt.data.truncation`)
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta
 from segprompt.data.transforms import TestTransform, TrainTransform, label_to_tensor, to_tensor
@@ -157,8 +160,37 @@ class SegDataset(Dataset):
 
 
 def worker_init(_: int) -> None:
-    """DataLoader workers: one OpenCV thread each, or the workers' thread pools fight for cores."""
+    """DataLoader workers: one OpenCV thread each, or the workers' thread pools fight for cores.
+
+    A terminal's Ctrl-C (SIGINT) and Slurm's SIGTERM reach every process, but the main process
+    stops training only at the next iteration boundary and needs its workers until then
+    (docs/runs.md): workers ignore SIGINT, and obey SIGTERM only from the main process (the
+    DataLoader ending them), which a thread tells apart by the sender's PID. For that no other
+    thread may take SIGTERM: start the workers with :func:`start_workers`."""
     cv2.setNumThreads(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+        threading.Thread(target=_sigterm_from_parent_only, args=(os.getppid(),), daemon=True).start()
+
+
+def start_workers(loader: DataLoader) -> Iterator:
+    """``iter(loader)`` with SIGTERM blocked while its workers fork, so that every thread they have
+    starts with it blocked, also those that libraries (OpenBLAS) re-create at fork before
+    :func:`worker_init` runs."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a SIGTERM meanwhile is delivered now
+
+
+def _sigterm_from_parent_only(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(128 + signal.SIGTERM)
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import colorsys
 import math
 import os
 import re
+import secrets
 import shutil
 import time
 import zlib
@@ -35,6 +36,7 @@ import numpy as np
 
 from segprompt.data.meta import ANN_DIR, IMG_DIR, META_FILE, DatasetMeta, read_meta, write_meta
 from segprompt.errors import SegpromptError, os_problem
+from segprompt.io import remove_stale_temporaries, temp_prefix
 
 __all__ = ["generate_synthetic", "class_names", "DEFAULT_COUNTS", "MAX_CLASSES"]
 
@@ -345,9 +347,10 @@ def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SegpromptError(f"cannot create {os_problem(e, out)}") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # a killed run's half-written folder (its PID is in the name; live runs' folders are kept)
+    remove_stale_temporaries(out.parent, out.name)
+    tmp = out.parent / f"{temp_prefix(out)}{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()  # not mkdtemp: the dataset keeps the umask's mode, not 0700
     specs = _foreground_specs(num_classes, first_class)
     total, done = sum(counts.values()), 0
     label_values: dict[str, list[int]] = {}

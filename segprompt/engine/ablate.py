@@ -6,7 +6,8 @@ the SHA-256 of its resolved config (overrides, seed and smoke transform applied)
 ``results/ablate/<paper>_table<N>/<recipe>[-<seed>]-<hash12>/``. Re-running ``ablate`` therefore
 skips finished runs (``eval.json`` present), resumes interrupted ones (``checkpoints/last.pt``
 without ``eval.json``) and never mixes runs of different configs; a finished run of the same config
-in another table's folder is reused.
+in another table's folder is reused. A cell whose directory another process holds locked (a run
+in progress, see segprompt/engine/runlock.py) is left to it, so two ``ablate`` never run one cell twice.
 
 Runs are launched sequentially in this process (``local``), each under ``torchrun`` (``torchrun``)
 or as Slurm jobs through submitit (``slurm``). Collection reads the run directories and gives, per
@@ -44,8 +45,9 @@ import yaml
 from segprompt.config import (Recipe, load_recipe, load_yaml_as, resolve_recipe, resolve_tree, run_defining_config,
                               shipped_name, shipped_recipes)
 from segprompt.engine.metrics import category_iou
-from segprompt.engine.rundir import CKPT_DIR, CONFIG, LAST
-from segprompt.errors import SegpromptError
+from segprompt.engine import runlock
+from segprompt.engine.rundir import CKPT_DIR, CONFIG, LAST, failed_start
+from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
 from segprompt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from segprompt.tables import Column, Row, Table, all_tables, tables_dir
 
@@ -366,9 +368,12 @@ def refresh_state(run: Run, root: Path = ABLATE_ROOT) -> None:
         if (d / "eval.json").is_file():
             run.state, run.result_dir = "done", d
             return
-        run.state = "interrupted" if (d / CKPT_DIR / LAST).is_file() else "started"
+        if (d / CKPT_DIR / LAST).is_file():
+            run.state = "interrupted"
+        else:  # a failed start (no training record) starts again as new; train accepts its folder
+            run.state = "missing" if failed_start(d) else "started"
         run.iteration = _last_iteration(d)
-    elif d.is_dir() and any(p for p in d.iterdir() if p.name != CKPT_DIR or any(p.iterdir())):
+    elif d.is_dir() and not failed_start(d):
         raise SegpromptError(f"'{d}' holds files but no {CONFIG}: it is not a run of this cell; "
                              f"move it elsewhere and re-run")
     else:
@@ -389,7 +394,6 @@ def train_cell(recipe: str, overrides: list[str], out: str, load_from: str | Non
     from segprompt.engine.train import train
 
     out_dir = Path(out)
-    _drop_empty_checkpoints(out_dir)
     resuming = (out_dir / CKPT_DIR / LAST).is_file()
     return str(train(recipe, overrides, out=out_dir, resume="auto",
                      load_from=None if resuming or load_from is None else load_from))
@@ -406,14 +410,6 @@ def _shown(path: Path) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def _drop_empty_checkpoints(d: Path) -> None:
-    # a run killed between creating its folder and writing config.yaml leaves only an empty
-    # checkpoints/, which `train` would take for someone else's folder
-    if d.is_dir() and not (d / CONFIG).exists() and [p.name for p in d.iterdir()] == [CKPT_DIR]:
-        with contextlib.suppress(OSError):
-            (d / CKPT_DIR).rmdir()
 
 
 def command(run: Run, launcher: str = "local", gpus: int = 1) -> list[str]:
@@ -500,6 +496,12 @@ def run_plan(plan: Plan, *, launcher: str = "local", gpus: int = 1, nodes: int =
         if run.load_from is not None and not run.load_from.done:
             report.waiting.append((run, f"its initialisation run {run.load_from.label} has not finished"))
             continue
+        # the run directory's lock (runlock.py) is what keeps two `ablate`s from running one cell twice
+        busy = runlock.holder(run.dir)
+        if busy is not None:
+            echo(f"[{i}/{len(todo)}] {run.label}: running in another process ({busy}); not started")
+            report.waiting.append((run, f"running in another process ({busy})"))
+            continue
         what = {"missing": "start", "started": "restart", "interrupted": f"resume (iteration {run.iteration})"}
         echo(f"[{i}/{len(todo)}] {what.get(run.state, run.state)} {run.label} -> {run.dir}")
         start = time.perf_counter()
@@ -508,10 +510,15 @@ def run_plan(plan: Plan, *, launcher: str = "local", gpus: int = 1, nodes: int =
                 _run_local(plan, run, quiet)
             else:
                 _run_torchrun(plan, run, gpus)
-        except KeyboardInterrupt:
-            raise
+        except runlock.RunDirInUse as e:  # it started elsewhere since the check above
+            report.waiting.append((run, str(e)))
+            echo(f"    not started: {e}")
+            continue
+        except RunInterrupted as e:
+            raise RunInterrupted(f"{e} (or run this `segprompt ablate` again: it resumes {run.label})",
+                                 e.signum) from None
         except Exception as e:  # one failed cell must not stop the grid; it is reported at the end
-            msg = str(e) if isinstance(e, SegpromptError) else f"{type(e).__name__}: {e}"
+            msg = str(e) if isinstance(e, (SegpromptError, RunCrashed)) else f"{type(e).__name__}: {e}"
             report.failed.append((run, msg))
             echo(f"    failed: {msg}")
             continue
@@ -548,7 +555,6 @@ def _run_torchrun(plan: Plan, run: Run, gpus: int) -> None:
         aside = run.dir.with_name(f"{run.dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
         os.rename(run.dir, aside)
         run.state = "missing"
-    _drop_empty_checkpoints(run.dir)
     log = _log_path(plan, run)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -596,6 +602,11 @@ def _submit(plan: Plan, todo: list[Run], report: RunReport, *, gpus: int, nodes:
             echo(f"{run.label}: job {live} is still queued or running; not submitted again")
             report.waiting.append((run, f"job {live} still queued or running"))
             job_ids[run.hash] = live
+            continue
+        busy = runlock.holder(run.dir)
+        if busy is not None:
+            echo(f"{run.label}: running in another process ({busy}); not submitted")
+            report.waiting.append((run, f"running in another process ({busy})"))
             continue
         dep = run.load_from
         extra: dict[str, Any] = {}

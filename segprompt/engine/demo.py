@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from segprompt.config import dump_recipe, load_recipe, shipped_recipes
 from segprompt.data.synthetic import generate_synthetic
-from segprompt.errors import DivergedError, SegpromptError
+from segprompt.errors import NonFiniteLoss, SegpromptError
 from segprompt.io import atomic_write_json, atomic_write_text
 
 
@@ -259,7 +259,7 @@ def run_job(job: Job) -> RunResult:
                 diag = {k: v for k, v in result.items() if k.endswith("_interim_mIoU")}
                 if job.test:
                     scores["test"] = evaluate_checkpoint(run, checkpoint="last", split="test")[1]["mIoU"]
-            except DivergedError as e:  # a rate of the sweep that diverges is a result, not a crash
+            except NonFiniteLoss as e:  # a rate of the sweep that diverges is a result, not a crash
                 diverged, diag = str(e), {}
                 scores = {"val": None, **({"test": None} if job.test else {})}
             finally:

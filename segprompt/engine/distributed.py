@@ -91,6 +91,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest ``value`` over ranks (every rank must call it)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from segprompt.config import Recipe, load_recipe
-from segprompt.data.dataset import SegDataset, collate, read_image, worker_init
+from segprompt.data.dataset import SegDataset, collate, read_image, start_workers, worker_init
 from segprompt.data.sampler import eval_shard
 from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ckpt
@@ -69,7 +69,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), \
             progress_bar(show_progress and env.is_main) as bar:
         task = bar.add_task("eval", total=len(loader), info="")
-        for batch in loader:
+        for batch in start_workers(loader):
             skipped += batch["skipped"]
             bar.update(task, advance=1)
             if batch["img"] is None:

@@ -3,7 +3,9 @@
 ``results/<recipe>/<timestamp>/`` (or ``--out DIR``) holds ``config.yaml`` (the resolved recipe),
 ``env.json`` (versions, git commit, world size, seed), ``metrics.jsonl``, ``train.log`` and
 ``checkpoints/``. An existing run directory is never overwritten: a new run needs a new folder,
-and only ``--resume`` continues an existing one.
+and only ``--resume`` continues an existing one. The one exception is a failed start (a run that
+ended before its first iteration, e.g. on a missing dataset): a new run may take its place, and
+its ``train.log`` keeps the failed start's record above its own (docs/runs.md).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -23,7 +26,8 @@ import torch
 
 from segprompt import __version__
 from segprompt.errors import SegpromptError, os_problem
-from segprompt.io import atomic_write_json, atomic_write_text
+from segprompt.engine.runlock import LOCK
+from segprompt.io import atomic_write_json, atomic_write_text, is_temporary
 
 CONFIG = "config.yaml"
 CKPT_DIR = "checkpoints"
@@ -36,14 +40,47 @@ def default_run_dir(recipe: str | Path, results: str | Path = "results") -> Path
     return Path(results) / Path(recipe).stem / time.strftime("%Y%m%d-%H%M%S")
 
 
-def new_run_dir(path: Path) -> Path:
-    """Create ``path`` for a new run; refuse a folder that already holds anything."""
+def _trained(metrics: Path) -> bool:
+    """Whether ``metrics.jsonl`` records a training iteration or an evaluation."""
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(rec, dict) and ("loss" in rec or "split" in rec):
+            return True
+    return False
+
+
+def failed_start(path: Path) -> bool:
+    """``path`` holds nothing, or only a run that ended before its first iteration: its config,
+    environment record, log and lock, no checkpoint and no training record in ``metrics.jsonl``."""
+    for p in path.iterdir():
+        if is_temporary(p) or p.name in (CONFIG, "train.log", LOCK):
+            continue
+        if re.fullmatch(r"env(-resume-[\d-]+)?\.json", p.name):
+            continue
+        if p.name == CKPT_DIR and p.is_dir() and all(is_temporary(q) for q in p.iterdir()):
+            continue
+        if p.name == "metrics.jsonl" and p.is_file() and not _trained(p):
+            continue
+        return False
+    return True
+
+
+def check_new_run_dir(path: Path) -> None:
+    """Refuse ``path`` for a new run unless it is free: absent, empty, or a failed start."""
     if path.exists() and not path.is_dir():
         raise SegpromptError(f"run directory '{path}' is a file, not a folder; choose another --out")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and not failed_start(path):
         resume = (f", or continue that run with `segprompt train ... --out {path} --resume auto`"
                   if (path / CONFIG).is_file() else "")
         raise SegpromptError(f"run directory '{path}' already exists and is not empty; choose another --out{resume}")
+
+
+def new_run_dir(path: Path) -> Path:
+    """Create ``path`` for a new run; refuse a folder that holds anything but a failed start."""
+    check_new_run_dir(path)
     try:
         (path / CKPT_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -113,6 +150,9 @@ class MetricsLog:
             os.fsync(f.fileno())
 
 
+FILE_ONLY = {"file_only": True}  # `log.error(..., extra=FILE_ONLY)`: train.log only (the CLI prints its own line)
+
+
 def setup_logging(run: Path | None, is_main: bool) -> logging.Logger:
     log = logging.getLogger("segprompt")
     log.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -124,11 +164,12 @@ def setup_logging(run: Path | None, is_main: bool) -> logging.Logger:
         if sys.stdout.isatty():
             from rich.logging import RichHandler
 
-            log.addHandler(RichHandler(show_path=False, markup=False, rich_tracebacks=False))
+            console = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
         else:  # a log file or a pipe: one line per record, never wrapped at 80 columns
-            sh = logging.StreamHandler(sys.stdout)
-            sh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            log.addHandler(sh)
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        console.addFilter(lambda record: not getattr(record, "file_only", False))
+        log.addHandler(console)
         if run is not None:
             fh = logging.FileHandler(run / "train.log")
             fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

@@ -10,13 +10,21 @@ every ``evaluation.interval`` iterations (keeping the best checkpoint) and write
 Resuming restores the model, optimizer, scheduler, grad scaler, iteration, data order (the
 sampler restarts at the saved step) and every RNG state of every rank, so on CPU in
 deterministic mode a resumed run ends bitwise identical to an uninterrupted one.
+
+The run's lifecycle (docs/runs.md): rank 0 locks the run directory for the whole run and removes
+temporaries that killed processes left in it; SIGINT/SIGTERM stop the loop at the next iteration
+boundary with ``last.pt`` saved; ``train.log`` ends with one line saying how the run ended.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import os
 import random
+import shlex
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from segprompt.config import Recipe, dump_recipe, load_recipe, run_defining_config
-from segprompt.data.dataset import collate, worker_init
+from segprompt.data.dataset import collate, start_workers, worker_init
 from segprompt.data.sampler import TrainBatchSampler
 from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ckpt
@@ -37,10 +45,13 @@ from segprompt.engine.evaluate import autocast, evaluate
 from segprompt.engine.metrics import format_table
 from segprompt.engine.optim import build_optimizer, build_scheduler
 from segprompt.engine.progress import progress_bar
-from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST, MetricsLog, default_run_dir, environment,
-                                     find_latest_run, new_run_dir, setup_logging, write_run_files)
-from segprompt.errors import DivergedError, SegpromptError, os_problem
-from segprompt.io import atomic_write_json
+from segprompt.engine.interrupt import StopSignal
+from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, DEPLOYED, FILE_ONLY, LAST, MetricsLog, check_new_run_dir,
+                                     default_run_dir, environment, failed_start, find_latest_run, new_run_dir,
+                                     setup_logging, write_run_files)
+from segprompt.engine.runlock import LOCK, RunDirInUse, RunLock, lock_run_dir
+from segprompt.errors import USER_OS_ERRORS, NonFiniteLoss, RunCrashed, RunInterrupted, SegpromptError, os_problem
+from segprompt.io import atomic_write_json, remove_stale_temporaries
 from segprompt.models.text_guidance import deploy_text, has_learned_text
 
 
@@ -50,6 +61,7 @@ class RunPlan:
     cfg: Recipe
     resume_from: Path | None
     note: str | None = None  # logged once the run's log is open
+    lock_note: str | None = None  # the run directory could not be locked (see runlock.py)
 
 
 def _check_same_config(saved: Recipe, now: Recipe, run_dir: Path) -> None:
@@ -62,35 +74,83 @@ def _check_same_config(saved: Recipe, now: Recipe, run_dir: Path) -> None:
             f"the same recipe and --set values, or start a new run (a new --out)")
 
 
-def plan_run(recipe: str | Path, overrides: list[str], out: str | Path | None, resume: str | None) -> RunPlan:
-    """Decide the run directory and the checkpoint to resume from (rank 0 only)."""
+def plan_run(recipe: str | Path, overrides: list[str], out: str | Path | None,
+             resume: str | None) -> tuple[RunPlan, RunLock]:
+    """Decide the run directory and the checkpoint to resume from (rank 0 only).
+
+    Every decision is taken holding the directory's lock, which the caller keeps for the run, so
+    two processes never both start, restart or resume one run."""
     cfg = load_recipe(recipe, overrides)
     if resume is None:
-        return RunPlan(new_run_dir(Path(out) if out else default_run_dir(recipe)), cfg, None)
+        if out is None:
+            return _new_default_run(recipe, cfg)
+        run_dir = Path(out)
+        if not (run_dir / LOCK).is_file():
+            check_new_run_dir(run_dir)  # a folder that is not a run gets no lock file
+        return _locked(run_dir, lambda: RunPlan(new_run_dir(run_dir), cfg, None))
     if resume == "auto":
         run_dir = Path(out) if out else find_latest_run(recipe)
-        if run_dir is None or not (run_dir / CKPT_DIR / LAST).is_file():
-            if run_dir is not None and (run_dir / CONFIG).is_file():
-                # the run died before its first checkpoint: start it again in the same place
-                _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
-                return RunPlan(run_dir, cfg, None, f"--resume auto: '{run_dir}' has no checkpoint yet; "
-                                                   f"starting it again from iteration 0")
-            where = f"'{run_dir}'" if run_dir is not None else f"'{default_run_dir(recipe).parent}'"
-            run_dir = new_run_dir(run_dir or default_run_dir(recipe))
-            return RunPlan(run_dir, cfg, None, f"--resume auto: no run with a checkpoint in {where}; "
-                                               f"starting a new run in '{run_dir}'")
-        ckpt_path = run_dir / CKPT_DIR / LAST
-    else:
-        p = Path(resume)
-        ckpt_path = p / CKPT_DIR / LAST if p.is_dir() else p
-        if not ckpt_path.is_file():
-            raise SegpromptError(f"--resume '{resume}': no checkpoint at '{ckpt_path}'")
-        run_dir = ckpt_path.parent.parent
-        if out and Path(out).resolve() != run_dir.resolve():
-            raise SegpromptError(f"--resume '{resume}' belongs to run '{run_dir}', not --out '{out}'")
-    if (run_dir / CONFIG).is_file():
+        if run_dir is None:
+            plan, lock = _new_default_run(recipe, cfg)
+            plan.note = (f"--resume auto: no run with a checkpoint in '{default_run_dir(recipe).parent}'; "
+                         f"starting a new run in '{plan.run_dir}'")
+            return plan, lock
+        if not (run_dir / CONFIG).is_file() and not (run_dir / LOCK).is_file():
+            check_new_run_dir(run_dir)
+        return _locked(run_dir, lambda: _plan_auto(run_dir, cfg))
+    p = Path(resume)
+    ckpt_path = p / CKPT_DIR / LAST if p.is_dir() else p
+    if not ckpt_path.is_file():
+        raise SegpromptError(f"--resume '{resume}': no checkpoint at '{ckpt_path}'")
+    run_dir = ckpt_path.parent.parent
+    if out and Path(out).resolve() != run_dir.resolve():
+        raise SegpromptError(f"--resume '{resume}' belongs to run '{run_dir}', not --out '{out}'")
+
+    def resume_path() -> RunPlan:
+        if (run_dir / CONFIG).is_file():
+            _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
+        return RunPlan(run_dir, cfg, ckpt_path)
+    return _locked(run_dir, resume_path)
+
+
+def _plan_auto(run_dir: Path, cfg: Recipe) -> RunPlan:
+    last = run_dir / CKPT_DIR / LAST
+    if last.is_file():
+        if (run_dir / CONFIG).is_file():
+            _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
+        return RunPlan(run_dir, cfg, last)
+    if (run_dir / CONFIG).is_file() and not failed_start(run_dir):
+        # the run died before its first checkpoint: start it again in the same place
         _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
-    return RunPlan(run_dir, cfg, ckpt_path)
+        return RunPlan(run_dir, cfg, None, f"--resume auto: '{run_dir}' has no checkpoint yet; "
+                                           f"starting it again from iteration 0")
+    return RunPlan(new_run_dir(run_dir), cfg, None, f"--resume auto: no run with a checkpoint in '{run_dir}'; "
+                                                    f"starting a new run there")
+
+
+def _locked(run_dir: Path, decide) -> tuple[RunPlan, RunLock]:
+    lock = lock_run_dir(run_dir)
+    try:
+        plan = decide()
+    except BaseException:
+        lock.release()
+        raise
+    plan.lock_note = lock.note
+    return plan, lock
+
+
+def _new_default_run(recipe: str | Path, cfg: Recipe) -> tuple[RunPlan, RunLock]:
+    """A new ``results/<recipe>/<timestamp>[-k]/``: runs of one recipe started in the same second
+    (a job array) each get their own."""
+    base = default_run_dir(recipe)
+    for k in itertools.count():
+        run_dir = base.with_name(f"{base.name}-{k}") if k else base
+        if run_dir.exists():
+            continue
+        try:
+            return _locked(run_dir, lambda: RunPlan(new_run_dir(run_dir), cfg, None))
+        except RunDirInUse:
+            continue
 
 
 def seed_everything(seed: int, deterministic: bool, benchmark: bool) -> None:
@@ -118,34 +178,114 @@ def _micro_batch(cfg: Recipe, world: int) -> int:
 def train(recipe: str | Path, overrides: list[str] = (), *, out: str | Path | None = None,
           resume: str | None = None, load_from: str | Path | None = None, load_from_partial: bool = False) -> Path:
     """Run (or resume) one training run; returns its run directory. ``load_from_partial`` lets
-    ``load_from`` supply less than ``checkpoint.LOAD_FROM_MIN_SHARE`` of the model's tensors."""
+    ``load_from`` supply less than ``checkpoint.LOAD_FROM_MIN_SHARE`` of the model's tensors.
+
+    Raises :class:`RunInterrupted` after a SIGINT/SIGTERM (``last.pt`` saved), :class:`SegpromptError`
+    for bad input, and :class:`RunCrashed` (on rank 0) for anything unexpected."""
     pre = load_recipe(recipe, overrides)
     env = dist_utils.init_distributed(pre.runtime.device)
+    lock = None
     try:
-        plan = None
-        error = None
-        if env.is_main:
-            try:
-                plan = plan_run(recipe, overrides, out, resume)
-            except SegpromptError as e:
-                error = str(e)
-        plan, error = dist_utils.broadcast_object((plan, error))
-        if error:
-            raise SegpromptError(error)
-        return _train(plan, env, load_from, load_from_partial)
+        with StopSignal(env.rank, env.world_size) as stop:
+            plan = None
+            error = None
+            if env.is_main:
+                try:
+                    plan, lock = plan_run(recipe, overrides, out, resume)
+                except SegpromptError as e:
+                    error = e
+            plan, message = dist_utils.broadcast_object((plan, str(error) if error else None))
+            if error:
+                raise error
+            if message:
+                raise SegpromptError(message)
+
+            def command(resume_auto: bool) -> str:
+                return _command(recipe, overrides, plan.run_dir, env, resume_auto, load_from)
+            return _train_and_record(plan, env, load_from, load_from_partial, stop, command)
     finally:
+        if lock is not None:
+            lock.release()
         dist_utils.cleanup()
 
 
-def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, load_from_partial: bool) -> Path:
-    cfg, run_dir = plan.cfg, plan.run_dir
+def _command(recipe: str | Path, overrides: list[str], run_dir: Path, env: dist_utils.DistEnv, resume_auto: bool,
+             load_from: str | Path | None) -> str:
+    """The command line that continues this run (or starts it again, when it has no checkpoint)."""
+    args = [str(recipe), *(x for o in overrides for x in ("--set", o)), "--out", str(run_dir)]
+    args += ["--resume", "auto"] if resume_auto else (["--load-from", str(load_from)] if load_from else [])
+    prefix = ["segprompt"]
+    if env.distributed:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        nodes = [f"--nnodes={env.world_size // local}"] if env.world_size > local else []
+        prefix = ["torchrun", *nodes, f"--nproc-per-node={local}", "-m", "segprompt"]
+    return shlex.join([*prefix, "train", *args])
+
+
+@dataclass
+class _Progress:
+    iteration: int | None = None  # None until the loop starts
+
+
+def _train_and_record(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, load_from_partial: bool,
+                      stop: StopSignal, command) -> Path:
+    """Set up the run's log, train, and write to train.log (file only: the CLI prints the console line)
+    and metrics.jsonl why the run ended: finished, error, diverged, interrupted or crashed."""
+    run_dir = plan.run_dir
     log = setup_logging(run_dir if env.is_main else None, env.is_main)
-    if plan.note:
-        log.info("%s", plan.note)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
+    if env.is_main:
+        if plan.lock_note:
+            log.warning(plan.lock_note)
+        if plan.note:
+            log.info("%s", plan.note)
+        removed = remove_stale_temporaries(run_dir) + remove_stale_temporaries(run_dir / CKPT_DIR)
+        if removed:
+            log.info("removed %d temporary file(s) that killed processes left: %s", len(removed),
+                     ", ".join(p.name for p in removed))
+    at = _Progress()
+
+    def ended(status: str, message: str, level: int = logging.ERROR, sig: str | None = None) -> None:
+        if not env.is_main:
+            return
+        where = "before training started" if at.iteration is None else f"after {at.iteration} iteration(s)"
+        log.log(level, "run ended: %s%s %s: %s", status, f" by {sig}" if sig else "", where, message,
+                extra=FILE_ONLY, exc_info=status == "crashed")
+        with contextlib.suppress(OSError):
+            metrics_log.write(event="end", status=status, iter=at.iteration, **({"signal": sig} if sig else {}))
+
+    try:
+        return _train(plan, env, load_from, load_from_partial, log, metrics_log, stop, command, at)
+    except RunInterrupted as e:
+        ended("interrupted", str(e), logging.WARNING, signal.Signals(e.signum).name)
+        raise
+    except NonFiniteLoss as e:
+        ended("diverged", str(e))
+        raise
+    except SegpromptError as e:
+        # a DataLoader worker re-raises with its traceback in the text: keep the message
+        ended("error", str(e).rsplit("SegpromptError: ", 1)[-1].strip())
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in USER_OS_ERRORS:  # a full disk, a permission: not a bug
+            ended("error", os_problem(e))
+            raise
+        ended("crashed", f"{type(e).__name__}: {e}")
+        if not env.is_main:  # no train.log on this rank: let the traceback reach the console
+            raise
+        raise RunCrashed(f"unexpected {type(e).__name__}: {e} (a bug; the traceback is in "
+                         f"'{run_dir / 'train.log'}')") from e
+    except BaseException as e:  # KeyboardInterrupt outside the main thread, SystemExit
+        ended("stopped", type(e).__name__)
+        raise
+
+
+def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, load_from_partial: bool, log,
+           metrics_log: MetricsLog, stop: StopSignal, command, at: _Progress) -> Path:
+    cfg, run_dir = plan.cfg, plan.run_dir
     seed_everything(cfg.runtime.seed + env.rank, cfg.runtime.deterministic, cfg.runtime.cudnn_benchmark)
     if env.is_main:
         write_run_files(run_dir, dump_recipe(cfg), environment(env.world_size, cfg.runtime.seed, env.device))
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
     meta = dataset_meta(cfg)
     micro = _micro_batch(cfg, env.world_size)
 
@@ -191,7 +331,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=nw, collate_fn=collate, worker_init_fn=worker_init,
                         pin_memory=env.device.type == "cuda", persistent_workers=nw > 0,
                         generator=torch.Generator())
-    batches = iter(loader)
+    batches = start_workers(loader)
     if rng_states is not None:
         if len(rng_states) == env.world_size:
             ckpt.set_rng_state(rng_states[env.rank])
@@ -246,6 +386,17 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
     with progress_bar(env.is_main) as bar:
         task = bar.add_task("train", total=iters, completed=start_iter, info="")
         for step in range(start_iter, iters):
+            at.iteration = step
+            signum = stop.received(env.device)  # every rank, every iteration (interrupt.py)
+            if signum:
+                if step > start_iter and step % cfg.checkpoint.interval:
+                    save(LAST, step)  # not saved at this iteration yet
+                saved = step > start_iter or plan.resume_from is not None
+                where = f"interrupted at iteration {step}"
+                where += "" if saved else ", before training started (nothing to save)"
+                if saved or not load_from:  # --resume auto also restarts a run that has no checkpoint
+                    raise RunInterrupted(f"{where}; resume with `{command(True)}`", signum)
+                raise RunInterrupted(f"{where}; start it again with `{command(False)}`", signum)  # with --load-from
             optimizer.zero_grad(set_to_none=True)
             parts: dict[str, torch.Tensor] = {}
             for k in range(cfg.optimizer.accum_steps):
@@ -269,7 +420,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
                 last = run_dir / CKPT_DIR / LAST
                 metrics_log.write(event="non_finite_loss", iter=step + 1,
                                   **{n: float(v) for n, v in zip(["loss", *parts], values.tolist())})
-                raise DivergedError(
+                raise NonFiniteLoss(
                     f"non-finite loss at iteration {step + 1} ({', '.join(f'{n}={v:.4g}' for n, v in zip(['loss', *parts], values.tolist()))}); "
                     f"training stopped without saving. "
                     + (f"The last good checkpoint is '{last}' (iteration {ckpt.load_checkpoint(last)['iteration']})"
@@ -281,7 +432,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            done = step + 1
+            done = at.iteration = step + 1
 
             lr = optimizer.param_groups[0]["lr"]
             info = f"loss {values[0]:.4f} lr {lr:.2e}"
@@ -325,6 +476,8 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
         log.info("deployed model (text embeddings computed once, no text encoder): %s",
                  run_dir / CKPT_DIR / DEPLOYED)
     log.info("%s", _summary(run_dir, best, iters))
+    log.info("run ended: finished at iteration %d", iters, extra=FILE_ONLY)
+    metrics_log.write(event="end", status="finished", iter=iters)
     return run_dir
 
 

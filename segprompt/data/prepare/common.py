@@ -42,7 +42,7 @@ import numpy as np
 from segprompt.data.meta import ANN_DIR, IMG_DIR, META_FILE, DatasetMeta, read_meta, write_meta
 from segprompt.data.truncation import truncated, truncated_file
 from segprompt.errors import SegpromptError
-from segprompt.io import atomic_write_bytes, atomic_write_json, sha256_file
+from segprompt.io import atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_file
 
 CONVERTER_VERSION = 1  # bump when the same archives and options start producing different files
 IGNORE_INDEX = 255
@@ -515,10 +515,10 @@ def _source_ids(sources: dict[str, Source]) -> list[dict[str, Any]]:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary files an interrupted run of ours left (``.<name>.<random>.tmp``, see segprompt.io)."""
+    """Temporary files a killed run of ours left (a live run's are kept, see segprompt.io)."""
     for sub in (IMG_DIR, ANN_DIR):
-        for p in (out / sub).glob("*/.*.tmp"):
-            p.unlink(missing_ok=True)
+        for split in (out / sub).glob("*"):
+            remove_stale_temporaries(split)
 
 
 def _recorded(dataset: str, out: Path) -> dict[str, Any] | None:
