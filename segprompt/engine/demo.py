@@ -90,7 +90,6 @@ BACKBONES: dict[str, Backbone] = {
                "stage2": ("blocks.2", "blocks.3"), "stage3": ("blocks.4", "blocks.5")},
         lr_scale=1 / 20),
 }
-DEFAULT_METHODS = {name: tuple(b.methods) for name, b in BACKBONES.items()}
 # the parameter-efficient methods SPM is compared against
 BASELINES = ("bias", "adapter", "vpt", "adaptformer", "lora")
 LABELS = {"zero-shot": "Zero-shot (source model)", "head": "Head-Tuning", "bias": "Bias-Tuning",
@@ -304,7 +303,7 @@ def check_methods(backbone: str, methods: list[str] | None) -> list[str]:
     """The methods to run (``None``: all of the backbone's); a user error names what is wrong."""
     if backbone not in BACKBONES:
         raise SegpromptError(f"--backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
-    methods = list(DEFAULT_METHODS[backbone] if methods is None else methods)
+    methods = list(BACKBONES[backbone].methods if methods is None else methods)
     unknown = [m for m in methods if m not in BACKBONES[backbone].methods]
     if unknown:
         raise SegpromptError(f"--methods: {unknown} not among the {backbone} demo's "
