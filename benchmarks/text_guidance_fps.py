@@ -42,7 +42,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from segprompt.engine.bench import BenchOptions, run_bench
+    from segprompt.measure.bench import BenchOptions, run_bench
     from segprompt.io import atomic_write_json
 
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]

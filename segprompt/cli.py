@@ -75,7 +75,7 @@ def prepare(
     from contextlib import ExitStack
 
     from segprompt.data.meta import META_FILE
-    from segprompt.engine.progress import progress_bar
+    from segprompt.progress import progress_bar
 
     if dataset not in PREPARERS:
         raise SegpromptError(f"unknown dataset '{dataset}'; `segprompt prepare` knows: {', '.join(PREPARERS)}")
@@ -218,7 +218,7 @@ def count_params_cmd(
     import json
 
     from segprompt.config import load_recipe
-    from segprompt.engine.params import CONVENTIONS, breakdown
+    from segprompt.measure.params import CONVENTIONS, breakdown
 
     cfg = load_recipe(recipe, set_ or [])
     k = num_classes or cfg.data.num_classes
@@ -280,7 +280,7 @@ def bench(
     CLIP-distilled STDC-Seg paper measures FPS."""
     import json
 
-    from segprompt.engine.bench import BenchOptions, check_out, format_table, parse_size, run_bench, save_run_bench
+    from segprompt.measure.bench import BenchOptions, check_out, format_table, parse_size, run_bench, save_run_bench
     from segprompt.io import atomic_write_json
 
     check_out(out, force)
@@ -326,7 +326,7 @@ def demo(
 
     from rich.table import Table
 
-    from segprompt.engine.demo import SCALES, check_methods, edge_note, rows_from_report, run_demo, table_lines
+    from segprompt.experiments.demo import SCALES, check_methods, edge_note, rows_from_report, run_demo, table_lines
     from segprompt.engine.rundir import new_run_dir
 
     if scale not in SCALES:
@@ -382,7 +382,7 @@ def ablate(
 ) -> None:
     """Reproduce a paper's table: launch its missing or interrupted runs, then collect ours beside the
     paper's (--plan only prints the runs, --collect only reads them)."""
-    from segprompt.engine import ablate as ab
+    from segprompt.experiments import ablate as ab
 
     if list_:
         _list_tables()
@@ -420,7 +420,7 @@ def _list_tables() -> None:
     from rich.table import Table
 
     from segprompt.config import shipped_name
-    from segprompt.tables import all_tables
+    from segprompt.experiments.tables import all_tables
 
     out = Table(title="Tables and figures of both papers (recipes/tables/); select with --paper P --table N / --figure N")
     for col in ("paper", "kind", "N", "title", "rows x cols", "recipes"):
@@ -438,8 +438,8 @@ def _paper_counts(table: str | None, as_json: bool) -> None:
     import dataclasses
     import json
 
-    from segprompt.engine.params import paper_counts
-    from segprompt.tables import all_tables
+    from segprompt.experiments.paper_counts import paper_counts
+    from segprompt.experiments.tables import all_tables
 
     tables = [t for t in all_tables() if table is None or (t.paper == "spm" and t.table == table)]
     if not tables:

@@ -14,9 +14,9 @@ import yaml
 
 from conftest import run_cli, write_recipe
 from segprompt.config import dump_recipe, load_recipe, shipped_name, shipped_recipes
-from segprompt.engine import ablate as ab
+from segprompt.experiments import ablate as ab
 from segprompt.errors import SegpromptError
-from segprompt.tables import load_table
+from segprompt.experiments.tables import load_table
 
 TINY = {"schedule": {"iters": 6, "warmup_iters": 2}, "checkpoint": {"interval": 3, "keep": 2},
         "runtime": {"seed": 0, "device": "cpu", "num_workers": 0, "log_interval": 1, "deterministic": True}}
@@ -358,7 +358,7 @@ def test_cli_smoke_table_plan_and_list(tmp_path):
     assert "first 2 seed(s) of each cell (the paper: 5)" in md
     assert (tmp_path / "tables" / "spm_table4_smoke.png").is_file()
     # every table and figure of both papers plans
-    from segprompt.tables import all_tables
+    from segprompt.experiments.tables import all_tables
 
     for paper in ("spm", "stdc"):
         res = run_cli("ablate", "--paper", paper, "--plan", "--results", str(tmp_path / "ab"), cwd=tmp_path)

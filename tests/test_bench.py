@@ -9,8 +9,8 @@ import pytest
 
 from conftest import REPO, run_cli
 from segprompt.config import dump_recipe, load_recipe
-from segprompt.engine import bench as bench_mod
-from segprompt.engine.bench import BenchOptions, bench_model, model_costs, run_bench
+from segprompt.measure import bench as bench_mod
+from segprompt.measure.bench import BenchOptions, bench_model, model_costs, run_bench
 
 BASELINE = REPO / "recipes/stdc/cityscapes_stdc1_baseline.yaml"
 STAGE2 = REPO / "recipes/stdc/cityscapes_stdc1_stage2.yaml"
@@ -38,7 +38,7 @@ def test_stdc1_counts_and_flops_at_512x1024():
 
 def test_stage2_deployed_has_no_clip_encoder():
     from segprompt.models.text.clip_text import CLIPTextEncoder
-    from segprompt.models.text_guidance import TextGuidance
+    from segprompt.models.text.guidance import TextGuidance
 
     model = bench_model(load_recipe(STAGE2))
     assert model.text_deployed == 1

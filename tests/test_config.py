@@ -10,7 +10,7 @@ import yaml
 from conftest import recipe_from_dict
 from segprompt.config import dump_recipe, load_recipe, resolve_recipe, shipped_name, shipped_recipes
 from segprompt.errors import SegpromptError
-from segprompt.tables import all_tables
+from segprompt.experiments.tables import all_tables
 
 
 def _w(path: Path, d: dict) -> Path:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from segprompt.engine.demo import SCALES, Row, gap_recovered, run_demo, table_lines, verdict
+from segprompt.experiments.demo import SCALES, Row, gap_recovered, run_demo, table_lines, verdict
 from segprompt.errors import SegpromptError
 
 

@@ -195,7 +195,7 @@ def test_checkpoint_round_trip():
 
 
 def test_meta_device_and_prompt_group():
-    from segprompt.engine.params import breakdown
+    from segprompt.measure.params import breakdown
 
     cfg = load_recipe(REPO / "recipes/smoke.yaml", ["tuning.name=lora", "tuning.rank=4"])
     b = breakdown(cfg, K, "paper")  # built on the meta device

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import run_cli
 from segprompt.config import load_recipe
-from segprompt.engine.params import breakdown
-from segprompt.models.spm import spm_param_count
+from segprompt.measure.params import breakdown
+from segprompt.tuning.spm_layers import spm_param_count
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
 
@@ -41,7 +41,7 @@ def test_paper_convention_leaves_out_batchnorm():
     no_bn = breakdown(load_recipe(SMOKE), 6, "paper")
     import torch
 
-    from segprompt.engine.params import build_counted
+    from segprompt.measure.params import build_counted
 
     model, _ = build_counted(load_recipe(SMOKE), 6)
     bn = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
@@ -58,8 +58,8 @@ def test_count_params_cli_json(tmp_path):
 
 
 def test_paper_figures_match_except_the_documented_ones():
-    from segprompt.engine.params import paper_counts
-    from segprompt.tables import all_tables
+    from segprompt.experiments.paper_counts import paper_counts
+    from segprompt.experiments.tables import all_tables
 
     rows = paper_counts(all_tables())
     assert {r.table for r in rows} >= {"1", "2", "3", "4", "7", "8", "9"}

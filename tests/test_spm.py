@@ -12,7 +12,7 @@ from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.losses import CrossEntropyLoss
 from segprompt.models.segmentor import EncoderDecoder
-from segprompt.models.spm import SPM, spm_param_count
+from segprompt.tuning.spm_layers import SPM, spm_param_count
 from segprompt.tuning import TuningContext
 from segprompt.tuning.spm import SPMTuning
 
@@ -212,7 +212,7 @@ def test_one_training_step_changes_the_prompt_output():
 
 
 def test_groups_scale_with_the_width():
-    from segprompt.models.spm import scaled_groups
+    from segprompt.tuning.spm_layers import scaled_groups
 
     assert [scaled_groups(g, 256) for g in (1, 2, 4, 32)] == [1, 2, 4, 32]  # the paper's width: unchanged
     assert [scaled_groups(g, 32) for g in (1, 2, 4, 32)] == [1, 1, 1, 4]

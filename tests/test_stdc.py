@@ -2,7 +2,7 @@
 
 The parameter and FLOP figures are those of ``docs/stdc_clip.md`` ("Parameters and FLOPs"), built full size
 on the meta device. The text module is a stand-in with TextGuidance's interface (a fixed K x 1024
-embedding and a cosine score map), installed as ``segprompt.models.text_guidance`` for the test.
+embedding and a cosine score map), installed as ``segprompt.models.text.guidance`` for the test.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 from conftest import recipe_from_dict
 from segprompt.data.meta import DatasetMeta
 from segprompt.engine.build import build_segmentor, load_backbone_weights
-from segprompt.engine.flops import mmcv_flops, torch_flops
+from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.errors import SegpromptError
 from segprompt.models.backbones.stdc import STDCContextPath, STDCNet
 from segprompt.models.heads.fcn import FCNHead
@@ -51,9 +51,9 @@ class StandInTextGuidance(nn.Module):
 
 @pytest.fixture()
 def text_module(monkeypatch):
-    mod = types.ModuleType("segprompt.models.text_guidance")
+    mod = types.ModuleType("segprompt.models.text.guidance")
     mod.TextGuidance = StandInTextGuidance
-    monkeypatch.setitem(sys.modules, "segprompt.models.text_guidance", mod)
+    monkeypatch.setitem(sys.modules, "segprompt.models.text.guidance", mod)
     return mod
 
 

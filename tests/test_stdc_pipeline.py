@@ -15,7 +15,7 @@ from segprompt.engine.build import build_model, dataset_meta
 from segprompt.engine.evaluate import evaluate_checkpoint
 from segprompt.engine.train import train
 from segprompt.models.text.clip_text import CLIPTextEncoder
-from segprompt.models.text_guidance import TextGuidance, deploy_text
+from segprompt.models.text.guidance import TextGuidance, deploy_text
 
 SMALL = [
     "data.batch_size=2", "data.train.scales=null", "data.train.scale=[64,64]", "data.train.ratio_range=[0.75,1.25]",

@@ -19,7 +19,7 @@ from segprompt.errors import SegpromptError
 from segprompt.models import HEADS
 from segprompt.models.heads.text_score import TextScoreHead
 from segprompt.models.text import CLIPTextEncoder, PromptLearner
-from segprompt.models.text_guidance import TextGuidance, deploy_text, load_text_pretrained
+from segprompt.models.text.guidance import TextGuidance, deploy_text, load_text_pretrained
 
 NAMES = ["road", "Column_Pole", "traffic light"]
 CAMVID = ["Bicyclist", "Building", "Car", "Column_Pole", "Fence", "Pedestrian", "Road", "Sidewalk",

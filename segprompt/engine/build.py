@@ -22,8 +22,8 @@ from segprompt.data.recognition import RECOGNITION_DATASETS, RecognitionDataset,
 from segprompt.data.transforms import TestTransform, TrainTransform
 from segprompt.errors import SegpromptError
 from segprompt.models import BACKBONES, HEADS, LOSSES, EncoderDecoder, ImageClassifier
-from segprompt.models.backbones.checkpoint import load_strict, read_state_dict
-from segprompt.models.text_guidance import load_text_pretrained
+from segprompt.models.weights import load_strict, read_state_dict
+from segprompt.models.text.guidance import load_text_pretrained
 from segprompt.tuning import METHODS, TuningContext
 
 

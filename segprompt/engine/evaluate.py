@@ -26,11 +26,11 @@ from segprompt.engine.build import (apply_tuning, build_eval_dataset, build_mode
 from segprompt.engine.distributed import DistEnv, all_gather_object
 from segprompt.engine.inference import inference, save_prediction
 from segprompt.engine.metrics import ConfusionMatrix, compute_metrics
-from segprompt.engine.progress import progress_bar
+from segprompt.progress import progress_bar
 from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST, default_run_dir
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_json
-from segprompt.models.text_guidance import deploy_text
+from segprompt.models.text.guidance import deploy_text
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

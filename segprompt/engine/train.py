@@ -44,7 +44,7 @@ from segprompt.engine.build import build_eval_dataset, build_model, build_train_
 from segprompt.engine.evaluate import autocast, evaluate
 from segprompt.engine.metrics import format_table
 from segprompt.engine.optim import build_optimizer, build_scheduler
-from segprompt.engine.progress import progress_bar
+from segprompt.progress import progress_bar
 from segprompt.engine.interrupt import StopSignal
 from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, DEPLOYED, FILE_ONLY, LAST, MetricsLog, check_new_run_dir,
                                      default_run_dir, environment, failed_start, find_latest_run, new_run_dir,
@@ -52,7 +52,7 @@ from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, DEPLOYED, FILE_ONLY
 from segprompt.engine.runlock import LOCK, RunDirInUse, RunLock, lock_run_dir
 from segprompt.errors import USER_OS_ERRORS, NonFiniteLoss, RunCrashed, RunInterrupted, SegpromptError, os_problem
 from segprompt.io import atomic_write_json, remove_stale_temporaries
-from segprompt.models.text_guidance import deploy_text, has_learned_text
+from segprompt.models.text.guidance import deploy_text, has_learned_text
 
 
 @dataclass

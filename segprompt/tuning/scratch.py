@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from segprompt.errors import SegpromptError
-from segprompt.models.text_guidance import TextGuidance
+from segprompt.models.text.guidance import TextGuidance
 from segprompt.tuning.base import TuningContext, TuningMethod
 
 

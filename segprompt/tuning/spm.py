@@ -1,12 +1,12 @@
 """Stage-wise Prompt-Matched tuning (SPM paper, Section 3, Fig. 1, Eq. 1 and 5).
 
-The backbone is frozen; an :class:`~segprompt.models.spm.SPM` is inserted before each chosen stage
+The backbone is frozen; an :class:`~segprompt.tuning.spm_layers.SPM` is inserted before each chosen stage
 (slot ``i`` = the input of stage ``i``, 1-based as in the paper; slot ``num_stages + 1`` = the
 backbone output, before the head). The semantic map flows from SPM to SPM, starting from ``M0``,
 the per-pixel class prior of the training split. Each SPM's interim maps add the loss
 ``a_i / R * CE(M_i^r, label)`` for every iteration ``r`` (Eq. 5, a = 0.05, 0.1, 0.2, 0.3, 0.4).
 
-On an image classifier (the recognition appendix) the SPMs are :class:`~segprompt.models.spm.SPMVector`:
+On an image classifier (the recognition appendix) the SPMs are :class:`~segprompt.tuning.spm_layers.SPMVector`:
 the map becomes a category probability vector, starting from the class frequencies of the
 training split (P0), and the interim losses are plain cross-entropy on the interim vectors.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segprompt.data.view import is_identity, view_theta
-from segprompt.models.spm import SPM, SPMVector
+from segprompt.tuning.spm_layers import SPM, SPMVector
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
 INTERIM_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.4)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segprompt.models.backbones.checkpoint import load_strict, read_state_dict
+from segprompt.models.weights import load_strict, read_state_dict
 
 _ARCH = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
          101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}

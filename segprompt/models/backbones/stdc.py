@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segprompt.errors import SegpromptError
-from segprompt.models.backbones.checkpoint import load_strict, read_state_dict
+from segprompt.models.weights import load_strict, read_state_dict
 
 # blocks per stage (stages 3, 4, 5) and the files each variant's ImageNet weights come in
 _ARCH = {"stdc1": (2, 2, 2), "stdc2": (4, 5, 3)}
@@ -232,7 +232,7 @@ class STDCContextPath(nn.Module):
     middle two the other way: its auxiliary heads use ``in_index`` 2 and 1.)
 
     ``text`` (a mapping of options) switches on the paper's EnText guidance:
-    ``segprompt.models.text_guidance.TextGuidance(class_names, **text)`` maps feat32 (the paper's
+    ``segprompt.models.text.guidance.TextGuidance(class_names, **text)`` maps feat32 (the paper's
     F4) to the cosine score map S (K channels), and concat(feat32, S) feeds both ``arm32`` and the
     global context ``conv_avg`` (their inputs grow from 1024 to 1024 + K channels; ``docs/stdc_clip.md``, "Text guidance").
     ``class_names`` are the dataset's classes (meta.json), given by the engine.
@@ -250,7 +250,7 @@ class STDCContextPath(nn.Module):
             if not class_names:
                 raise SegpromptError("model.backbone.text (text guidance) needs the class names of the dataset "
                                      "(from its meta.json); none were given")
-            from segprompt.models.text_guidance import TextGuidance  # lazily: only text-guided models need it
+            from segprompt.models.text.guidance import TextGuidance  # lazily: only text-guided models need it
 
             self.text_guidance = TextGuidance(list(class_names), **text)
             extra = int(self.text_guidance.num_classes)

@@ -37,7 +37,7 @@ from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import PatchEmbed
 from torch import nn
 
-from segprompt.models.backbones.checkpoint import load_strict, read_state_dict
+from segprompt.models.weights import load_strict, read_state_dict
 
 
 class Block(_TimmBlock):

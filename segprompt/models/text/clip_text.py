@@ -26,7 +26,7 @@ from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
 from segprompt.errors import SegpromptError, torch_load_reason
-from segprompt.models.backbones.checkpoint import load_strict
+from segprompt.models.weights import load_strict
 
 DEFAULT_WEIGHTS = "pretrained/clip/RN50.pt"
 _PLAIN_TEXT_CFG = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}

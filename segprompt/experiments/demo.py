@@ -237,7 +237,7 @@ def run_job(job: Job) -> RunResult:
     import torch
 
     from segprompt.engine.evaluate import evaluate_checkpoint
-    from segprompt.engine.params import breakdown
+    from segprompt.measure.params import breakdown
     from segprompt.engine.train import train
 
     torch.set_num_threads(job.threads)

@@ -4,11 +4,11 @@ the counting rules, "Speed" for the FPS protocol).
 
 * **Model** (:func:`bench_model`): the recipe's network built without pretrained files (random
   weights, as the paper's protocol allows), tuning applied, learned text prompts deployed into a
-  fixed K x 1024 buffer (:func:`~segprompt.models.text_guidance.deploy_text`), eval mode.
+  fixed K x 1024 buffer (:func:`~segprompt.models.text.guidance.deploy_text`), eval mode.
 * **Counts** (:func:`model_costs`): ``params`` = every parameter of that model (auxiliary and
   detail heads included: the paper's "#Params"), ``params_inference`` = the parameters that
   ``model(img)`` in eval mode actually reads (backbone, context path, decode head), and
-  ``flops_mmcv`` / ``flops_torch`` from :mod:`segprompt.engine.flops`.
+  ``flops_mmcv`` / ``flops_torch`` from :mod:`segprompt.measure.flops`.
 * **Timing** (:func:`run_bench`): batch 1 at ``size``; a random input made on the device once; the
   eval forward (main logits resized to the input) and nothing else in the loop. ``warmup`` runs,
   then a calibration pass of ``calib_iters`` iterations doubled until one pass takes at least
@@ -39,11 +39,11 @@ from segprompt import __version__
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import META_FILE, DatasetMeta, read_meta
 from segprompt.engine.build import apply_tuning, build_segmentor, is_recognition
-from segprompt.engine.flops import mmcv_flops, torch_flops
+from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.engine.rundir import CONFIG, git_commit
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_json
-from segprompt.models.text_guidance import deploy_text
+from segprompt.models.text.guidance import deploy_text
 from segprompt.tuning import TuningContext
 
 # the paper's measuring sizes (H, W): Cityscapes at half resolution, CamVid at full (Tables 1-2)

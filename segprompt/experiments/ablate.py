@@ -1,6 +1,6 @@
 """`segprompt ablate`: a paper's table as a grid of runs, planned, run, collected and exported.
 
-A table (``recipes/tables/*.yaml``, :mod:`segprompt.tables`) names the recipe and overrides of
+A table (``recipes/tables/*.yaml``, :mod:`segprompt.experiments.tables`) names the recipe and overrides of
 each cell and the paper's value. Each cell becomes one run per seed. A run's directory is named by
 the SHA-256 of its resolved config (overrides, seed and smoke transform applied):
 ``results/ablate/<paper>_table<N>/<recipe>[-<seed>]-<hash12>/``. Re-running ``ablate`` therefore
@@ -49,7 +49,7 @@ from segprompt.engine import runlock
 from segprompt.engine.rundir import CKPT_DIR, CONFIG, LAST, failed_start
 from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
 from segprompt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from segprompt.tables import Column, Row, Table, all_tables, tables_dir
+from segprompt.experiments.tables import Column, Row, Table, all_tables, tables_dir
 
 ABLATE_ROOT = Path("results/ablate")
 TABLES_OUT = Path("results/tables")
@@ -769,7 +769,7 @@ def _best_record(run_dir: Path, cfg: Recipe) -> dict:
 
 def collect(plan: Plan) -> Collected:
     """Our value of every cell beside the paper's (reads the run directories, trains nothing)."""
-    from segprompt.engine.params import breakdown, trainable_in
+    from segprompt.measure.params import breakdown, trainable_in
 
     table = plan.table
     for run in plan.runs:

@@ -1,0 +1,88 @@
+"""The package's layering (README, "Layout"): dependencies point one way,
+cli -> experiments -> measure -> engine -> (config, tuning, models, data) -> (io, errors, progress),
+with no import cycles. Function-level imports count: they are still dependencies."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "segprompt"
+
+# area -> areas it must never import
+FORBIDDEN = {
+    "io": {"config", "data", "models", "tuning", "engine", "measure", "experiments", "cli", "progress"},
+    "errors": {"config", "data", "models", "tuning", "engine", "measure", "experiments", "cli", "progress"},
+    "progress": {"config", "data", "models", "tuning", "engine", "measure", "experiments", "cli"},
+    "data": {"models", "tuning", "engine", "measure", "experiments", "cli"},
+    "models": {"tuning", "engine", "measure", "experiments", "cli"},
+    "tuning": {"engine", "measure", "experiments", "cli"},
+    "config": {"engine", "measure", "experiments", "cli"},
+    "engine": {"measure", "experiments", "cli"},
+    "measure": {"experiments", "cli"},
+    "experiments": {"cli"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def area(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "segprompt"
+
+
+def imports(path: Path) -> set[str]:
+    """Every segprompt module ``path`` imports, at any depth of the file."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("segprompt")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("segprompt"):
+            for a in node.names:  # `from segprompt.x import y` may name the module segprompt.x.y
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if MODULES.get(sub) else node.module)
+    return out
+
+
+MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
+GRAPH = {m: imports(p) for m, p in MODULES.items()}
+
+
+@pytest.mark.parametrize("source", sorted(FORBIDDEN))
+def test_dependencies_point_one_way(source):
+    wrong = sorted(f"{m} imports {t}" for m, targets in GRAPH.items() if area(m) == source
+                   for t in targets if area(t) in FORBIDDEN[source])
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    # a submodule importing its own package's __init__ (to reach a sibling) is not a cycle of
+    # design, so edges from a module up to an enclosing package are skipped; all others count
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(GRAPH.get(m, ())):
+            if t not in MODULES or m.startswith(t + "."):
+                continue
+            if state.get(t) == 1:
+                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+            elif t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(MODULES):
+        if m not in state:
+            visit(m)
+    assert not cycles, "\n".join(cycles)
