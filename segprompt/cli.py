@@ -407,7 +407,7 @@ def ablate(
                           f"{len(report.submitted)} submitted, {len(report.failed)} failed, {len(report.waiting)} waiting")
             for r, why in report.waiting:
                 console.print(f"  waiting: {r.label}: {why}", markup=False)
-            failures += [f"{t.id} {r.label}: {msg} (log: {r.dir.parent / '_logs' / (r.dir.name + '.log')})"
+            failures += [f"{t.id} {r.label}: {msg} (log: {ab.log_path(p, r)})"
                          for r, msg in report.failed]
         result = ab.collect(p)
         console.print(ab.render(result))

@@ -39,10 +39,10 @@ from segprompt import __version__
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import META_FILE, DatasetMeta, read_meta
 from segprompt.engine.build import apply_tuning, build_segmentor, is_recognition
-from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.engine.rundir import CONFIG, git_commit
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_json
+from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.models.text.guidance import deploy_text
 from segprompt.tuning import TuningContext
 
