@@ -51,7 +51,7 @@ def test_existing_run_directory_is_never_overwritten(trained_run):
 
 def test_resume_with_a_different_recipe_is_refused(trained_run):
     run, recipe = trained_run
-    with pytest.raises(SegpromptError, match=r"recipe differs .*optimizer.lr: run has 0.02, now 0.5"):
+    with pytest.raises(SegpromptError, match=r"recipe differs .*run vs now: .*optimizer.lr: 0.02 vs 0.5"):
         train(recipe, ["schedule.iters=6", "optimizer.lr=0.5"], out=run, resume="auto")
 
 

@@ -34,7 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from segprompt.config import Recipe, dump_recipe, load_recipe, run_defining_config
+from segprompt.config import Recipe, config_diff, dump_recipe, load_recipe
 from segprompt.data.dataset import collate, start_workers, worker_init
 from segprompt.data.sampler import TrainBatchSampler
 from segprompt.data.transforms import normalize
@@ -65,13 +65,11 @@ class RunPlan:
 
 
 def _check_same_config(saved: Recipe, now: Recipe, run_dir: Path) -> None:
-    a, b = run_defining_config(saved), run_defining_config(now)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diff = config_diff(saved, now)
     if diff:
-        shown = "; ".join(f"{k}: run has {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:6])
         raise SegpromptError(
-            f"cannot resume '{run_dir}': the recipe differs from the run's {CONFIG} ({shown}). Resume with "
-            f"the same recipe and --set values, or start a new run (a new --out)")
+            f"cannot resume '{run_dir}': the recipe differs from the run's {CONFIG} (run vs now: {diff}). Resume "
+            f"with the same recipe and --set values, or start a new run (a new --out)")
 
 
 def plan_run(recipe: str | Path, overrides: list[str], out: str | Path | None,

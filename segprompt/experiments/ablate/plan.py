@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from segprompt.config import Recipe, load_recipe, run_defining_config, shipped_name, shipped_recipes
+from segprompt.config import Recipe, config_diff, load_recipe, run_defining_config, shipped_name, shipped_recipes
 from segprompt.engine.rundir import CKPT_DIR, CONFIG, LAST, failed_start
 from segprompt.errors import SegpromptError
 from segprompt.experiments.ablate.smoke import SmokeProfile, load_smoke_profile, smoke_overrides
@@ -237,14 +237,12 @@ def build_plan(table: Table, *, scale: str = "full", root: Path = ABLATE_ROOT, r
 
 
 def _check_config(run: Run, directory: Path) -> None:
-    saved = load_recipe(directory / CONFIG)
-    a, b = run_defining_config(saved), run_defining_config(run.cfg)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diff = config_diff(load_recipe(directory / CONFIG), run.cfg, limit=5)
     if diff:
-        shown = "; ".join(f"{k}: on disk {a.get(k)!r}, expected {b.get(k)!r}" for k in diff[:5])
         raise SegpromptError(
-            f"'{directory / CONFIG}' is not the config of the cell this directory is named after ({shown}). "
-            f"Something other than `segprompt ablate` wrote there; move '{directory}' elsewhere and re-run")
+            f"'{directory / CONFIG}' is not the config of the cell this directory is named after (on disk vs "
+            f"expected: {diff}). Something other than `segprompt ablate` wrote there; move '{directory}' elsewhere "
+            f"and re-run")
 
 
 def _last_iteration(directory: Path) -> int | None:
