@@ -96,7 +96,7 @@ def prepare(
         return update
 
     if check:
-        from segprompt.data.prepare.common import check as check_prepared
+        from segprompt.data.prepare.check import check as check_prepared
 
         with ExitStack() as stack:
             meta = check_prepared(dataset, out, nproc=workers, progress=stages(stack))
@@ -280,8 +280,8 @@ def bench(
     CLIP-distilled STDC-Seg paper measures FPS."""
     import json
 
-    from segprompt.measure.bench import BenchOptions, check_out, format_table, parse_size, run_bench, save_run_bench
     from segprompt.io import atomic_write_json
+    from segprompt.measure.bench import BenchOptions, check_out, format_table, parse_size, run_bench, save_run_bench
 
     check_out(out, force)
     opts = BenchOptions(size=parse_size(size) if size else None, dtype=dtype, channels_last=channels_last,
@@ -326,8 +326,9 @@ def demo(
 
     from rich.table import Table
 
-    from segprompt.experiments.demo import SCALES, check_methods, edge_note, rows_from_report, run_demo, table_lines
     from segprompt.engine.rundir import new_run_dir
+    from segprompt.experiments.demo import SCALES, check_methods, run_demo
+    from segprompt.experiments.demo_report import edge_note, rows_from_report, table_lines
 
     if scale not in SCALES:
         raise SegpromptError(f"--scale {scale!r}: choose one of {', '.join(SCALES)}")

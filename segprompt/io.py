@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,30 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def move_aside(path: Path, tag: str = "old") -> Path:
+    """Rename ``path`` to ``<path>.<tag>-<timestamp>[-k]`` beside it and return the new name: what
+    a newer result replaces is kept, never deleted."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, k = path.with_name(f"{path.name}.{tag}-{stamp}"), 1
+    while aside.exists():
+        aside, k = path.with_name(f"{path.name}.{tag}-{stamp}-{k}"), k + 1
+    os.rename(path, aside)
+    return aside
+
+
+def write_json_keeping_history(path: Path, data: Any, history: str) -> None:
+    """Write ``data`` to ``path`` atomically; an earlier file there is first moved into the folder
+    ``history`` beside it as ``<stem>-<mtime>-<n>.json`` (results are kept, never overwritten)."""
+    path = Path(path)
+    if path.exists():
+        folder = path.parent / history
+        folder.mkdir(exist_ok=True)
+        n = len(list(folder.iterdir()))
+        while (dest := folder / f"{path.stem}-{int(path.stat().st_mtime)}-{n}{path.suffix}").exists():
+            n += 1
+        path.rename(dest)
+    atomic_write_json(path, data)
+

@@ -9,7 +9,8 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from segprompt.experiments.demo import SCALES, Row, gap_recovered, run_demo, table_lines, verdict
+from segprompt.experiments.demo import SCALES, run_demo
+from segprompt.experiments.demo_report import Row, gap_recovered, table_lines, verdict
 from segprompt.errors import SegpromptError
 
 

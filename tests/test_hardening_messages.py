@@ -3,7 +3,6 @@ that names the key, file or path and what to do, and loses nothing the user made
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -12,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, write_recipe
 from faults import fail_atomic_writes, forbid_dir
+
 from segprompt.cli import main
 from segprompt.engine.train import train
 from segprompt.errors import SegpromptError
@@ -222,7 +221,7 @@ def test_truncated_jpeg_fails_by_name_or_is_skipped(capsys, data_copy, tmp_path)
 
 
 def test_prepare_check_and_conversion_find_truncated_images(capsys, data_copy):
-    from segprompt.data.prepare.common import decode_image
+    from segprompt.data.prepare.labels import decode_image
 
     jpg = _cut_jpeg(data_copy, "val")
     code, _, err = cli(capsys, "prepare", "synthetic", "--check", "--out", data_copy)

@@ -211,7 +211,7 @@ def test_default_run_dirs_of_one_second_do_not_collide(tmp_path, synthetic_root,
     monkeypatch.chdir(tmp_path)
     recipe = write_recipe(tmp_path / "exp.yaml", synthetic_root)
     second = Path("results/exp/20250101-000000")
-    monkeypatch.setattr("segprompt.engine.train.default_run_dir", lambda recipe: second)
+    monkeypatch.setattr("segprompt.engine.runplan.default_run_dir", lambda recipe: second)
     held = runlock.lock_run_dir(second)  # a run of this recipe that started in the same second
     try:
         run = train(recipe, ["schedule.iters=1", "evaluation.interval=0"])

@@ -6,6 +6,7 @@ The prepared layout is ``ROOT/img_dir/<split>/<stem>.<ext>``, ``ROOT/ann_dir/<sp
 
 from __future__ import annotations
 
+import colorsys
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,3 +71,13 @@ def read_meta(root: str | Path, dataset: str = "DATASET") -> DatasetMeta:
         return DatasetMeta(**d)
     except TypeError as e:
         raise SegpromptError(f"'{path}' does not have the fields segprompt writes: {e}") from e
+
+
+def golden_palette(n: int, saturation: float = 0.75, phase: int = 0) -> list[list[int]]:
+    """``n`` distinct display colours for datasets that define none: hues ``i * 0.618`` apart (the
+    golden ratio keeps any prefix spread out), alternately bright and dark (``phase`` picks which
+    comes first)."""
+    return [[round(255 * v) for v in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, saturation,
+                                                        0.95 if (i + phase) % 2 else 0.7)]
+            for i in range(n)]
+

@@ -24,7 +24,6 @@ import os
 import re
 import secrets
 import shutil
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from segprompt.data.meta import ANN_DIR, IMG_DIR, META_FILE, DatasetMeta, read_meta, write_meta
+from segprompt.data.meta import ANN_DIR, IMG_DIR, META_FILE, DatasetMeta, golden_palette, read_meta, write_meta
 from segprompt.errors import SegpromptError, os_problem
-from segprompt.io import remove_stale_temporaries, temp_prefix
+from segprompt.io import move_aside, remove_stale_temporaries, temp_prefix
 
 __all__ = ["generate_synthetic", "class_names", "DEFAULT_COUNTS", "MAX_CLASSES"]
 
@@ -98,11 +97,7 @@ def class_names(num_classes: int, first_class: int = 0) -> list[str]:
 
 def _palette(num_classes: int) -> list[list[int]]:
     """Display colours: black background, then golden-ratio hues alternating in brightness."""
-    palette = [[0, 0, 0]]
-    for c in range(1, num_classes):
-        rgb = colorsys.hsv_to_rgb(((c - 1) * 0.618034) % 1.0, 0.85, 0.95 if c % 2 else 0.7)
-        palette.append([round(255 * v) for v in rgb])
-    return palette
+    return [[0, 0, 0], *golden_palette(num_classes - 1, saturation=0.85, phase=1)]
 
 
 def _group_hsv(group: int) -> tuple[float, float, float]:
@@ -277,20 +272,37 @@ def _same_dataset(out: Path, options: dict[str, Any]) -> DatasetMeta | None:
     return meta
 
 
-def _move_aside(out: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = out.with_name(f"{out.name}.old-{stamp}")
-    k = 1
-    while aside.exists():
-        aside = out.with_name(f"{out.name}.old-{stamp}-{k}")
-        k += 1
-    os.rename(out, aside)
-    return aside
-
-
 def _image_seeds(seed: int, split: str, index: int) -> list[np.random.SeedSequence]:
     """Layout and appearance seeds of one image, from (seed, split, index) only."""
     return np.random.SeedSequence([seed, zlib.crc32(split.encode()), index]).spawn(2)
+
+
+def _write_splits(root: Path, specs: list, seed: int, counts: dict[str, int], size: tuple[int, int],
+                  domain_shift: float, ignore_border: bool, object_scale: float,
+                  progress: Callable[[int, int], None] | None) -> dict[str, list[int]]:
+    """Render and write every image and label under ``root``; returns the label values per split."""
+    h, w = size
+    total, done = sum(counts.values()), 0
+    label_values: dict[str, list[int]] = {}
+    for split, n in counts.items():
+        img_dir, ann_dir = root / IMG_DIR / split, root / ANN_DIR / split
+        img_dir.mkdir(parents=True)
+        ann_dir.mkdir(parents=True)
+        present = np.zeros(256, bool)
+        for i in range(n):
+            layout_seq, look_seq = _image_seeds(seed, split, i)
+            img, label = _render(specs, h, w, domain_shift, ignore_border,
+                                 np.random.default_rng(layout_seq), np.random.default_rng(look_seq), object_scale)
+            present |= np.bincount(label.ravel(), minlength=256) > 0
+            stem = f"{i:05d}"
+            if not (cv2.imwrite(str(img_dir / f"{stem}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+                    and cv2.imwrite(str(ann_dir / f"{stem}.png"), label)):
+                raise SegpromptError(f"could not write image {stem}.png under '{root}' (disk full?)")
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        label_values[split] = np.flatnonzero(present).tolist()
+    return label_values
 
 
 def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
@@ -351,35 +363,15 @@ def generate_synthetic(out: str | Path, *, seed: int = 0, num_classes: int = 6,
     remove_stale_temporaries(out.parent, out.name)
     tmp = out.parent / f"{temp_prefix(out)}{secrets.token_hex(4)}.tmp"
     tmp.mkdir()  # not mkdtemp: the dataset keeps the umask's mode, not 0700
-    specs = _foreground_specs(num_classes, first_class)
-    total, done = sum(counts.values()), 0
-    label_values: dict[str, list[int]] = {}
     try:
-        for split, n in counts.items():
-            img_dir, ann_dir = tmp / IMG_DIR / split, tmp / ANN_DIR / split
-            img_dir.mkdir(parents=True)
-            ann_dir.mkdir(parents=True)
-            present = np.zeros(256, bool)
-            for i in range(n):
-                layout_seq, look_seq = _image_seeds(seed, split, i)
-                img, label = _render(specs, h, w, domain_shift, ignore_border,
-                                     np.random.default_rng(layout_seq), np.random.default_rng(look_seq),
-                                     object_scale)
-                present |= np.bincount(label.ravel(), minlength=256) > 0
-                stem = f"{i:05d}"
-                if not (cv2.imwrite(str(img_dir / f"{stem}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-                        and cv2.imwrite(str(ann_dir / f"{stem}.png"), label)):
-                    raise SegpromptError(f"could not write image {stem}.png under '{tmp}' (disk full?)")
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            label_values[split] = np.flatnonzero(present).tolist()
+        label_values = _write_splits(tmp, _foreground_specs(num_classes, first_class), seed, counts, (h, w),
+                                     domain_shift, ignore_border, object_scale, progress)
         meta = DatasetMeta(name="synthetic", classes=class_names(num_classes, first_class), palette=_palette(num_classes),
                            ignore_index=IGNORE_INDEX, splits=dict(counts), label_values=label_values,
                            extra={"generator": options})
         write_meta(tmp, meta)
         if existing:
-            _move_aside(out)
+            move_aside(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from segprompt.errors import SegpromptError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -33,17 +35,19 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, key: str = "runtime.device") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` (this process's GPU, ``local_rank``) | ``cuda:N`` as a device;
+    ``key`` is the option that gave ``name``, for the message when no GPU is visible."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            from segprompt.errors import SegpromptError
-
-            raise SegpromptError("runtime.device is 'cuda' but no CUDA device is visible; "
-                                 "use --set runtime.device=cpu (or auto)")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise SegpromptError(f"{key} '{name}' is not one of: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        fix = "--set runtime.device=cpu" if key == "runtime.device" else f"{key} cpu"
+        raise SegpromptError(f"{key} is '{name}' but no CUDA device is visible; use {fix} (or auto)")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def init_distributed(device_name: str) -> DistEnv:

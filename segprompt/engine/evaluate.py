@@ -29,7 +29,7 @@ from segprompt.engine.metrics import ConfusionMatrix, compute_metrics
 from segprompt.progress import progress_bar
 from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST, default_run_dir
 from segprompt.errors import SegpromptError
-from segprompt.io import atomic_write_json
+from segprompt.io import write_json_keeping_history
 from segprompt.models.text.guidance import deploy_text
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -185,12 +185,7 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrid
         result = {"checkpoint": str(ckpt_path), "iter": state.get("iteration"), "split": dataset.split, **result}
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            out = run_dir / "eval.json"
-            if out.exists():
-                history = run_dir / "eval_history"
-                history.mkdir(exist_ok=True)
-                out.rename(history / f"eval-{int(out.stat().st_mtime)}-{len(list(history.iterdir()))}.json")
-            atomic_write_json(out, result)
+            write_json_keeping_history(run_dir / "eval.json", result, "eval_history")
         return run_dir, result
     finally:
         dist_utils.cleanup()

@@ -19,7 +19,6 @@ boundary with ``last.pt`` saved; ``train.log`` ends with one line saying how the
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import random
@@ -34,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from segprompt.config import Recipe, config_diff, dump_recipe, load_recipe
+from segprompt.config import Recipe, dump_recipe, load_recipe
 from segprompt.data.dataset import collate, start_workers, worker_init
 from segprompt.data.sampler import TrainBatchSampler
 from segprompt.data.transforms import normalize
@@ -42,113 +41,25 @@ from segprompt.engine import checkpoint as ckpt
 from segprompt.engine import distributed as dist_utils
 from segprompt.engine.build import build_eval_dataset, build_model, build_train_dataset, dataset_meta
 from segprompt.engine.evaluate import autocast, evaluate
+from segprompt.engine.interrupt import StopSignal
 from segprompt.engine.metrics import format_table
 from segprompt.engine.optim import build_optimizer, build_scheduler
-from segprompt.progress import progress_bar
-from segprompt.engine.interrupt import StopSignal
-from segprompt.engine.rundir import (BEST, CKPT_DIR, CONFIG, DEPLOYED, FILE_ONLY, LAST, MetricsLog, check_new_run_dir,
-                                     default_run_dir, environment, failed_start, find_latest_run, new_run_dir,
-                                     setup_logging, write_run_files)
-from segprompt.engine.runlock import LOCK, RunDirInUse, RunLock, lock_run_dir
+from segprompt.engine.rundir import (
+    BEST,
+    CKPT_DIR,
+    DEPLOYED,
+    FILE_ONLY,
+    LAST,
+    MetricsLog,
+    environment,
+    setup_logging,
+    write_run_files,
+)
+from segprompt.engine.runplan import RunPlan, plan_run
 from segprompt.errors import USER_OS_ERRORS, NonFiniteLoss, RunCrashed, RunInterrupted, SegpromptError, os_problem
 from segprompt.io import atomic_write_json, remove_stale_temporaries
 from segprompt.models.text.guidance import deploy_text, has_learned_text
-
-
-@dataclass
-class RunPlan:
-    run_dir: Path
-    cfg: Recipe
-    resume_from: Path | None
-    note: str | None = None  # logged once the run's log is open
-    lock_note: str | None = None  # the run directory could not be locked (see runlock.py)
-
-
-def _check_same_config(saved: Recipe, now: Recipe, run_dir: Path) -> None:
-    diff = config_diff(saved, now)
-    if diff:
-        raise SegpromptError(
-            f"cannot resume '{run_dir}': the recipe differs from the run's {CONFIG} (run vs now: {diff}). Resume "
-            f"with the same recipe and --set values, or start a new run (a new --out)")
-
-
-def plan_run(recipe: str | Path, overrides: list[str], out: str | Path | None,
-             resume: str | None) -> tuple[RunPlan, RunLock]:
-    """Decide the run directory and the checkpoint to resume from (rank 0 only).
-
-    Every decision is taken holding the directory's lock, which the caller keeps for the run, so
-    two processes never both start, restart or resume one run."""
-    cfg = load_recipe(recipe, overrides)
-    if resume is None:
-        if out is None:
-            return _new_default_run(recipe, cfg)
-        run_dir = Path(out)
-        if not (run_dir / LOCK).is_file():
-            check_new_run_dir(run_dir)  # a folder that is not a run gets no lock file
-        return _locked(run_dir, lambda: RunPlan(new_run_dir(run_dir), cfg, None))
-    if resume == "auto":
-        run_dir = Path(out) if out else find_latest_run(recipe)
-        if run_dir is None:
-            plan, lock = _new_default_run(recipe, cfg)
-            plan.note = (f"--resume auto: no run with a checkpoint in '{default_run_dir(recipe).parent}'; "
-                         f"starting a new run in '{plan.run_dir}'")
-            return plan, lock
-        if not (run_dir / CONFIG).is_file() and not (run_dir / LOCK).is_file():
-            check_new_run_dir(run_dir)
-        return _locked(run_dir, lambda: _plan_auto(run_dir, cfg))
-    p = Path(resume)
-    ckpt_path = p / CKPT_DIR / LAST if p.is_dir() else p
-    if not ckpt_path.is_file():
-        raise SegpromptError(f"--resume '{resume}': no checkpoint at '{ckpt_path}'")
-    run_dir = ckpt_path.parent.parent
-    if out and Path(out).resolve() != run_dir.resolve():
-        raise SegpromptError(f"--resume '{resume}' belongs to run '{run_dir}', not --out '{out}'")
-
-    def resume_path() -> RunPlan:
-        if (run_dir / CONFIG).is_file():
-            _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
-        return RunPlan(run_dir, cfg, ckpt_path)
-    return _locked(run_dir, resume_path)
-
-
-def _plan_auto(run_dir: Path, cfg: Recipe) -> RunPlan:
-    last = run_dir / CKPT_DIR / LAST
-    if last.is_file():
-        if (run_dir / CONFIG).is_file():
-            _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
-        return RunPlan(run_dir, cfg, last)
-    if (run_dir / CONFIG).is_file() and not failed_start(run_dir):
-        # the run died before its first checkpoint: start it again in the same place
-        _check_same_config(load_recipe(run_dir / CONFIG), cfg, run_dir)
-        return RunPlan(run_dir, cfg, None, f"--resume auto: '{run_dir}' has no checkpoint yet; "
-                                           f"starting it again from iteration 0")
-    return RunPlan(new_run_dir(run_dir), cfg, None, f"--resume auto: no run with a checkpoint in '{run_dir}'; "
-                                                    f"starting a new run there")
-
-
-def _locked(run_dir: Path, decide) -> tuple[RunPlan, RunLock]:
-    lock = lock_run_dir(run_dir)
-    try:
-        plan = decide()
-    except BaseException:
-        lock.release()
-        raise
-    plan.lock_note = lock.note
-    return plan, lock
-
-
-def _new_default_run(recipe: str | Path, cfg: Recipe) -> tuple[RunPlan, RunLock]:
-    """A new ``results/<recipe>/<timestamp>[-k]/``: runs of one recipe started in the same second
-    (a job array) each get their own."""
-    base = default_run_dir(recipe)
-    for k in itertools.count():
-        run_dir = base.with_name(f"{base.name}-{k}") if k else base
-        if run_dir.exists():
-            continue
-        try:
-            return _locked(run_dir, lambda: RunPlan(new_run_dir(run_dir), cfg, None))
-        except RunDirInUse:
-            continue
+from segprompt.progress import progress_bar
 
 
 def seed_everything(seed: int, deterministic: bool, benchmark: bool) -> None:

@@ -39,9 +39,10 @@ from segprompt import __version__
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import META_FILE, DatasetMeta, read_meta
 from segprompt.engine.build import apply_tuning, build_segmentor, is_recognition
+from segprompt.engine.distributed import resolve_device
 from segprompt.engine.rundir import CONFIG, git_commit
 from segprompt.errors import SegpromptError
-from segprompt.io import atomic_write_json
+from segprompt.io import write_json_keeping_history
 from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.models.text.guidance import deploy_text
 from segprompt.tuning import TuningContext
@@ -225,22 +226,11 @@ def save_run_bench(run_dir: Path, result: dict[str, Any]) -> Path:
     """Write ``RUN/bench.json`` (what ``segprompt ablate`` collects); an earlier one is moved to
     ``RUN/bench_history/`` first, never overwritten."""
     path = run_dir / BENCH_FILE
-    if path.exists():
-        history = run_dir / HISTORY_DIR
-        history.mkdir(exist_ok=True)
-        dest = history / f"bench-{int(path.stat().st_mtime)}-{len(list(history.iterdir()))}.json"
-        path.rename(dest)
-    atomic_write_json(path, result)
+    write_json_keeping_history(path, result, HISTORY_DIR)
     return path
 
 
 # ---- timing ------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -303,7 +293,7 @@ class _Timed:
 
 def time_models(models: list[nn.Module], size: tuple[int, int], opts: BenchOptions) -> list[dict[str, Any]]:
     """Warm up and calibrate each model, then time them in alternating chunks (A B A B ...)."""
-    device = resolve_device(opts.device)
+    device = resolve_device(opts.device, key="--device")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the paper's PyTorch fallback
     with torch.inference_mode():
@@ -346,7 +336,7 @@ def run_bench(target: str | Path, opts: BenchOptions, overrides: list[str] | Non
         models.append(model)
         entries.append(_model_entry(Path(t), cfg, model, meta, names, size))
     timings = time_models(models, size, opts)
-    device = resolve_device(opts.device)
+    device = resolve_device(opts.device, key="--device")
     knobs = {k: v for k, v in asdict(opts).items() if k not in ("size", "device", "threads")}
     result = {
         "segprompt": __version__, "git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

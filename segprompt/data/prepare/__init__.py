@@ -1,9 +1,11 @@
 """`segprompt prepare DATASET` for the real datasets (``docs/datasets.md``): one module per dataset.
 
 Each module turns the official archives (or an extracted copy) into the prepared layout
-(``img_dir/<split>/``, ``ann_dir/<split>/``, ``meta.json``) with the shared machinery of
-:mod:`segprompt.data.prepare.common`: archive access, parallel atomic conversion, verification,
-``meta.json`` with sources, options, counts, label values and the train-split class prior.
+(``img_dir/<split>/``, ``ann_dir/<split>/``, ``meta.json``) with the shared machinery:
+:mod:`.archive` (reading the official archives), :mod:`.labels` (decoding, label remapping),
+:mod:`.samples` (what a converter plans; per-sample write and verification), :mod:`.runner`
+(parallel atomic conversion, ``meta.json`` with sources, options, counts, label values and the
+train-split class prior) and :mod:`.check` (re-verifying a prepared folder).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 
 from segprompt.data.meta import DatasetMeta
 from segprompt.data.prepare import ade20k, camvid, cityscapes, retinal, vaihingen
-from segprompt.data.prepare.common import Progress, check, parse_counts
+from segprompt.data.prepare.check import check
+from segprompt.data.prepare.runner import parse_counts
+from segprompt.data.prepare.samples import Progress
 from segprompt.errors import SegpromptError
 
 # dataset -> (its prepare function, the dataset-specific options it takes)

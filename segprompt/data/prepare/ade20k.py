@@ -15,10 +15,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from segprompt.data.meta import DatasetMeta
-from segprompt.data.prepare.common import (ArchiveSpec, Job, Plan, Progress, Sample, Source, apply_lut,
-                                           decode_index, golden_palette, match_members, run, value_lut,
-                                           write_sample)
+from segprompt.data.meta import DatasetMeta, golden_palette
+from segprompt.data.prepare.archive import ArchiveSpec, Source, match_members
+from segprompt.data.prepare.labels import apply_lut, decode_index, value_lut
+from segprompt.data.prepare.runner import run
+from segprompt.data.prepare.samples import Job, Plan, Progress, Sample, write_sample
 from segprompt.errors import SegpromptError
 
 NAME = "ade20k"

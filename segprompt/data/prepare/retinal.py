@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from segprompt.data.meta import DatasetMeta
-from segprompt.data.prepare.common import (ArchiveSpec, Job, Plan, Progress, Sample, Source, decode_image,
-                                           match_members, run, split_by_order, write_sample)
+from segprompt.data.prepare.archive import ArchiveSpec, Source, match_members
+from segprompt.data.prepare.labels import decode_image
+from segprompt.data.prepare.runner import run, split_by_order
+from segprompt.data.prepare.samples import Job, Plan, Progress, Sample, write_sample
 from segprompt.errors import SegpromptError
 
 CLASSES = ["background", "vessel"]

@@ -25,7 +25,7 @@ from segprompt.engine.train import train
 from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
 from segprompt.experiments.ablate.plan import Plan, Run, recipe_key, refresh_state
 from segprompt.experiments.ablate.smoke import load_smoke_profile, prepare_smoke_data
-from segprompt.io import atomic_write_json
+from segprompt.io import atomic_write_json, move_aside
 
 # Slurm states of a job that will still write to its run directory
 _LIVE_JOB_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
@@ -192,8 +192,7 @@ def _run_torchrun(plan: Plan, run: Run, gpus: int) -> None:
     if run.state == "started" and run.load_from is not None:
         # `train` restarts such a run in place, but its command line cannot combine --resume with
         # --load-from; the folder holds no checkpoint, so it is moved aside (nothing is deleted)
-        aside = run.dir.with_name(f"{run.dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.rename(run.dir, aside)
+        move_aside(run.dir, "incomplete")
         run.state = "missing"
     log = log_path(plan, run)
     log.parent.mkdir(parents=True, exist_ok=True)
