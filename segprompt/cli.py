@@ -16,6 +16,7 @@ import typer
 import typer.core
 from rich.console import Console
 
+from segprompt.data.prepare import DATASETS
 from segprompt.errors import USER_OS_ERRORS, RunCrashed, RunInterrupted, SegpromptError, os_problem
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,7 +34,7 @@ def _flag_shows_no_type(display_type_rich):
 
 typer.core.TyperOption.display_type_rich = _flag_shows_no_type(typer.core.TyperOption.display_type_rich)
 
-PREPARERS = ("synthetic", "cityscapes", "camvid", "ade20k", "vaihingen", "chase_db1", "stare")
+PREPARERS = ("synthetic", *DATASETS)
 
 
 @app.command()

@@ -90,6 +90,15 @@ def _closest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{m[0]}'?" if m else ""
 
 
+# scalar type -> (its name in messages, what a YAML value of it may be); YAML's true/false are not numbers
+_SCALARS = {
+    bool: ("bool (true/false)", lambda v: isinstance(v, bool)),
+    int: ("int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("str", lambda v: isinstance(v, str)),
+}
+
+
 def _check(value: Any, tp: Any, path: str, src: _Source) -> Any:
     origin = typing.get_origin(tp)
     shown = path or "<top level>"
@@ -143,22 +152,11 @@ def _check(value: Any, tp: Any, path: str, src: _Source) -> Any:
         if not isinstance(value, dict):
             _fail(src, path, f"'{shown}' must be a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(src, path, f"'{shown}' must be bool (true/false), got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(src, path, f"'{shown}' must be int, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(src, path, f"'{shown}' must be float, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(src, path, f"'{shown}' must be str, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        name, ok = _SCALARS[tp]
+        if not ok(value):
+            _fail(src, path, f"'{shown}' must be {name}, got {value!r}")
+        return float(value) if tp is float else value
     raise TypeError(f"unsupported schema type {tp!r} at {path}")
 
 

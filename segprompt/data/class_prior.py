@@ -34,11 +34,17 @@ def compute_class_prior(label_paths: list[Path], num_classes: int, ignore_index:
     return prior.reshape(num_classes, res, res).astype(np.float32)
 
 
+def prior_cache_path(root: Path, label_paths: list[Path], num_classes: int, res: int) -> Path:
+    """Where :func:`cached_class_prior` keeps the prior of these label files: named by the set of
+    their names, so another split or subset gets its own file."""
+    key = hashlib.sha256("\n".join(sorted(p.name for p in label_paths)).encode()).hexdigest()[:16]
+    return Path(root) / "class_prior" / f"prior_k{num_classes}_r{res}_{key}.npy"
+
+
 def cached_class_prior(root: Path, label_paths: list[Path], num_classes: int, ignore_index: int = 255,
                        res: int = 64) -> np.ndarray:
     """:func:`compute_class_prior`, cached under ``root/class_prior/`` by the set of label files."""
-    key = hashlib.sha256("\n".join(sorted(p.name for p in label_paths)).encode()).hexdigest()[:16]
-    cache = Path(root) / "class_prior" / f"prior_k{num_classes}_r{res}_{key}.npy"
+    cache = prior_cache_path(root, label_paths, num_classes, res)
     if cache.is_file():
         prior = np.load(cache)
         if prior.shape == (num_classes, res, res):

@@ -81,3 +81,10 @@ def golden_palette(n: int, saturation: float = 0.75, phase: int = 0) -> list[lis
                                                         0.95 if (i + phase) % 2 else 0.7)]
             for i in range(n)]
 
+
+def check_num_classes(declared: int | None, meta: DatasetMeta, where: Path | str) -> None:
+    """A recipe's ``data.num_classes`` (None: not set) must agree with the dataset's ``meta.json``."""
+    if declared is not None and declared != meta.num_classes:
+        raise SegpromptError(f"data.num_classes is {declared} but '{where}' lists {meta.num_classes} classes; "
+                             f"point data.root at the right dataset")
+

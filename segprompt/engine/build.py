@@ -17,13 +17,13 @@ from torch import nn
 
 from segprompt.config import Recipe
 from segprompt.data.dataset import SegDataset
-from segprompt.data.meta import DatasetMeta, read_meta
+from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
 from segprompt.data.recognition import RECOGNITION_DATASETS, RecognitionDataset, class_frequency, recognition_meta
 from segprompt.data.transforms import TestTransform, TrainTransform
 from segprompt.errors import SegpromptError
 from segprompt.models import BACKBONES, HEADS, LOSSES, EncoderDecoder, ImageClassifier
-from segprompt.models.weights import load_strict, read_state_dict
 from segprompt.models.text.guidance import load_text_pretrained
+from segprompt.models.weights import load_strict, read_state_dict
 from segprompt.tuning import METHODS, TuningContext
 
 
@@ -165,7 +165,5 @@ def dataset_meta(cfg: Recipe) -> DatasetMeta:
         meta = recognition_meta(cfg.data.dataset, cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
     else:
         meta = read_meta(cfg.data.root, cfg.data.dataset)
-    if cfg.data.num_classes is not None and cfg.data.num_classes != meta.num_classes:
-        raise SegpromptError(f"data.num_classes is {cfg.data.num_classes} but '{cfg.data.root}/meta.json' lists "
-                             f"{meta.num_classes} classes; point data.root at the right dataset")
+    check_num_classes(cfg.data.num_classes, meta, Path(cfg.data.root) / META_FILE)
     return meta

@@ -15,22 +15,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from segprompt.config import Recipe, load_recipe
+from segprompt.config import Recipe
 from segprompt.data.dataset import SegDataset, collate, read_image, start_workers, worker_init
 from segprompt.data.sampler import eval_shard
 from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ckpt
 from segprompt.engine import distributed as dist_utils
-from segprompt.engine.build import (apply_tuning, build_eval_dataset, build_model, build_segmentor, dataset_meta,
-                                    tuning_context)
+from segprompt.engine.build import (
+    apply_tuning,
+    build_eval_dataset,
+    build_model,
+    build_segmentor,
+    dataset_meta,
+    tuning_context,
+)
 from segprompt.engine.distributed import DistEnv, all_gather_object
 from segprompt.engine.inference import inference, save_prediction
 from segprompt.engine.metrics import ConfusionMatrix, compute_metrics
-from segprompt.progress import progress_bar
-from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST, default_run_dir
+from segprompt.engine.rundir import BEST, CKPT_DIR, DEPLOYED, LAST, default_run_dir, load_run_or_recipe
 from segprompt.errors import SegpromptError
 from segprompt.io import write_json_keeping_history
 from segprompt.models.text.guidance import deploy_text
+from segprompt.progress import progress_bar
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -154,16 +160,12 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrid
     with ``--checkpoint PATH``. Writes ``eval.json`` into the run directory; an earlier one is
     moved to ``eval_history/`` first, never overwritten."""
     target = Path(target)
-    if target.is_dir():
-        if not (target / CONFIG).is_file():
-            raise SegpromptError(f"'{target}' is not a run directory: '{target / CONFIG}' is missing")
-        cfg = load_recipe(target / CONFIG, overrides)
-        run_dir = target
+    cfg, run_dir = load_run_or_recipe(target, overrides)
+    if run_dir is not None:
         named = {"best": target / CKPT_DIR / BEST, "last": target / CKPT_DIR / LAST,
                  "deployed": target / CKPT_DIR / DEPLOYED}
         ckpt_path = named.get(checkpoint, Path(checkpoint))
     else:
-        cfg = load_recipe(target, overrides)
         if checkpoint in ("best", "last"):
             raise SegpromptError(f"evaluating recipe '{target}' needs --checkpoint PATH "
                                  f"(best/last only make sense for a run directory)")

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from segprompt import __version__
-from segprompt.errors import SegpromptError, os_problem
+from segprompt.config import Recipe, load_recipe
 from segprompt.engine.runlock import LOCK
+from segprompt.errors import SegpromptError, os_problem
 from segprompt.io import atomic_write_json, atomic_write_text, is_temporary
 
 CONFIG = "config.yaml"
@@ -93,6 +94,18 @@ def find_latest_run(recipe: str | Path, results: str | Path = "results") -> Path
     root = Path(results) / Path(recipe).stem
     runs = sorted((p for p in root.glob("*") if (p / CKPT_DIR / LAST).is_file()), key=lambda p: p.name)
     return runs[-1] if runs else None
+
+
+def load_run_or_recipe(target: str | Path, overrides: list[str] = ()) -> tuple[Recipe, Path | None]:
+    """What a command given "a run directory or a recipe" reads: a run directory's ``config.yaml``
+    (the directory is returned too), else the recipe ``target`` (and None)."""
+    target = Path(target)
+    if target.is_dir():
+        if not (target / CONFIG).is_file():
+            raise SegpromptError(f"'{target}' is a folder but not a run directory ('{target / CONFIG}' is missing); "
+                                 f"give a recipe file or a run directory")
+        return load_recipe(target / CONFIG, overrides), target
+    return load_recipe(target, overrides), None
 
 
 def git_commit() -> str | None:

@@ -36,11 +36,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from segprompt import __version__
-from segprompt.config import Recipe, load_recipe
-from segprompt.data.meta import META_FILE, DatasetMeta, read_meta
+from segprompt.config import Recipe
+from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
 from segprompt.engine.build import apply_tuning, build_segmentor, is_recognition
 from segprompt.engine.distributed import resolve_device
-from segprompt.engine.rundir import CONFIG, git_commit
+from segprompt.engine.rundir import git_commit, load_run_or_recipe
 from segprompt.errors import SegpromptError
 from segprompt.io import write_json_keeping_history
 from segprompt.measure.flops import mmcv_flops, torch_flops
@@ -125,9 +125,7 @@ def bench_meta(cfg: Recipe) -> tuple[DatasetMeta, str]:
     path = Path(cfg.data.root) / META_FILE
     if not is_recognition(cfg) and path.is_file():
         meta = read_meta(cfg.data.root, cfg.data.dataset)
-        if cfg.data.num_classes is not None and cfg.data.num_classes != meta.num_classes:
-            raise SegpromptError(f"data.num_classes is {cfg.data.num_classes} but '{path}' lists {meta.num_classes} "
-                                 f"classes; point data.root at the right dataset")
+        check_num_classes(cfg.data.num_classes, meta, path)
         return meta, "meta.json"
     k = cfg.data.num_classes
     if k is None:
@@ -202,17 +200,6 @@ def model_costs(model: nn.Module, size: tuple[int, int], keys: tuple[str, ...] =
 
 
 # ---- targets and output files ------------------------------------------------------------------
-
-def load_target(target: str | Path, overrides: list[str]) -> tuple[Recipe, Path | None]:
-    """A recipe file, or a run directory (its ``config.yaml``; the run directory is returned too)."""
-    target = Path(target)
-    if target.is_dir():
-        if not (target / CONFIG).is_file():
-            raise SegpromptError(f"'{target}' is a folder but not a run directory ('{target / CONFIG}' is missing); "
-                                 f"give a recipe file or a run directory")
-        return load_recipe(target / CONFIG, overrides), target
-    return load_recipe(target, overrides), None
-
 
 def check_out(out: Path | None, force: bool) -> None:
     """Refuse, before anything is measured, to overwrite an existing ``--out`` file without --force."""
@@ -324,7 +311,7 @@ def run_bench(target: str | Path, opts: BenchOptions, overrides: list[str] | Non
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     overrides = list(overrides or [])
-    cfgs = [load_target(target, overrides)[0]] + ([load_target(vs, overrides)[0]] if vs is not None else [])
+    cfgs = [load_run_or_recipe(target, overrides)[0]] + ([load_run_or_recipe(vs, overrides)[0]] if vs is not None else [])
     size = opts.size or default_size(cfgs[0])
     if vs is not None and opts.size is None and default_size(cfgs[1]) != size:
         raise SegpromptError(f"'{target}' and --vs '{vs}' default to different sizes ({size} and "

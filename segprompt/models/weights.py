@@ -10,6 +10,7 @@ the keys, because a silently half-loaded backbone trains to a plausible but wron
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,9 +34,7 @@ def read_state_dict(path: str | Path, name: str, kind: str) -> dict[str, torch.T
     except Exception as e:
         raise SegpromptError(f"pretrained weights '{p}' cannot be read ({torch_load_reason(e)}): it is truncated, "
                              f"corrupt or not a PyTorch checkpoint") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    state = unwrap_state_dict(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SegpromptError(f"pretrained weights '{p}' are not a state dict of tensors")
     if state and all(k.startswith("backbone.") for k in state):
@@ -68,3 +67,13 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: str | P
         raise SegpromptError(f"pretrained weights '{path}' do not fit {target}: "
                              + ", ".join(problems) + hint)
     module.load_state_dict(state, strict=False)
+
+
+def unwrap_state_dict(state: Any) -> Any:
+    """The state dict inside a checkpoint that wraps it (``{"state_dict": ...}`` as MMSeg saves,
+    ``{"model": ...}`` as timm and segprompt do); anything else is returned as is."""
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+

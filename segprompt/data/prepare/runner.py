@@ -19,7 +19,6 @@ per-split counts, the label value set and equal image/label sizes, and records t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from segprompt.data.class_prior import cached_class_prior, prior_cache_path
 from segprompt.data.meta import ANN_DIR, IMG_DIR, META_FILE, DatasetMeta, read_meta, write_meta
 from segprompt.data.prepare.archive import ArchiveSpec, Source, close_sources, find_sources
 from segprompt.data.prepare.labels import IGNORE_INDEX
@@ -151,12 +151,8 @@ def _fingerprints(sources: dict[str, Source], used: dict[str, list[str]], cached
 
 def class_prior_entry(root: Path, train_labels: list[Path], num_classes: int) -> dict[str, Any]:
     """Compute (or reuse) the train-split class prior through the SPM's cache and describe the file."""
-    from segprompt.data.class_prior import cached_class_prior
-
     prior = cached_class_prior(root, train_labels, num_classes, IGNORE_INDEX, PRIOR_RES)
-    # The cache names its file by this key (segprompt/data/class_prior.py); recompute it to record the path.
-    key = hashlib.sha256("\n".join(sorted(p.name for p in train_labels)).encode()).hexdigest()[:16]
-    path = root / "class_prior" / f"prior_k{num_classes}_r{PRIOR_RES}_{key}.npy"
+    path = prior_cache_path(root, train_labels, num_classes, PRIOR_RES)
     if not path.is_file() or not np.array_equal(np.load(path), prior):
         raise SegpromptError(f"could not write the class prior '{path}' (is '{root}' writable?)")
     return {"split": "train", "res": PRIOR_RES, "file": path.relative_to(root).as_posix(),

@@ -112,6 +112,15 @@ def preflight(plan: Plan) -> None:
         raise SegpromptError(f"{plan.table.id}: cannot start: " + "; ".join(sorted(set(problems))))
 
 
+def _busy(run: Run, report: RunReport, echo: Callable[[str], None], prefix: str, verb: str) -> bool:
+    """Whether another process holds the run's directory (then it waits in ``report``)."""
+    busy = runlock.holder(run.dir)
+    if busy is not None:
+        echo(f"{prefix}{run.label}: running in another process ({busy}); not {verb}")
+        report.waiting.append((run, f"running in another process ({busy})"))
+    return busy is not None
+
+
 def run_plan(plan: Plan, *, launcher: str = "local", gpus: int = 1, nodes: int = 1, partition: str | None = None,
              time_min: int = 60 * 24, wait: bool = False, cluster: str = "slurm", echo: Callable[[str], None] = print,
              quiet: bool = True) -> RunReport:
@@ -137,10 +146,7 @@ def run_plan(plan: Plan, *, launcher: str = "local", gpus: int = 1, nodes: int =
             report.waiting.append((run, f"its initialisation run {run.load_from.label} has not finished"))
             continue
         # the run directory's lock (runlock.py) is what keeps two `ablate`s from running one cell twice
-        busy = runlock.holder(run.dir)
-        if busy is not None:
-            echo(f"[{i}/{len(todo)}] {run.label}: running in another process ({busy}); not started")
-            report.waiting.append((run, f"running in another process ({busy})"))
+        if _busy(run, report, echo, f"[{i}/{len(todo)}] ", "started"):
             continue
         what = {"missing": "start", "started": "restart", "interrupted": f"resume (iteration {run.iteration})"}
         echo(f"[{i}/{len(todo)}] {what.get(run.state, run.state)} {run.label} -> {run.dir}")
@@ -242,10 +248,7 @@ def _submit(plan: Plan, todo: list[Run], report: RunReport, *, gpus: int, nodes:
             report.waiting.append((run, f"job {live} still queued or running"))
             job_ids[run.hash] = live
             continue
-        busy = runlock.holder(run.dir)
-        if busy is not None:
-            echo(f"{run.label}: running in another process ({busy}); not submitted")
-            report.waiting.append((run, f"running in another process ({busy})"))
+        if _busy(run, report, echo, "", "submitted"):
             continue
         dep = run.load_from
         extra: dict[str, Any] = {}

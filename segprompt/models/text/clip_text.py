@@ -26,7 +26,7 @@ from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
 from segprompt.errors import SegpromptError, torch_load_reason
-from segprompt.models.weights import load_strict
+from segprompt.models.weights import load_strict, unwrap_state_dict
 
 DEFAULT_WEIGHTS = "pretrained/clip/RN50.pt"
 _PLAIN_TEXT_CFG = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
@@ -87,9 +87,7 @@ def read_clip_state_dict(path: str | Path, arch: str = "RN50") -> dict[str, torc
         except Exception as e:
             raise SegpromptError(f"CLIP weights '{p}' cannot be read as OpenAI's TorchScript archive or as a "
                                  f"state dict ({torch_load_reason(e)})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    state = unwrap_state_dict(state)
     if not isinstance(state, dict):
         raise SegpromptError(f"CLIP weights '{p}' hold a {type(state).__name__}, not a state dict")
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
