@@ -4,6 +4,9 @@ The CLI only parses arguments and prints; all work happens in :mod:`segprompt.en
 :mod:`segprompt.data`. User errors (:class:`SegpromptError`, and the OS errors of
 ``USER_OS_ERRORS``: a full disk, no permission, a file in the way) print one clear message and
 exit 2. Off a terminal (a log file, a pipe) nothing is wrapped at 80 columns.
+
+Each command imports what it runs inside its function, so ``segprompt --help`` and a mistyped
+option answer at once, without loading torch.
 """
 
 from __future__ import annotations

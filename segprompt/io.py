@@ -114,7 +114,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    import torch
+    import torch  # here, not at the top: io is imported by the CLI, which starts without torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)

@@ -64,6 +64,7 @@ Beta = typing.Annotated[float, Range(0, 1, hi_open=True)]
 
 def component_tables() -> dict[str, tuple[dict[str, Any], set[str]]]:
     """Component tables: kind -> (name -> constructor, arguments the builder supplies itself)."""
+    # here, not at the top: every user of config (data included) would otherwise load every model
     from segprompt.models import BACKBONES, HEADS, LOSSES
     from segprompt.tuning import METHODS
 

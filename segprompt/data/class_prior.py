@@ -9,6 +9,7 @@ computed once and cached beside the prepared data (``ROOT/class_prior/``).
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import cv2
@@ -51,7 +52,6 @@ def cached_class_prior(root: Path, label_paths: list[Path], num_classes: int, ig
             return prior
     prior = compute_class_prior(label_paths, num_classes, ignore_index, res)
     try:
-        import io
 
         buf = io.BytesIO()
         np.save(buf, prior)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from segprompt.config import Recipe
+from segprompt.data.class_prior import cached_class_prior
 from segprompt.data.dataset import SegDataset
 from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
 from segprompt.data.recognition import RECOGNITION_DATASETS, RecognitionDataset, class_frequency, recognition_meta
@@ -58,8 +59,6 @@ def is_recognition(cfg: Recipe) -> bool:
 
 def tuning_context(cfg: Recipe, meta: DatasetMeta) -> TuningContext:
     def prior(res: int):
-        from segprompt.data.class_prior import cached_class_prior
-
         if is_recognition(cfg):  # the class frequencies, the same at every position
             freq = class_frequency(build_train_dataset(cfg, meta).labels, meta.num_classes)
             return np.broadcast_to(freq[:, None, None], (meta.num_classes, res, res))

@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy
 import torch
+from rich.logging import RichHandler
 
 from segprompt import __version__
 from segprompt.config import Recipe, load_recipe
@@ -122,9 +125,6 @@ def git_commit() -> str | None:
 
 
 def environment(world_size: int, seed: int, device: torch.device) -> dict[str, Any]:
-    import cv2
-    import numpy
-
     env = {
         "segprompt": __version__, "git_commit": git_commit(), "python": sys.version.split()[0],
         "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -175,7 +175,6 @@ def setup_logging(run: Path | None, is_main: bool) -> logging.Logger:
         h.close()
     if is_main:
         if sys.stdout.isatty():
-            from rich.logging import RichHandler
 
             console = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
         else:  # a log file or a pipe: one line per record, never wrapped at 80 columns

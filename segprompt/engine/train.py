@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -421,6 +422,4 @@ def save_keep(run_dir: Path, iteration: int, keep: int) -> None:
 
 
 def _print_table(result: dict) -> None:
-    from rich.console import Console
-
     Console().print(format_table(result))

@@ -36,11 +36,18 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from segprompt.config import dump_recipe, load_recipe, shipped_recipes
+from segprompt.data.meta import read_meta
 from segprompt.data.synthetic import generate_synthetic
+from segprompt.engine.evaluate import evaluate_checkpoint
+from segprompt.engine.rundir import CKPT_DIR, LAST
+from segprompt.engine.train import train
 from segprompt.errors import NonFiniteLoss, SegpromptError
 from segprompt.experiments.demo_report import LABELS, Row, rank_score, row_json, verdict, write_report
-from segprompt.io import atomic_write_json
+from segprompt.io import atomic_torch_save, atomic_write_json
+from segprompt.measure.params import breakdown
 
 
 @dataclass(frozen=True)
@@ -201,11 +208,6 @@ def method_overrides(backbone: Backbone, method: str, target: Path, weights: Pat
 def run_job(job: Job) -> RunResult:
     """Train, then score on each split (a worker process: its console output goes to the run's
     ``console.log`` so parallel runs do not interleave)."""
-    import torch
-
-    from segprompt.engine.evaluate import evaluate_checkpoint
-    from segprompt.engine.train import train
-    from segprompt.measure.params import breakdown
 
     torch.set_num_threads(job.threads)
     out = Path(job.out)
@@ -349,11 +351,6 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
 
 
 def _extract_backbone(run: Path, cache: Path) -> Path:
-    import torch
-
-    from segprompt.engine.rundir import CKPT_DIR, LAST
-    from segprompt.io import atomic_torch_save
-
     weights = cache / "backbone.pth"
     if not weights.is_file():
         state = torch.load(run / CKPT_DIR / LAST, weights_only=True)["model"]
@@ -363,13 +360,8 @@ def _extract_backbone(run: Path, cache: Path) -> Path:
 
 def _zero_shot(pre_run: Path, source: Path, target: Path) -> float | None:
     """The source model on the target test split, where the domains share their classes."""
-    from segprompt.data.meta import read_meta
-
     if read_meta(source, "synthetic").classes != read_meta(target, "synthetic").classes:
         return None
-    from segprompt.engine.evaluate import evaluate_checkpoint
-    from segprompt.engine.rundir import CKPT_DIR, LAST
-
     _, result = evaluate_checkpoint(pre_run / "config.yaml", checkpoint=str(pre_run / CKPT_DIR / LAST),
                                     overrides=[f"data.root={target}"], split="test")
     return result["mIoU"]

@@ -143,7 +143,7 @@ def edge_note(report: dict) -> str:
 
 
 def write_report(out: Path, report: dict, rows: list[Row]) -> None:
-    import matplotlib
+    import matplotlib  # here, not at the top: only the report files need it and pandas (slow to load)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

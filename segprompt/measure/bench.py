@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
@@ -342,8 +343,6 @@ def run_bench(target: str | Path, opts: BenchOptions, overrides: list[str] | Non
 
 def format_table(result: dict[str, Any]):
     """A rich table: one column per model (and the ratio with --vs)."""
-    from rich.table import Table
-
     models = [result] + ([result["vs"]] if "vs" in result else [])
     h, w = result["size"]
     title = (f"bench {h}x{w}, batch 1, {result['dtype']}{', channels-last' if result['channels_last'] else ''}"

@@ -27,6 +27,8 @@ from torch import nn
 
 from segprompt.config import Recipe
 from segprompt.data.meta import DatasetMeta
+from segprompt.engine.build import apply_tuning, build_segmentor
+from segprompt.tuning import TuningContext
 
 CONVENTIONS = ("paper", "all")
 
@@ -78,9 +80,6 @@ class Breakdown:
 
 def build_counted(cfg: Recipe, num_classes: int) -> tuple[nn.Module, set[int]]:
     """The recipe's model on the meta device, and the ids of the parameters it had before tuning."""
-    from segprompt.engine.build import apply_tuning, build_segmentor
-    from segprompt.tuning import TuningContext
-
     meta = DatasetMeta(name="count", classes=[f"c{i}" for i in range(num_classes)],
                        palette=[[0, 0, 0]] * num_classes)
     with torch.device("meta"):

@@ -14,6 +14,9 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
+from segprompt.errors import SegpromptError
+from segprompt.models.backbones.vit import VisionTransformer
+
 
 @dataclass
 class TuningContext:
@@ -42,9 +45,6 @@ def freeze(module: nn.Module, bn_eval: bool = True) -> None:
 
 def vit_backbone(model: nn.Module, method: str, what: str) -> nn.Module:
     """``model.backbone`` if it is a ViT; else an error saying the method (which ``what``) needs one."""
-    from segprompt.errors import SegpromptError
-    from segprompt.models.backbones.vit import VisionTransformer
-
     vit = model.backbone
     if not isinstance(vit, VisionTransformer):
         raise SegpromptError(f"tuning '{method}' {what}, but the backbone is '{type(vit).__name__}'; "

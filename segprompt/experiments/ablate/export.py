@@ -118,7 +118,7 @@ def render(col: Collected):
 
 def to_frame(col: Collected):
     """Long format, one line per cell (the CSV)."""
-    import pandas as pd
+    import pandas as pd  # here, not at the top: only exports need pandas, which takes a second to load
 
     recs = []
     for (row, column), c in col.cells.items():
@@ -173,7 +173,7 @@ def _latex_escape(text: str) -> str:
 
 def plot_png(col: Collected) -> bytes:
     """Ours (filled) and the paper's (hollow) values of the plotted columns, as a PNG."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only plots need it (slow to load)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
