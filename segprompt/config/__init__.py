@@ -43,6 +43,7 @@ from segprompt.config.files import (
 from segprompt.config.schema import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SUPPLIED,
     AtLeast0,
     AtLeast1,
     Beta,
@@ -66,7 +67,7 @@ from segprompt.config.schema import (
 
 __all__ = ["config_diff", "AtLeast0", "AtLeast1", "Beta", "CheckpointConfig", "Component", "DataConfig", "EvaluationConfig", "Fraction",
            "IMAGENET_MEAN", "IMAGENET_STD", "ModelConfig", "NonNegative", "OptimizerConfig",
-           "ParamGroupConfig", "Positive", "RUNTIME_ONLY_KEYS", "Range", "Recipe", "RuntimeConfig",
+           "ParamGroupConfig", "Positive", "RUNTIME_ONLY_KEYS", "Range", "Recipe", "SUPPLIED", "RuntimeConfig",
            "ScheduleConfig", "TestPipelineConfig", "TrainPipelineConfig", "dump_recipe", "load_recipe",
            "load_yaml_as", "parse_override", "resolve_recipe", "resolve_tree", "run_defining_config",
            "shipped_name", "shipped_recipes", "validate", "yaml_load"]

@@ -62,19 +62,24 @@ Fraction = typing.Annotated[float, Range(0, 1)]
 Beta = typing.Annotated[float, Range(0, 1, hi_open=True)]
 
 
-def component_tables() -> dict[str, tuple[dict[str, Any], set[str]]]:
+# Constructor arguments the builder (segprompt/engine/build.py) passes itself, per component kind:
+# a recipe may not set them, and build passes nothing else
+SUPPLIED = {
+    "backbone": frozenset({"in_channels", "class_names"}),
+    "head": frozenset({"in_channels", "num_classes", "ignore_index", "align_corners", "loss"}),
+    "loss": frozenset({"ignore_index"}),
+    "tuning": frozenset(),
+}
+
+
+def component_tables() -> dict[str, tuple[dict[str, Any], frozenset[str]]]:
     """Component tables: kind -> (name -> constructor, arguments the builder supplies itself)."""
     # here, not at the top: every user of config (data included) would otherwise load every model
     from segprompt.models import BACKBONES, HEADS, LOSSES
     from segprompt.tuning import METHODS
 
-    injected = {"in_channels", "num_classes", "ignore_index", "align_corners", "loss"}
-    return {
-        "backbone": (BACKBONES, {"in_channels", "class_names"}),
-        "head": (HEADS, injected),
-        "loss": (LOSSES, {"ignore_index"}),
-        "tuning": (METHODS, set()),
-    }
+    tables = {"backbone": BACKBONES, "head": HEADS, "loss": LOSSES, "tuning": METHODS}
+    return {kind: (table, SUPPLIED[kind]) for kind, table in tables.items()}
 
 
 @dataclass

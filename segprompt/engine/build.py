@@ -10,12 +10,13 @@ import contextlib
 import inspect
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from segprompt.config import Recipe
+from segprompt.config import SUPPLIED, Recipe
 from segprompt.data.class_prior import cached_class_prior
 from segprompt.data.dataset import SegDataset
 from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
@@ -28,8 +29,11 @@ from segprompt.models.weights import load_strict, read_state_dict
 from segprompt.tuning import METHODS, TuningContext
 
 
-def _kwargs(component: dict) -> dict:
-    return {k: v for k, v in component.items() if k != "name"}
+def _kwargs(component: dict, kind: str, **supplied: Any) -> dict:
+    """A component's constructor arguments: the recipe's options and what the builder supplies
+    (only the arguments ``SUPPLIED[kind]`` names, which recipes may not set)."""
+    assert set(supplied) <= SUPPLIED[kind], f"{kind}: {set(supplied) - SUPPLIED[kind]} not in config.SUPPLIED"
+    return {**{k: v for k, v in component.items() if k != "name"}, **supplied}
 
 
 @contextlib.contextmanager
@@ -81,9 +85,9 @@ def build_segmentor(cfg: Recipe, meta: DatasetMeta, load_pretrained: bool = True
         if "class_names" in inspect.signature(backbone_cls).parameters:  # text-guided backbones
             extra["class_names"] = list(meta.classes)
         with recipe_key("model.backbone", m.backbone["name"]):
-            backbone = backbone_cls(**_kwargs(m.backbone), **extra)
+            backbone = backbone_cls(**_kwargs(m.backbone, "backbone", **extra))
         with recipe_key("loss", cfg.loss["name"]):
-            loss = LOSSES[cfg.loss["name"]](ignore_index=meta.ignore_index, **_kwargs(cfg.loss))
+            loss = LOSSES[cfg.loss["name"]](**_kwargs(cfg.loss, "loss", ignore_index=meta.ignore_index))
 
         def head(spec: dict, key: str) -> nn.Module:
             in_index = spec.get("in_index", -1)
@@ -92,8 +96,9 @@ def build_segmentor(cfg: Recipe, meta: DatasetMeta, load_pretrained: bool = True
                 raise SegpromptError(f"{key}.in_index {in_index} is not a feature of backbone "
                                      f"'{m.backbone['name']}', which has {len(channels)} (0..{len(channels) - 1})")
             with recipe_key(key, spec["name"]):
-                return HEADS[spec["name"]](in_channels=channels[in_index], num_classes=meta.num_classes,
-                                           align_corners=m.align_corners, loss=loss, **_kwargs(spec))
+                return HEADS[spec["name"]](**_kwargs(spec, "head", in_channels=channels[in_index],
+                                                     num_classes=meta.num_classes, align_corners=m.align_corners,
+                                                     loss=loss))
 
         decode_head = head(m.decode_head, "model.decode_head")
         if getattr(decode_head, "task", "segmentation") == "recognition":
@@ -115,7 +120,7 @@ def apply_tuning(model: EncoderDecoder, cfg: Recipe, ctx: TuningContext) -> None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.runtime.seed + 1)
         with recipe_key("tuning", cfg.tuning["name"]):
-            METHODS[cfg.tuning["name"]](**_kwargs(cfg.tuning)).apply(model, ctx)
+            METHODS[cfg.tuning["name"]](**_kwargs(cfg.tuning, "tuning")).apply(model, ctx)
 
 
 def build_model(cfg: Recipe, meta: DatasetMeta) -> EncoderDecoder:
