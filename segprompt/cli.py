@@ -255,10 +255,11 @@ def count_params_cmd(
 
 @app.command()
 def bench(
-    recipe: Annotated[Path, typer.Argument(help="A recipe, or a run directory (its config.yaml; bench.json is "
-                                                "written into it, an earlier one moved to bench_history/).")],
-    vs: Annotated[Optional[Path], typer.Option(help="A second recipe or run directory, timed alternately with "
-                                                    "RECIPE; reports fps(RECIPE) / fps(VS).")] = None,
+    recipe: Annotated[Path, typer.Argument(help="A recipe, a run directory (its config.yaml; bench.json is "
+                                                "written into it, an earlier one moved to bench_history/), or an "
+                                                ".onnx file from `segprompt export` (timed with onnxruntime).")],
+    vs: Annotated[Optional[Path], typer.Option(help="A second recipe, run directory or .onnx file, timed "
+                                                    "alternately with RECIPE; reports fps(RECIPE) / fps(VS).")] = None,
     size: Annotated[Optional[str], typer.Option(help="HxW (default 512x1024 for cityscapes, 720x960 for camvid, "
                                                      "else data.test.scale).")] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (model and input cast to it).")] = "fp32",
@@ -273,7 +274,10 @@ def bench(
     seconds: Annotated[float, typer.Option(help="Timed loop length (per model).")] = 3.0,
     chunks: Annotated[int, typer.Option(help="Timed chunks per model (latency std is over them; --vs "
                                              "alternates them).")] = 5,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads and onnxruntime intra-op threads "
+                                                        "(default: each library's).")] = None,
+    provider: Annotated[Optional[str], typer.Option(help=".onnx files: onnxruntime's cpu | cuda | tensorrt "
+                                                         "(default: after --device).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE (both models); "
                                                                     "repeatable.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result.")] = False,
@@ -281,7 +285,7 @@ def bench(
     force: Annotated[bool, typer.Option(help="Let --out overwrite an existing file.")] = False,
 ) -> None:
     """Parameters, FLOPs and inference speed (batch 1, random weights, text prompts deployed), as the
-    CLIP-distilled STDC-Seg paper measures FPS."""
+    CLIP-distilled STDC-Seg paper measures FPS; an exported .onnx file is timed with onnxruntime."""
     import json
 
     from segprompt.io import atomic_write_json
@@ -290,7 +294,8 @@ def bench(
     check_out(out, force)
     opts = BenchOptions(size=parse_size(size) if size else None, dtype=dtype, channels_last=channels_last,
                         compile=compile_, device=device, warmup=warmup, calib_iters=calib_iters,
-                        calib_seconds=calib_seconds, seconds=seconds, chunks=chunks, threads=threads)
+                        calib_seconds=calib_seconds, seconds=seconds, chunks=chunks, threads=threads,
+                        provider=provider)
     result = run_bench(recipe, opts, set_ or [], vs=vs)
     written = []
     if recipe.is_dir():
@@ -303,9 +308,52 @@ def bench(
     else:
         console.print(format_table(result))
         if "vs" in result:
-            console.print(f"fps ratio {Path(result['recipe']).stem} / {Path(result['vs']['recipe']).stem}: "
-                          f"{result['fps_ratio']:.3f}")
+            console.print(f"fps ratio {Path(result['recipe']).name} ({result['engine']}) / "
+                          f"{Path(result['vs']['recipe']).name} ({result['vs']['engine']}): {result['fps_ratio']:.3f}")
     for path in written:
+        err_console.print(f"wrote {path}", highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    target: Annotated[Path, typer.Argument(help="A run directory, or a recipe (with --checkpoint PATH for trained "
+                                                "weights; without, random weights as bench builds it).")],
+    out: Annotated[Path, typer.Option(help="File to write (.onnx for ONNX); its record goes to FILE.json.")],
+    format_: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
+    size: Annotated[Optional[str], typer.Option(help="HxW of the exported input (default: data.test.scale).")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Batch, height and width left symbolic.")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 (weights and input).")] = "fp32",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Run directory: auto (deployed.pt if the run has one, "
+                                                           "else best.pt) | best | last | deployed | PATH; "
+                                                           "recipe: PATH.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out file and its record.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+) -> None:
+    """Export the deployed inference model (whole-image forward, LoRA merged, text embeddings baked in)
+    to ONNX or TorchScript, and verify it against PyTorch on a sample input (docs/deploy.md)."""
+    import json
+
+    from segprompt.engine.export import ExportOptions, export_model, sidecar
+    from segprompt.measure.bench import parse_size
+
+    opts = ExportOptions(format=format_, size=parse_size(size) if size else None, dynamic=dynamic, dtype=dtype,
+                         checkpoint=checkpoint, force=force)
+    record = export_model(target, out, opts, set_ or [])
+    if as_json:
+        console.print_json(json.dumps(record))
+    else:
+        facts = f"opset {record['opset']}, " if "opset" in record else ""
+        console.print(f"{record['format']} {facts}{record['dtype']}, input {record['input_shape']} -> output "
+                      f"{record['output_shape']}, {record['file_bytes'] / 1e6:.1f} MB; {record['weights']}"
+                      + (f", {record['lora_merged']} LoRA layers merged" if record["lora_merged"] else "")
+                      + (", text embeddings baked in" if record["text_deployed"] else ""),
+                      markup=False, highlight=False)
+        for c in record["parity"]["checks"]:
+            console.print(f"{record['parity']['runtime']} vs PyTorch on {c['shape']}: max |diff| "
+                          f"{c['max_abs_diff']:.2e} (max |logit| {c['max_abs_logit']:.3g}), argmax agreement "
+                          f"{100 * c['argmax_agreement']:.3f} %", markup=False, highlight=False)
+    for path in (out, sidecar(out)):
         err_console.print(f"wrote {path}", highlight=False)
 
 

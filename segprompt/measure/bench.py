@@ -38,15 +38,18 @@ from torch.utils import _pytree as pytree
 
 from segprompt import __version__
 from segprompt.config import Recipe
-from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
-from segprompt.engine.build import apply_tuning, build_segmentor, is_recognition
+from segprompt.data.meta import DatasetMeta
+
+# the deployed model of a recipe (random weights) lives in the engine, which `segprompt export` shares
+from segprompt.engine.deployed import random_model as bench_model
+from segprompt.engine.deployed import recipe_meta as bench_meta
 from segprompt.engine.distributed import resolve_device
+from segprompt.engine.export import PROVIDERS
 from segprompt.engine.rundir import git_commit, load_run_or_recipe
 from segprompt.errors import SegpromptError
 from segprompt.io import write_json_keeping_history
 from segprompt.measure.flops import mmcv_flops, torch_flops
-from segprompt.models.text.guidance import deploy_text
-from segprompt.tuning import TuningContext
+from segprompt.measure.ort_bench import OrtModel, is_onnx
 
 # the paper's measuring sizes (H, W): Cityscapes at half resolution, CamVid at full (Tables 1-2)
 DEFAULT_SIZES = {"cityscapes": (512, 1024), "camvid": (720, 960)}
@@ -73,7 +76,8 @@ class BenchOptions:
     calib_seconds: float = 1.0
     seconds: float = 3.0
     chunks: int = 5
-    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    threads: int | None = None  # torch CPU threads (None: leave torch's default); onnxruntime's intra-op threads
+    provider: str | None = None  # ONNX files: onnxruntime's cpu | cuda | tensorrt (None: after the device)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
@@ -89,6 +93,8 @@ class BenchOptions:
         for name, value in (("--seconds", self.seconds), ("--calib-seconds", self.calib_seconds)):
             if not value > 0:
                 raise SegpromptError(f"{name} must be > 0, got {value}")
+        if self.provider is not None and self.provider not in PROVIDERS:
+            raise SegpromptError(f"--provider '{self.provider}' is not one of: {', '.join(PROVIDERS)}")
         if self.threads is not None and self.threads < 1:
             raise SegpromptError(f"--threads must be at least 1, got {self.threads}")
 
@@ -118,34 +124,6 @@ def default_size(cfg: Recipe) -> tuple[int, int]:
 
 
 # ---- the model ---------------------------------------------------------------------------------
-
-def bench_meta(cfg: Recipe) -> tuple[DatasetMeta, str]:
-    """The classes: the prepared dataset's ``meta.json`` when it exists, else ``data.num_classes``
-    placeholder names ``class0, class1, ...`` (they tokenise for learned prompts up to 100 classes).
-    Returns the meta and where the names came from ("meta.json" or "placeholder")."""
-    path = Path(cfg.data.root) / META_FILE
-    if not is_recognition(cfg) and path.is_file():
-        meta = read_meta(cfg.data.root, cfg.data.dataset)
-        check_num_classes(cfg.data.num_classes, meta, path)
-        return meta, "meta.json"
-    k = cfg.data.num_classes
-    if k is None:
-        raise SegpromptError(f"bench needs the number of classes: the recipe sets no data.num_classes and "
-                             f"'{path}' does not exist; add --set data.num_classes=K (or prepare the dataset)")
-    return DatasetMeta(name=cfg.data.dataset, classes=[f"class{i}" for i in range(k)], palette=[[0, 0, 0]] * k), \
-        "placeholder"
-
-
-def bench_model(cfg: Recipe, meta: DatasetMeta | None = None) -> nn.Module:
-    """The recipe's model as deployed for inference, on the CPU: no pretrained files read (random
-    weights), tuning applied, learned text prompts deployed, eval mode. The number of deployed
-    text modules is in ``model.text_deployed``."""
-    meta = meta or bench_meta(cfg)[0]
-    model = build_segmentor(cfg, meta, load_pretrained=False)
-    apply_tuning(model, cfg, TuningContext(num_classes=meta.num_classes, ignore_index=meta.ignore_index))
-    model.text_deployed = deploy_text(model)
-    return model.eval()
-
 
 class _ParameterUse(TorchFunctionMode):
     """Records which of the given parameters reach a torch function (a module's own forward or a
@@ -297,7 +275,7 @@ def time_models(models: list[nn.Module], size: tuple[int, int], opts: BenchOptio
 
 def _model_entry(target: Path, cfg: Recipe, model: nn.Module, meta: DatasetMeta, names: str,
                  size: tuple[int, int]) -> dict[str, Any]:
-    return {"recipe": str(target), "backbone": cfg.model.backbone["name"], "tuning": cfg.tuning["name"],
+    return {"recipe": str(target), "engine": "pytorch", "backbone": cfg.model.backbone["name"], "tuning": cfg.tuning["name"],
             "num_classes": meta.num_classes, "class_names": names, "text_deployed": int(model.text_deployed),
             **model_costs(model, size)}
 
@@ -312,19 +290,31 @@ def run_bench(target: str | Path, opts: BenchOptions, overrides: list[str] | Non
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     overrides = list(overrides or [])
-    cfgs = [load_run_or_recipe(target, overrides)[0]] + ([load_run_or_recipe(vs, overrides)[0]] if vs is not None else [])
-    size = opts.size or default_size(cfgs[0])
-    if vs is not None and opts.size is None and default_size(cfgs[1]) != size:
-        raise SegpromptError(f"'{target}' and --vs '{vs}' default to different sizes ({size} and "
-                             f"{default_size(cfgs[1])}); give --size HxW to compare them at one size")
-    entries, models = [], []
-    for t, cfg in zip([target, vs], cfgs):
-        meta, names = bench_meta(cfg)
-        model = bench_model(cfg, meta)
-        models.append(model)
-        entries.append(_model_entry(Path(t), cfg, model, meta, names, size))
-    timings = time_models(models, size, opts)
     device = resolve_device(opts.device, key="--device")
+    provider = opts.provider or ("cuda" if device.type == "cuda" else "cpu")
+    targets = [target] + ([vs] if vs is not None else [])
+    # an ONNX file runs on onnxruntime (docs/deploy.md); a recipe or run directory is built in PyTorch
+    sources = [OrtModel(t, provider, opts.threads) if is_onnx(t) else load_run_or_recipe(t, overrides)[0] for t in targets]
+    sizes = [s.default_size() if isinstance(s, OrtModel) else default_size(s) for s in sources]
+    size = opts.size or sizes[0]
+    if size is None:
+        raise SegpromptError(f"'{target}' has symbolic height and width and no record of its export size; "
+                             f"give --size HxW")
+    if vs is not None and opts.size is None and sizes[1] != size:
+        raise SegpromptError(f"'{target}' and --vs '{vs}' default to different sizes ({size} and "
+                             f"{sizes[1]}); give --size HxW to compare them at one size")
+    entries, models = [], []
+    for t, src in zip(targets, sources):
+        if isinstance(src, OrtModel):
+            src.check(size, opts.dtype, opts.channels_last, opts.compile, device)
+            models.append(src)
+            entries.append(src.entry())
+            continue
+        meta, names = bench_meta(src)
+        model = bench_model(src, meta)
+        models.append(model)
+        entries.append(_model_entry(Path(t), src, model, meta, names, size))
+    timings = time_models(models, size, opts)
     knobs = {k: v for k, v in asdict(opts).items() if k not in ("size", "device", "threads")}
     result = {
         "segprompt": __version__, "git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -347,11 +337,14 @@ def format_table(result: dict[str, Any]):
     h, w = result["size"]
     title = (f"bench {h}x{w}, batch 1, {result['dtype']}{', channels-last' if result['channels_last'] else ''}"
              f"{', compiled' if result['compile'] else ''} on {result['device_name']} ({result['device']}, "
-             f"{result['threads']} threads, torch {result['torch']})")
+             f"{result['threads']} threads, torch {result['torch']}"
+             + "".join(f", onnxruntime {m['onnxruntime']} {m['provider']}" for m in models[:2] if "onnxruntime" in m)
+             + ")")
     table = Table(title=title)
     table.add_column("")
     for m in models:
-        table.add_column(Path(m["recipe"]).stem, justify="right")
+        table.add_column(Path(m["recipe"]).stem + (" (ORT)" if m.get("engine") == "onnxruntime" else ""),
+                         justify="right")
     if "vs" in result:
         table.add_column("ratio", justify="right")
     rows = [("FPS", "fps", "{:.1f}"), ("latency (ms)", "latency_ms", "{:.2f}"),
@@ -360,7 +353,8 @@ def format_table(result: dict[str, Any]):
             ("FLOPs MMCV (G)", "flops_mmcv", "G"), ("FLOPs torch (G)", "flops_torch", "G")]
     for label, key, fmt in rows:
         values = [m[key] for m in models]
-        shown = [f"{v / 1e6:.3f}" if fmt == "M" else f"{v / 1e9:.2f}" if fmt == "G" else fmt.format(v) for v in values]
+        shown = ["-" if v is None else f"{v / 1e6:.3f}" if fmt == "M" else f"{v / 1e9:.2f}" if fmt == "G"
+                 else fmt.format(v) for v in values]  # None: not known (FLOPs of an ONNX file)
         if "vs" in result:
             shown.append(f"{values[0] / values[1]:.3f}" if key in ("fps", "latency_ms") and values[1] else "")
         table.add_row(label, *shown)
