@@ -111,9 +111,17 @@ def load_init(model: nn.Module, path: str | Path, *, partial: bool = False) -> t
 def restore_frozen(model: nn.Module, ckpt: dict, where: str) -> None:
     """Before loading a trainable-only checkpoint of a ``--load-from`` run: load the initial
     checkpoint its frozen weights came from (after checking it is the same file)."""
+    path = frozen_init(ckpt, where)
+    if path is not None:
+        load_init(model, path, partial=True)  # accepted (or meant partial) when the run started
+
+
+def frozen_init(ckpt: dict, where: str) -> Path | None:
+    """The initial checkpoint (``--load-from``) a trainable-only checkpoint's frozen weights come
+    from, checked to be the same file by its SHA-256; ``None`` if there is none."""
     init = ckpt.get("frozen_source", {}).get("init")
     if ckpt.get("full_model") or not init:
-        return
+        return None
     path = Path(init["path"])
     if not path.is_file():
         raise SegpromptError(f"checkpoint '{where}' stores only the trained parameters; its frozen weights come "
@@ -121,7 +129,7 @@ def restore_frozen(model: nn.Module, ckpt: dict, where: str) -> None:
     if sha256_file(path) != init["sha256"]:
         raise SegpromptError(f"checkpoint '{where}' was initialised from '{path}' (sha256 {init['sha256'][:12]}...), "
                              f"but that file has changed; restore the original")
-    load_init(model, path, partial=True)  # accepted (or meant partial) when the run started
+    return path
 
 
 def check_frozen_source(ckpt: dict, pretrained: str | None, where: str) -> None:
@@ -196,8 +204,10 @@ def load_run_checkpoint(path: str | Path, *, resume: bool = False) -> dict[str, 
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, *,
-                     allow_partial: bool = False) -> None:
-    """Load ``state`` into ``model``; every trainable tensor must be present unless ``allow_partial``."""
+                     allow_partial: bool = False, assign: bool = False) -> None:
+    """Load ``state`` into ``model``; every trainable tensor must be present unless ``allow_partial``.
+    With ``assign`` the model takes ``state``'s tensors instead of copying into its own (a model
+    built on the meta device, or one whose frozen tensors are shared: docs/multitask.md)."""
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     if unexpected:
@@ -214,4 +224,4 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], where: st
         raise SegpromptError(f"checkpoint '{where}' has tensors of other shapes: "
                              + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                          for k in mismatched[:5]))
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=assign)
