@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from segprompt.errors import SegpromptError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -33,17 +35,24 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, key: str = "runtime.device") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` (this process's local rank) | ``cuda:<i>``; ``key`` names the
+    setting in the error a missing device raises."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            from segprompt.errors import SegpromptError
-
-            raise SegpromptError("runtime.device is 'cuda' but no CUDA device is visible; "
-                                 "use --set runtime.device=cpu (or auto)")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    kind, _, index = name.partition(":")
+    if name == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise SegpromptError(f"{key} '{name}' is not one of: auto, cpu, cuda, cuda:<index>")
+    if not torch.cuda.is_available():
+        use = f"--set {key}=cpu" if "." in key else f"{key} cpu"
+        raise SegpromptError(f"{key} is '{name}' but no CUDA device is visible; use {use} (or auto)")
+    i = int(index) if index else local_rank
+    if i >= torch.cuda.device_count():
+        raise SegpromptError(f"{key} '{name}': there are {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", i)
 
 
 def init_distributed(device_name: str) -> DistEnv:
