@@ -97,11 +97,11 @@ def test_predict_reproduces_eval_save_preds_byte_for_byte(run, synthetic_root, t
     assert len(classes) > 1  # the predictions depend on the image: the comparison means something
 
 
-def test_slide_mode_batched_matches_eval(run, synthetic_root, tmp_path):
-    window = ["evaluation.crop_size=[32,32]", "evaluation.stride=[24,24]"]
-    evaluate_checkpoint(run, save_preds=tmp_path / "eval", mode="slide", overrides=window)
-    predict(run, [synthetic_root / "img_dir" / "val"], tmp_path / "pred", mode="slide", overrides=window, batch=4,
-            show_progress=False)
+def test_slide_mode_with_tta_batched_matches_eval(run, synthetic_root, tmp_path):
+    window = ["evaluation.crop_size=[32,32]", "evaluation.stride=[24,24]", "evaluation.tta_scales=[0.75,1.25]"]
+    evaluate_checkpoint(run, save_preds=tmp_path / "eval", mode="slide", tta=True, overrides=window)
+    predict(run, [synthetic_root / "img_dir" / "val"], tmp_path / "pred", mode="slide", tta=True, overrides=window,
+            batch=4, show_progress=False)
     assert _files(tmp_path / "pred") == _files(tmp_path / "eval")
 
 
@@ -125,13 +125,15 @@ def test_folder_of_every_layout_nested_odd_sizes_and_bad_files(run, mixed, tmp_p
         assert (out / f"{rel}.png").read_bytes() == (tmp_path / "twins_out" / f"{rel}.png").read_bytes(), rel
 
 
-def test_batches_of_mixed_sizes_give_the_batch_1_result(run, mixed, tmp_path):
+def test_batches_of_mixed_sizes_and_workers_give_the_batch_1_result(run, mixed, tmp_path):
     src, _ = mixed
     for i in range(3):  # the size of top.jpg: batched with one another and with it
         _write(src / "same" / f"x{i}.png", _rgb(48, 64, 10 + i))
+    _write(src / "same" / "x3.png", _rgb(60, 80, 13))  # 48 x 64 after the test pipeline too, but output at 60 x 80
     one = predict(run, [src], tmp_path / "b1", show_progress=False)
-    many = predict(run, [src], tmp_path / "b4", batch=4, show_progress=False)
-    assert one.images == many.images == 9 and len(many.skipped) == 2
+    many = predict(run, [src], tmp_path / "b4", batch=4, overrides=["runtime.num_workers=2"], show_progress=False)
+    assert one.images == many.images == 10 and len(many.skipped) == 2
+    assert _read(tmp_path / "b4" / "same" / "x3.png").shape == (60, 80)
     assert _files(tmp_path / "b1") == _files(tmp_path / "b4")
 
 
@@ -213,3 +215,20 @@ def test_devices_and_cli(run, synthetic_root, tmp_path, capsys):
         main(["predict", str(run), str(val), "--out", str(tmp_path / "o2"), "--format", "mask"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: --format mask: choose from index, color, overlay")
+
+
+@pytest.mark.slow
+def test_deployed_text_guided_run_predicts_without_the_clip_file(tmp_path, synthetic_root):
+    from segprompt.models.text.clip_text import CLIPTextEncoder
+    from test_stdc_pipeline import SMALL
+
+    torch.manual_seed(0)
+    clip = tmp_path / "RN50.pt"
+    torch.save(CLIPTextEncoder("RN50").state_dict(), clip)
+    run = train("recipes/stdc/camvid_stdc1_stage2.yaml", [f"data.root={synthetic_root}", *SMALL,
+                f"model.backbone.text.clip_weights={clip}", "model.backbone.text.n_ctx=3"], out=tmp_path / "run")
+    clip.unlink()  # the deployed model holds the text embeddings: no CLIP file needed
+    val = synthetic_root / "img_dir" / "val"
+    evaluate_checkpoint(run, checkpoint="deployed", save_preds=tmp_path / "eval")
+    predict(run / "checkpoints" / "deployed.pt", [val], tmp_path / "pred", show_progress=False)
+    assert _files(tmp_path / "pred") == _files(tmp_path / "eval") and len(_files(tmp_path / "eval")) == 14
