@@ -202,6 +202,42 @@ def eval_cmd(
         console.print(f"wrote {run_dir / 'eval.json'}", markup=False, highlight=False)
 
 
+@app.command("predict")
+def predict_cmd(
+    target: Annotated[Path, typer.Argument(help="A run directory, or one of its checkpoints (a checkpoint that "
+                                                "holds its recipe works anywhere).")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or quoted globs.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the predictions; each keeps its input's relative "
+                                                    "path and stem.")],
+    checkpoint: Annotated[Optional[str], typer.Option(help="best (default) | last | deployed | PATH.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="whole | slide (default: the recipe's).")] = None,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Multi-scale + flip test-time "
+                                                                       "augmentation (default: the recipe's).")] = None,
+    format_: Annotated[Optional[list[str]], typer.Option("--format", help="index | color | overlay; repeatable "
+                                                         "or comma-separated (default: index,overlay).")] = None,
+    batch: Annotated[int, typer.Option(help="Images decoded at a time; those of one size share a forward pass.")] = 1,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default: runtime.device).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at an unreadable image instead of skipping it.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite outputs that already exist.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
+) -> None:
+    """Segment your own images with a trained run: the recipe's test pipeline and inference, as eval."""
+    from segprompt.engine.predict import parse_formats, predict
+
+    r = predict(target, inputs, out, checkpoint=checkpoint, mode=mode, tta=tta, formats=parse_formats(format_),
+                batch=batch, device=device, strict=strict, force=force, overrides=set_ or [])
+    it = f" (iteration {r.iteration})" if r.iteration is not None else ""
+    console.print(f"predicted {r.images} image(s) in {r.seconds:.1f} s ({r.images / max(r.seconds, 1e-9):.1f} "
+                  f"img/s) with {r.checkpoint}{it}; wrote {len(r.files)} file(s) to {out}", markup=False,
+                  highlight=False)
+    for _, why in r.skipped[:20]:
+        err_console.print(f"skipped: {why}", markup=False, highlight=False)
+    if r.skipped:
+        more = f" ({len(r.skipped) - 20} more not listed)" if len(r.skipped) > 20 else ""
+        err_console.print(f"skipped {len(r.skipped)} unreadable image(s){more}; --strict makes that an error",
+                          markup=False, highlight=False)
+
+
 @app.command("count-params")
 def count_params_cmd(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe to break down; without one, every parameter "

@@ -11,8 +11,11 @@ from rich.text import Text
 
 
 class RateColumn(ProgressColumn):
+    """Items per second; a task's ``unit=`` field names the item (default ``it``)."""
+
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.2f} it/s" if task.speed else "-- it/s")
+        unit = task.fields.get("unit", "it")
+        return Text(f"{task.speed:.2f} {unit}/s" if task.speed else f"-- {unit}/s")
 
 
 class _Silent:

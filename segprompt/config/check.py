@@ -19,9 +19,10 @@ from segprompt.config.schema import Component, Range, Recipe, component_tables
 from segprompt.errors import SegpromptError
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Load, merge and validate a recipe; raises SegpromptError with a precise message."""
-    tree, src = resolve_tree(path, overrides)
+def load_recipe(path: str | Path, overrides: list[str] = (), tree: dict | None = None) -> Recipe:
+    """Load, merge and validate a recipe (``tree``: already read, from ``path``); raises
+    SegpromptError with a precise message."""
+    tree, src = resolve_tree(path, overrides, tree)
     return validate(tree, src)
 
 

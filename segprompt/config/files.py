@@ -221,9 +221,15 @@ def _list_index(node: list, k: str, keys: list[str], item: str) -> int:
     return idx
 
 
-def resolve_tree(path: str | Path, overrides: list[str] = ()) -> tuple[dict, _Source]:
+def resolve_tree(path: str | Path, overrides: list[str] = (), tree: dict | None = None) -> tuple[dict, _Source]:
+    """The recipe file ``path`` (or, given ``tree``, that recipe as a dict, e.g. a checkpoint's
+    ``config``; messages then name ``path``) over the defaults, with ``--set`` overrides."""
     src = _Source({"": "<defaults>"})
-    tree = _merge(Recipe().to_dict(), _load_tree(resolve_recipe(path), src))
+    if tree is None:
+        tree = _load_tree(resolve_recipe(path), src)
+    else:
+        _record(src, tree, "", str(path))
+    tree = _merge(Recipe().to_dict(), tree)
     for item in overrides:
         keys, value = parse_override(item)
         _apply_override(tree, keys, value, item)

@@ -158,10 +158,14 @@ def build_train_dataset(cfg: Recipe, meta: DatasetMeta) -> SegDataset | Recognit
 def build_eval_dataset(cfg: Recipe, meta: DatasetMeta, split: str | None = None) -> SegDataset | RecognitionDataset:
     if is_recognition(cfg):
         return _recognition_dataset(cfg, meta, split or cfg.data.val_split, train=False)
-    with recipe_key("data.test"):
-        tf = TestTransform(scale=cfg.data.test.scale, keep_ratio=cfg.data.test.keep_ratio)
-    return SegDataset(cfg.data.root, split or cfg.data.val_split, meta, test_transform=tf,
+    return SegDataset(cfg.data.root, split or cfg.data.val_split, meta, test_transform=build_test_transform(cfg),
                       skip_bad_images=cfg.data.skip_bad_images)
+
+
+def build_test_transform(cfg: Recipe) -> TestTransform:
+    """The recipe's test pipeline (``data.test``), the one ``eval`` and ``predict`` apply."""
+    with recipe_key("data.test"):
+        return TestTransform(scale=cfg.data.test.scale, keep_ratio=cfg.data.test.keep_ratio)
 
 
 def dataset_meta(cfg: Recipe) -> DatasetMeta:

@@ -36,18 +36,23 @@ class DistEnv:
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "runtime.device") -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` (this process's GPU, ``local_rank``) | ``cuda:N`` as a device;
-    ``key`` is the option that gave ``name``, for the message when no GPU is visible."""
+    """``auto`` | ``cpu`` | ``cuda`` (this process's local rank) | ``cuda:<i>``; ``key`` names the
+    setting in the error a missing device raises."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
     if name == "cpu":
         return torch.device("cpu")
-    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise SegpromptError(f"{key} '{name}' is not one of: auto, cpu, cuda, cuda:N")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise SegpromptError(f"{key} '{name}' is not one of: auto, cpu, cuda, cuda:<index>")
     if not torch.cuda.is_available():
-        fix = "--set runtime.device=cpu" if key == "runtime.device" else f"{key} cpu"
-        raise SegpromptError(f"{key} is '{name}' but no CUDA device is visible; use {fix} (or auto)")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+        use = f"--set {key}=cpu" if "." in key else f"{key} cpu"
+        raise SegpromptError(f"{key} is '{name}' but no CUDA device is visible; use {use} (or auto)")
+    i = int(index) if index else local_rank
+    if i >= torch.cuda.device_count():
+        raise SegpromptError(f"{key} '{name}': there are {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", i)
 
 
 def init_distributed(device_name: str) -> DistEnv:

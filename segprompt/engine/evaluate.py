@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from segprompt.config import Recipe
 from segprompt.data.dataset import SegDataset, collate, read_image, start_workers, worker_init
+from segprompt.data.meta import DatasetMeta
 from segprompt.data.sampler import eval_shard
 from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ckpt
@@ -30,9 +31,9 @@ from segprompt.engine.build import (
     tuning_context,
 )
 from segprompt.engine.distributed import DistEnv, all_gather_object
-from segprompt.engine.inference import inference, save_prediction
+from segprompt.engine.inference import MODES, inference, save_prediction
 from segprompt.engine.metrics import ConfusionMatrix, compute_metrics
-from segprompt.engine.rundir import BEST, CKPT_DIR, DEPLOYED, LAST, default_run_dir, load_run_or_recipe
+from segprompt.engine.rundir import default_run_dir, load_run_or_recipe, run_checkpoint
 from segprompt.errors import SegpromptError
 from segprompt.io import write_json_keeping_history
 from segprompt.models.text.guidance import deploy_text
@@ -45,6 +46,27 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def check_mode(cfg: Recipe, mode: str) -> None:
+    """``--mode`` names an inference mode, and slide mode has its window in the recipe."""
+    if mode not in MODES:
+        raise SegpromptError(f"--mode '{mode}' is not one of: {', '.join(MODES)}")
+    if mode == "slide" and (cfg.evaluation.crop_size is None or cfg.evaluation.stride is None):
+        raise SegpromptError("--mode slide needs evaluation.crop_size and evaluation.stride in the recipe; add "
+                             "e.g. --set evaluation.crop_size=[512,512] --set evaluation.stride=[341,341]")
+
+
+def segment_logits(model: nn.Module, img: torch.Tensor, out_size: tuple[int, int], cfg: Recipe,
+                   device: torch.device, *, mode: str, tta: bool) -> torch.Tensor:
+    """B x K x ``out_size`` scores of normalised images ``img``, with the recipe's evaluation settings
+    (window, TTA scales and flip, align_corners, autocast): the one inference call of ``eval`` and
+    ``predict`` (docs/predict.md)."""
+    ev = cfg.evaluation
+    with autocast(device, cfg.runtime.amp):
+        return inference(model, img, out_size, mode=mode, crop_size=ev.crop_size, stride=ev.stride,
+                         batch_size=ev.slide_batch, scales=ev.tta_scales if tta else [1.0],
+                         flip=ev.tta_flip and tta, align_corners=cfg.model.align_corners)
 
 
 @torch.no_grad()
@@ -82,11 +104,11 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
                 continue
             img = normalize(batch["img"].to(env.device, non_blocking=True), cfg.data.mean, cfg.data.std)
             label = batch["label"].to(env.device, non_blocking=True)
-            with autocast(env.device, cfg.runtime.amp):
-                logits = model(img) if recognition else inference(model, img, tuple(label.shape[-2:]), mode=mode, crop_size=ev.crop_size,
-                                   stride=ev.stride, batch_size=ev.slide_batch,
-                                   scales=ev.tta_scales if tta else [1.0], flip=ev.tta_flip and tta,
-                                   align_corners=cfg.model.align_corners)
+            if recognition:
+                with autocast(env.device, cfg.runtime.amp):
+                    logits = model(img)
+            else:
+                logits = segment_logits(model, img, tuple(label.shape[-2:]), cfg, env.device, mode=mode, tta=tta)
             pred = logits.argmax(1)
             cm.update(pred, label)
             if chains:
@@ -94,8 +116,8 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
                                 dataset.ignore_index)
             if save_preds is not None:
                 for i, stem in enumerate(batch["stem"]):
-                    save_prediction(save_preds, stem, pred[i].to(torch.uint8).cpu().numpy(),
-                                    read_image(Path(batch["path"][i])), palette)
+                    save_prediction(save_preds, stem, pred[i].cpu().numpy(), read_image(Path(batch["path"][i])),
+                                    palette, num_classes=dataset.num_classes)
     cm.all_reduce()
     for chain in chains:
         chain.capture_maps, chain.captured_maps = False, {}
@@ -153,6 +175,17 @@ def build_checkpoint_model(cfg: Recipe, meta: Any, state: dict[str, Any], where:
     return model
 
 
+def load_checkpoint_model(cfg: Recipe, ckpt_path: Path, state: dict[str, Any] | None = None
+                          ) -> tuple[nn.Module, DatasetMeta, dict[str, Any]]:
+    """The recipe's model with the weights of ``ckpt_path`` (``state``: its contents, if already
+    read), its dataset's meta and the checkpoint's contents, as ``eval`` and ``predict`` load it."""
+    meta = dataset_meta(cfg)
+    if state is None:
+        state = ckpt.load_run_checkpoint(ckpt_path)
+    ckpt.check_frozen_source(state, cfg.model.pretrained, str(ckpt_path))
+    return build_checkpoint_model(cfg, meta, state, str(ckpt_path)), meta, state
+
+
 def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrides: list[str] = (),
                         mode: str | None = None, tta: bool | None = None, split: str | None = None,
                         save_preds: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
@@ -162,25 +195,22 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrid
     target = Path(target)
     cfg, run_dir = load_run_or_recipe(target, overrides)
     if run_dir is not None:
-        named = {"best": target / CKPT_DIR / BEST, "last": target / CKPT_DIR / LAST,
-                 "deployed": target / CKPT_DIR / DEPLOYED}
-        ckpt_path = named.get(checkpoint, Path(checkpoint))
+        ckpt_path = run_checkpoint(target, checkpoint)
     else:
         if checkpoint in ("best", "last"):
             raise SegpromptError(f"evaluating recipe '{target}' needs --checkpoint PATH "
                                  f"(best/last only make sense for a run directory)")
         ckpt_path = Path(checkpoint)
         run_dir = default_run_dir(target).with_name("eval-" + default_run_dir(target).name)
+    if mode is not None:
+        check_mode(cfg, mode)
     if save_preds is not None:
         save_preds = Path(save_preds)
         if save_preds.exists() and any(save_preds.iterdir()):
             raise SegpromptError(f"--save-preds folder '{save_preds}' is not empty; choose a new folder")
     env = dist_utils.init_distributed(cfg.runtime.device)
     try:
-        meta = dataset_meta(cfg)
-        state = ckpt.load_run_checkpoint(ckpt_path)
-        ckpt.check_frozen_source(state, cfg.model.pretrained, str(ckpt_path))
-        model = build_checkpoint_model(cfg, meta, state, str(ckpt_path))
+        model, meta, state = load_checkpoint_model(cfg, ckpt_path)
         model.to(env.device)
         dataset = build_eval_dataset(cfg, meta, split)
         result = evaluate(model, dataset, cfg, env, mode=mode, tta=tta, save_preds=save_preds)

@@ -1,4 +1,5 @@
-"""Whole-image, sliding-window and test-time-augmented inference, and prediction export.
+"""Whole-image, sliding-window and test-time-augmented inference, and prediction export
+(the files `eval --save-preds` and `segprompt predict` write, docs/predict.md).
 
 The sliding-window grid, padding and overlap averaging follow MMSegmentation's
 ``EncoderDecoder.slide_inference``; multi-scale + flip augmentation averages softmax
@@ -27,7 +28,8 @@ from torch import Tensor
 from segprompt.data.view import identity_view, sub_view
 from segprompt.io import atomic_write_bytes
 
-__all__ = ["MODES", "whole_inference", "slide_inference", "inference", "takes_view", "colorize", "save_prediction"]
+__all__ = ["MODES", "FORMATS", "whole_inference", "slide_inference", "inference", "takes_view", "colorize",
+           "index_dtype", "save_prediction"]
 
 Model = Callable[[Tensor], Tensor]
 MODES = ("whole", "slide")
@@ -192,11 +194,20 @@ def colorize(pred: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
+# what each prediction format writes, beside the input's stem (docs/predict.md)
+FORMATS = {"index": "{stem}.png", "color": "{stem}_color.png", "overlay": "{stem}_overlay.png"}
+
+
 def _write_png(path: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise ValueError(f"cv2 could not encode {path.name} (shape {image.shape}, dtype {image.dtype})")
     atomic_write_bytes(path, buf.tobytes())
+
+
+def index_dtype(num_classes: int) -> type:
+    """The PNG depth of class ids: uint8 up to 256 classes, uint16 beyond."""
+    return np.uint8 if num_classes <= 256 else np.uint16
 
 
 def save_prediction(
@@ -206,12 +217,16 @@ def save_prediction(
     image_rgb: np.ndarray,
     palette: Sequence[Sequence[int]],
     alpha: float = 0.5,
-) -> tuple[Path, Path]:
-    """Write ``<stem>.png`` (uint8 class ids) and ``<stem>_overlay.png`` (colours blended on the image).
+    *,
+    formats: Sequence[str] = ("index", "overlay"),
+    num_classes: int = 256,
+) -> list[Path]:
+    """Write ``pred`` in each of ``formats`` (:data:`FORMATS`): ``<stem>.png`` (class ids, uint8, or
+    uint16 beyond 256 classes), ``<stem>_color.png`` (the palette's colours) and
+    ``<stem>_overlay.png`` (colours blended on the image, ``alpha`` the colours' weight).
 
-    ``pred`` is H x W of class ids in [0, 255]; ``image_rgb`` is the H x W x 3 uint8 RGB image;
-    ``alpha`` is the weight of the prediction colours. Both files are written atomically.
-    Returns the two paths.
+    ``pred`` is H x W of class ids in [0, ``num_classes``); ``image_rgb`` is the H x W x 3 uint8 RGB
+    image. Every file is written atomically. Returns the paths, in the order of ``formats``.
     """
     pred = np.asarray(pred)
     image_rgb = np.asarray(image_rgb)
@@ -220,12 +235,24 @@ def save_prediction(
             f"image_rgb must be a uint8 array of shape {(*pred.shape, 3)} to match pred, "
             f"got {image_rgb.dtype} {image_rgb.shape}"
         )
-    if pred.size and (pred.min() < 0 or pred.max() > 255):
-        raise ValueError(f"class ids must fit a uint8 PNG (0..255), got range {pred.min()}..{pred.max()}")
+    dtype = index_dtype(num_classes)
+    if pred.size and (pred.min() < 0 or pred.max() > np.iinfo(dtype).max):
+        raise ValueError(f"class ids must fit a {np.dtype(dtype).name} PNG (0..{np.iinfo(dtype).max}), "
+                         f"got range {pred.min()}..{pred.max()}")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown prediction format(s) {unknown}; valid: {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
-    index_path = out_dir / f"{stem}.png"
-    overlay_path = out_dir / f"{stem}_overlay.png"
-    overlay = cv2.addWeighted(image_rgb, 1.0 - alpha, colorize(pred, palette), alpha, 0.0)
-    _write_png(index_path, pred.astype(np.uint8))
-    _write_png(overlay_path, cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-    return index_path, overlay_path
+    paths = []
+    for fmt in formats:
+        path = out_dir / FORMATS[fmt].format(stem=stem)
+        if fmt == "index":
+            image = pred.astype(dtype)
+        elif fmt == "color":
+            image = cv2.cvtColor(colorize(pred, palette), cv2.COLOR_RGB2BGR)
+        else:
+            blend = cv2.addWeighted(image_rgb, 1.0 - alpha, colorize(pred, palette), alpha, 0.0)
+            image = cv2.cvtColor(blend, cv2.COLOR_RGB2BGR)
+        _write_png(path, image)
+        paths.append(path)
+    return paths

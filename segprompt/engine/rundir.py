@@ -40,6 +40,12 @@ BEST = "best.pt"
 DEPLOYED = "deployed.pt"  # text-guided models: the best checkpoint with its text embeddings baked in
 
 
+def run_checkpoint(run: Path, name: str) -> Path:
+    """``best``, ``last`` or ``deployed``: that checkpoint of the run directory ``run``; else a path."""
+    named = {"best": BEST, "last": LAST, "deployed": DEPLOYED}
+    return run / CKPT_DIR / named[name] if name in named else Path(name)
+
+
 def default_run_dir(recipe: str | Path, results: str | Path = "results") -> Path:
     return Path(results) / Path(recipe).stem / time.strftime("%Y%m%d-%H%M%S")
 

@@ -1,0 +1,316 @@
+"""`segprompt predict`: segment your own images with a trained run, exactly as `segprompt eval` would.
+
+- **Inputs**: image files, folders (walked recursively; hidden entries and the output folder are
+  skipped) and globs, each becoming an :class:`InputImage` whose outputs keep its path relative to
+  the folder (or the glob's fixed part) it was found under, and its stem.
+- **Plan**: every output path is known before anything runs; two inputs writing the same file, or
+  a file that already exists (without ``force``), are refused up front.
+- **Loop**: images are decoded by the data layer's :func:`~segprompt.data.dataset.read_image` and
+  the recipe's test pipeline in DataLoader workers; images of the same size are batched; a
+  progress bar counts images per second; an unreadable image (truncated ones too) is reported
+  and skipped, or stops the run with ``strict``.
+- **Writers**: :func:`~segprompt.engine.inference.save_prediction`, the one ``eval --save-preds``
+  uses, so predicting the val images reproduces its files byte for byte.
+
+The loop takes any :data:`Segment` callable (a batch of images -> per-pixel scores), so models
+other than one run's checkpoint plug in unchanged. docs/predict.md has the colour-layout rules
+and the design.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from segprompt.config import Recipe, load_recipe
+from segprompt.data.dataset import IMG_EXTS, BadImage, read_image, start_workers, worker_init
+from segprompt.data.transforms import TestTransform, normalize, to_tensor
+from segprompt.engine import checkpoint as ckpt
+from segprompt.engine.build import build_test_transform, is_recognition
+from segprompt.engine.distributed import resolve_device
+from segprompt.engine.evaluate import check_mode, load_checkpoint_model, segment_logits
+from segprompt.engine.inference import FORMATS, save_prediction
+from segprompt.engine.rundir import CKPT_DIR, CONFIG, run_checkpoint
+from segprompt.errors import SegpromptError
+from segprompt.progress import progress_bar
+
+DEFAULT_FORMATS = ("index", "overlay")  # what `eval --save-preds` writes
+
+Segment = Callable[[Tensor, tuple[int, int]], Tensor]
+"""``segment(img, (H, W))``: ``img`` is B x 3 x h x w uint8 RGB on the device (the images after the
+test pipeline, all of one size), (H, W) the images' size before it; returns B x K x H x W scores."""
+
+
+@dataclass(frozen=True)
+class InputImage:
+    path: Path  # the file to read
+    rel: Path  # where its outputs go under --out: its relative folder and its stem (no suffix)
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def _has_magic(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTS
+
+
+def _under(path: Path, folder: Path | None) -> bool:
+    return folder is not None and path.resolve().is_relative_to(folder)
+
+
+def _walk(folder: Path, skip: Path | None) -> Iterator[Path]:
+    """The images below ``folder``, in sorted order; hidden files and folders, and ``skip``, left out."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _under(here / d, skip))
+        yield from (here / n for n in sorted(filenames) if not n.startswith(".") and _is_image(Path(n)))
+
+
+def _glob_base(pattern: str) -> Path:
+    """The part of ``pattern`` before its first wildcard component: what outputs are relative to."""
+    fixed = []
+    for part in Path(pattern).parts:
+        if _has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _expand(text: str, skip: Path | None) -> list[tuple[Path, Path]]:
+    """``(file, its path relative to where it was found)`` for one INPUT argument."""
+    path = Path(text)
+    if path.is_dir():
+        found = [(p, p.relative_to(path)) for p in _walk(path, skip)]
+        if not found:
+            raise SegpromptError(f"input folder '{path}' holds no images ({' '.join(IMG_EXTS)}, searched "
+                                 f"recursively, hidden files skipped)")
+        return found
+    if path.is_file():  # named explicitly: read whatever its extension
+        return [(path, Path(path.name))]
+    if not _has_magic(text):
+        raise SegpromptError(f"input '{text}' does not exist; give image files, folders, or quoted globs "
+                             f"such as 'photos/**/*.jpg'")
+    base, found = _glob_base(text), []
+    for match in map(Path, sorted(glob.glob(text, recursive=True))):
+        if match.is_dir():
+            found += [(p, p.relative_to(base)) for p in _walk(match, skip)]
+        elif _is_image(match) and not _under(match, skip):
+            found.append((match, match.relative_to(base)))
+    if not found:
+        raise SegpromptError(f"input pattern '{text}' matches no image ({' '.join(IMG_EXTS)})")
+    return found
+
+
+def discover(inputs: Sequence[str | Path], out: Path | None = None) -> list[InputImage]:
+    """The images named by INPUT arguments (files, folders, globs), sorted by output path. Files
+    under ``out`` (earlier predictions) are left out; the same file found twice counts once; two
+    files that would write the same outputs are an error naming both."""
+    if not inputs:
+        raise SegpromptError("no INPUT given: name image files, folders or globs to predict")
+    skip = out.resolve() if out is not None else None
+    found: dict[Path, InputImage] = {}
+    for raw in inputs:
+        for path, rel in _expand(str(raw), skip):
+            key = rel.with_suffix("")
+            prev = found.get(key)
+            if prev is not None and prev.path.resolve() != path.resolve():
+                raise SegpromptError(f"inputs '{prev.path}' and '{path}' would both be written as '{key}' (same "
+                                     f"relative folder and stem); rename one, or predict them into separate --out "
+                                     f"folders")
+            found[key] = InputImage(path, key)
+    return sorted(found.values(), key=lambda item: item.rel.parts)
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+
+def parse_formats(values: Sequence[str] | None) -> tuple[str, ...]:
+    """``--format`` values (repeated and/or comma-separated) in the order given, duplicates dropped."""
+    chosen = [v.strip() for value in values or () for v in value.split(",") if v.strip()]
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown:
+        raise SegpromptError(f"--format {', '.join(unknown)}: choose from {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(chosen)) or DEFAULT_FORMATS
+
+
+def output_paths(item: InputImage, out: Path, formats: Sequence[str]) -> list[Path]:
+    return [out / item.rel.parent / FORMATS[f].format(stem=item.rel.name) for f in formats]
+
+
+def check_outputs(items: Sequence[InputImage], out: Path, formats: Sequence[str], force: bool) -> None:
+    """Refuse, before any work, an ``out`` that is a file, two inputs writing one file, and (without
+    ``force``) outputs that already exist."""
+    if out.exists() and not out.is_dir():
+        raise SegpromptError(f"--out '{out}' is a file, not a folder; choose another --out")
+    owner: dict[Path, InputImage] = {}
+    existing = []
+    for item in items:
+        for path in output_paths(item, out, formats):
+            if path in owner:
+                raise SegpromptError(f"inputs '{owner[path].path}' and '{item.path}' would both write '{path}'; "
+                                     f"rename one, or predict them into separate --out folders")
+            owner[path] = item
+            if path.exists() or path.is_symlink():
+                existing.append(path)
+    if existing and not force:
+        raise SegpromptError(f"{len(existing)} output file(s) already exist in '{out}', e.g. '{existing[0]}'; "
+                             f"choose another --out, or pass --force to overwrite them")
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+class _Images(Dataset):
+    """Each input decoded as eval decodes an image (RGB, 8-bit, 3 channels) and put through the
+    recipe's test pipeline; an unreadable one becomes ``{"error": why}``."""
+
+    def __init__(self, items: Sequence[InputImage], transform: TestTransform):
+        self.items, self.transform = list(items), transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            image = read_image(self.items[i].path)
+        except BadImage as e:
+            return {"index": i, "error": str(e)}
+        return {"index": i, "image": image, "img": to_tensor(self.transform(image))}
+
+
+def _same_size(samples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Samples grouped by (size after the test pipeline, original size), in order of first appearance."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for s in samples:
+        groups.setdefault((tuple(s["img"].shape), s["image"].shape[:2]), []).append(s)
+    return list(groups.values())
+
+
+@dataclass
+class PredictResult:
+    images: int = 0  # inputs predicted
+    files: list[Path] = field(default_factory=list)  # outputs written
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (unreadable input, why)
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+    iteration: int | None = None
+
+
+def check_batch(batch: int) -> None:
+    if batch < 1:
+        raise SegpromptError(f"--batch must be at least 1, got {batch}")
+
+
+@torch.no_grad()
+def predict_images(items: Sequence[InputImage], segment: Segment, transform: TestTransform, out: Path, *,
+                   formats: Sequence[str], palette: Sequence[Sequence[int]], num_classes: int,
+                   device: torch.device, batch: int = 1, num_workers: int = 0, strict: bool = False,
+                   show_progress: bool = True) -> PredictResult:
+    """Segment ``items`` with ``segment`` and write ``formats`` of each under ``out``. Up to ``batch``
+    images are decoded at a time and those of one size share a forward pass, so the result is the
+    one of ``batch=1``."""
+    check_batch(batch)
+    loader = DataLoader(_Images(items, transform), batch_size=batch, num_workers=num_workers, collate_fn=list,
+                        worker_init_fn=worker_init, pin_memory=device.type == "cuda")
+    result, start = PredictResult(), time.perf_counter()
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("predict", total=len(items), info="", unit="img")
+        for samples in start_workers(loader):
+            readable = []
+            for s in samples:
+                if "error" not in s:
+                    readable.append(s)
+                elif strict:
+                    raise SegpromptError(f"{s['error']} ({result.images} image(s) predicted before it); fix or "
+                                         f"remove it, or drop --strict to skip unreadable images")
+                else:
+                    result.skipped.append((items[s["index"]].path, s["error"]))
+            for group in _same_size(readable):
+                img = torch.stack([s["img"] for s in group]).to(device, non_blocking=True)
+                preds = segment(img, tuple(group[0]["image"].shape[:2])).argmax(1).cpu().numpy()
+                for s, pred in zip(group, preds):
+                    item = items[s["index"]]
+                    result.files += save_prediction(out / item.rel.parent, item.rel.name, pred, s["image"], palette,
+                                                    formats=formats, num_classes=num_classes)
+                result.images += len(group)
+            bar.update(task, advance=len(samples), info=f"{len(result.skipped)} skipped" if result.skipped else "")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+def resolve_target(target: Path, checkpoint: str | None, overrides: Sequence[str]
+                   ) -> tuple[Recipe, Path, dict[str, Any] | None]:
+    """(recipe, checkpoint path, the checkpoint's contents if already read) of ``predict TARGET``:
+    a run directory and ``--checkpoint best|last|deployed|PATH`` (default best), or a checkpoint
+    file whose run directory (``RUN/checkpoints/``) or own ``config`` holds the recipe."""
+    if target.is_dir():
+        if not (target / CONFIG).is_file():
+            raise SegpromptError(f"'{target}' is not a run directory: '{target / CONFIG}' is missing")
+        return load_recipe(target / CONFIG, list(overrides)), run_checkpoint(target, checkpoint or "best"), None
+    if not target.exists():
+        raise SegpromptError(f"'{target}' does not exist; pass a run directory or a checkpoint file")
+    if target.suffix.lower() in (".yaml", ".yml"):
+        raise SegpromptError(f"'{target}' is a recipe; predict needs trained weights: pass the run directory "
+                             f"`segprompt train` wrote (or one of its checkpoints)")
+    if checkpoint is not None:
+        raise SegpromptError(f"--checkpoint picks a checkpoint of a run directory, but '{target}' is a checkpoint "
+                             f"file already; drop --checkpoint, or pass the run directory")
+    run = target.parent.parent
+    if target.parent.name == CKPT_DIR and (run / CONFIG).is_file():
+        return load_recipe(run / CONFIG, list(overrides)), target, None
+    state = ckpt.load_run_checkpoint(target)
+    if not isinstance(state.get("config"), dict):
+        raise SegpromptError(f"checkpoint '{target}' holds no recipe and is not in a run directory; pass the run "
+                             f"directory it came from: `segprompt predict RUN_DIR --checkpoint {target} ...`")
+    return load_recipe(f"the recipe stored in '{target}'", list(overrides), tree=state["config"]), target, state
+
+
+def recipe_segmenter(model: nn.Module, cfg: Recipe, device: torch.device, *, mode: str, tta: bool) -> Segment:
+    """:data:`Segment` of one recipe's model: normalise as the recipe says, then the recipe's
+    inference (``eval``'s own call, :func:`~segprompt.engine.evaluate.segment_logits`)."""
+    def segment(img: Tensor, out_size: tuple[int, int]) -> Tensor:
+        return segment_logits(model, normalize(img, cfg.data.mean, cfg.data.std), out_size, cfg, device,
+                              mode=mode, tta=tta)
+    return segment
+
+
+def predict(target: str | Path, inputs: Sequence[str | Path], out: str | Path, *, checkpoint: str | None = None,
+            mode: str | None = None, tta: bool | None = None, formats: Sequence[str] = DEFAULT_FORMATS,
+            batch: int = 1, device: str | None = None, strict: bool = False, force: bool = False,
+            overrides: Sequence[str] = (), show_progress: bool = True) -> PredictResult:
+    """``segprompt predict``: inputs and outputs are checked first, then the model is loaded as
+    ``eval`` loads it and every input segmented with the recipe's test pipeline and inference."""
+    out, formats = Path(out), parse_formats(formats)
+    check_batch(batch)
+    items = discover(inputs, out)
+    check_outputs(items, out, formats, force)
+    cfg, ckpt_path, state = resolve_target(Path(target), checkpoint, overrides)
+    if is_recognition(cfg):
+        raise SegpromptError(f"the recipe of '{target}' trains an image classifier ({cfg.data.dataset}); "
+                             f"predict writes segmentation maps")
+    mode = mode or cfg.evaluation.mode
+    check_mode(cfg, mode)
+    tta = cfg.evaluation.tta if tta is None else tta
+    dev = resolve_device(device or cfg.runtime.device, key="--device" if device else "runtime.device")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    model, meta, state = load_checkpoint_model(cfg, ckpt_path, state)
+    model.to(dev).eval()
+    result = predict_images(items, recipe_segmenter(model, cfg, dev, mode=mode, tta=tta), build_test_transform(cfg),
+                            out, formats=formats, palette=meta.palette, num_classes=meta.num_classes, device=dev,
+                            batch=batch, num_workers=cfg.runtime.num_workers, strict=strict,
+                            show_progress=show_progress)
+    result.checkpoint, result.iteration = ckpt_path, state.get("iteration")
+    return result
