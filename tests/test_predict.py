@@ -232,3 +232,16 @@ def test_deployed_text_guided_run_predicts_without_the_clip_file(tmp_path, synth
     evaluate_checkpoint(run, checkpoint="deployed", save_preds=tmp_path / "eval")
     predict(run / "checkpoints" / "deployed.pt", [val], tmp_path / "pred", show_progress=False)
     assert _files(tmp_path / "pred") == _files(tmp_path / "eval") and len(_files(tmp_path / "eval")) == 14
+
+
+def test_cli_lists_each_skipped_image_and_the_count(run, mixed, tmp_path, capsys):
+    src, _ = mixed
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run), str(src), "--out", str(tmp_path / "o"), "--format", "index"])
+    out = capsys.readouterr()
+    assert e.value.code in (0, None), out.err
+    assert "predicted 6 image(s)" in out.out and "wrote 6 file(s)" in out.out
+    lines = out.err.strip().splitlines()
+    assert lines[0].startswith(f"skipped: cannot read image '{src / 'bad.png'}'")
+    assert lines[1].startswith(f"skipped: cannot read image '{src / 'cut.jpg'}': truncated JPEG")
+    assert lines[2] == "skipped 2 unreadable image(s); --strict makes that an error"

@@ -287,7 +287,7 @@ def test_one_extracted_folder_can_hold_several_archives(tmp_path):
 
 
 def test_cli_knows_every_real_dataset():
-    from segprompt.cli import PREPARERS
+    from segprompt.cli.data import PREPARERS
     from segprompt.data.prepare import DATASETS
 
     assert {"synthetic", *DATASETS} <= set(PREPARERS)

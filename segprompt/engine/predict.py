@@ -314,3 +314,17 @@ def predict(target: str | Path, inputs: Sequence[str | Path], out: str | Path, *
                             show_progress=show_progress)
     result.checkpoint, result.iteration = ckpt_path, state.get("iteration")
     return result
+
+
+def summary(result: PredictResult, out: Path, listed: int = 20) -> tuple[str, list[str]]:
+    """What ``segprompt predict`` prints: one line of what was done, and a line per skipped image
+    (the first ``listed``) with their count."""
+    it = f" (iteration {result.iteration})" if result.iteration is not None else ""
+    done = (f"predicted {result.images} image(s) in {result.seconds:.1f} s "
+            f"({result.images / max(result.seconds, 1e-9):.1f} img/s) with {result.checkpoint}{it}; "
+            f"wrote {len(result.files)} file(s) to {out}")
+    problems = [f"skipped: {why}" for _, why in result.skipped[:listed]]
+    if result.skipped:
+        more = f" ({len(result.skipped) - listed} more not listed)" if len(result.skipped) > listed else ""
+        problems.append(f"skipped {len(result.skipped)} unreadable image(s){more}; --strict makes that an error")
+    return done, problems

@@ -1,0 +1,143 @@
+"""Commands that train or use a model: ``train``, ``eval``, ``predict`` and ``export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import typer.core
+from segprompt.cli.app import app, console, err_console, is_main
+
+from segprompt.errors import SegpromptError
+
+
+@app.command("train")
+def train_cmd(
+    recipe: Annotated[Path, typer.Argument(help="A recipe file, or the name of a shipped recipe (e.g. smoke, "
+                                                "spm/ade20k_r101_spm; docs/recipes.md).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE (YAML scalar); repeatable.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default results/<recipe>/<timestamp>/).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="'auto' (latest run of the recipe, or --out) or a checkpoint/run path.")] = None,
+    load_from: Annotated[Optional[Path], typer.Option(help="Initialise weights from a checkpoint (segprompt, MMSegmentation "
+                                                           "or a state dict); the iteration counter starts at 0. It must "
+                                                           "supply at least half of the model's tensors.")] = None,
+    load_from_partial: Annotated[bool, typer.Option("--load-from-partial", help="Let --load-from supply fewer than half "
+                                                                                "of the model's tensors.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved recipe and exit.")] = False,
+) -> None:
+    """Train a recipe on one CPU, one GPU, or under torchrun (DDP)."""
+    from segprompt.config import dump_recipe, load_recipe
+
+    overrides = set_ or []
+    if print_config:
+        console.print(dump_recipe(load_recipe(recipe, overrides)), markup=False, highlight=False)
+        return
+    if resume and load_from:
+        raise SegpromptError("--resume continues a run; --load-from starts a new one from weights: use one")
+    if load_from_partial and not load_from:
+        raise SegpromptError("--load-from-partial goes with --load-from PATH")
+    from segprompt.engine.train import train
+
+    train(recipe, overrides, out=out, resume=resume, load_from=load_from, load_from_partial=load_from_partial)
+
+
+@app.command("eval")
+def eval_cmd(
+    target: Annotated[Path, typer.Argument(help="A run directory, or a recipe (then --checkpoint PATH).")],
+    checkpoint: Annotated[str, typer.Option(help="best | last | deployed (text-guided runs) | PATH.")] = "best",
+    mode: Annotated[Optional[str], typer.Option(help="whole | slide (default: the recipe's).")] = None,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Multi-scale + flip test-time augmentation.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split to evaluate (default data.val_split).")] = None,
+    save_preds: Annotated[Optional[Path], typer.Option(help="Write index PNGs and colour overlays here.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
+) -> None:
+    """Evaluate a checkpoint: aAcc, mIoU, mAcc, mDice, mFscore and a per-class table."""
+    if mode is not None and mode not in ("whole", "slide"):
+        raise SegpromptError(f"--mode '{mode}' is not one of: whole, slide")
+    from segprompt.engine.evaluate import evaluate_checkpoint
+    from segprompt.engine.metrics import format_table
+
+    run_dir, result = evaluate_checkpoint(target, checkpoint=checkpoint, overrides=set_ or [], mode=mode, tta=tta,
+                                          split=split, save_preds=save_preds)
+    if is_main():
+        console.print(format_table(result))
+        it = f" (iteration {result['iter']})" if result.get("iter") is not None else ""
+        console.print(f"checkpoint {result['checkpoint']}{it}, split {result['split']}", markup=False, highlight=False)
+        if save_preds is not None:
+            console.print(f"wrote {result['images']} predictions (<stem>.png class ids, <stem>_overlay.png) to "
+                          f"{save_preds}", markup=False, highlight=False)
+        console.print(f"wrote {run_dir / 'eval.json'}", markup=False, highlight=False)
+
+
+@app.command("predict")
+def predict_cmd(
+    target: Annotated[Path, typer.Argument(help="A run directory, or one of its checkpoints (a checkpoint that "
+                                                "holds its recipe works anywhere).")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or quoted globs.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the predictions; each keeps its input's relative "
+                                                    "path and stem.")],
+    checkpoint: Annotated[Optional[str], typer.Option(help="best (default) | last | deployed | PATH.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="whole | slide (default: the recipe's).")] = None,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Multi-scale + flip test-time "
+                                                                       "augmentation (default: the recipe's).")] = None,
+    format_: Annotated[Optional[list[str]], typer.Option("--format", help="index | color | overlay; repeatable "
+                                                         "or comma-separated (default: index,overlay).")] = None,
+    batch: Annotated[int, typer.Option(help="Images decoded at a time; those of one size share a forward pass.")] = 1,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default: runtime.device).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at an unreadable image instead of skipping it.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite outputs that already exist.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
+) -> None:
+    """Segment your own images with a trained run: the recipe's test pipeline and inference, as eval."""
+    from segprompt.engine.predict import parse_formats, predict, summary
+
+    result = predict(target, inputs, out, checkpoint=checkpoint, mode=mode, tta=tta, formats=parse_formats(format_),
+                     batch=batch, device=device, strict=strict, force=force, overrides=set_ or [])
+    done, problems = summary(result, out)
+    console.print(done, markup=False, highlight=False)
+    for line in problems:
+        err_console.print(line, markup=False, highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    target: Annotated[Path, typer.Argument(help="A run directory, or a recipe (with --checkpoint PATH for trained "
+                                                "weights; without, random weights as bench builds it).")],
+    out: Annotated[Path, typer.Option(help="File to write (.onnx for ONNX); its record goes to FILE.json.")],
+    format_: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
+    size: Annotated[Optional[str], typer.Option(help="HxW of the exported input (default: data.test.scale).")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Batch, height and width left symbolic.")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 (weights and input).")] = "fp32",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Run directory: auto (deployed.pt if the run has one, "
+                                                           "else best.pt) | best | last | deployed | PATH; "
+                                                           "recipe: PATH.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out file and its record.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+) -> None:
+    """Export the deployed inference model (whole-image forward, LoRA merged, text embeddings baked in)
+    to ONNX or TorchScript, and verify it against PyTorch on a sample input (docs/deploy.md)."""
+    import json
+
+    from segprompt.engine.export import ExportOptions, export_model, sidecar
+    from segprompt.measure.bench import parse_size
+
+    opts = ExportOptions(format=format_, size=parse_size(size) if size else None, dynamic=dynamic, dtype=dtype,
+                         checkpoint=checkpoint, force=force)
+    record = export_model(target, out, opts, set_ or [])
+    if as_json:
+        console.print_json(json.dumps(record))
+    else:
+        facts = f"opset {record['opset']}, " if "opset" in record else ""
+        console.print(f"{record['format']} {facts}{record['dtype']}, input {record['input_shape']} -> output "
+                      f"{record['output_shape']}, {record['file_bytes'] / 1e6:.1f} MB; {record['weights']}"
+                      + (f", {record['lora_merged']} LoRA layers merged" if record["lora_merged"] else "")
+                      + (", text embeddings baked in" if record["text_deployed"] else ""),
+                      markup=False, highlight=False)
+        for c in record["parity"]["checks"]:
+            console.print(f"{record['parity']['runtime']} vs PyTorch on {c['shape']}: max |diff| "
+                          f"{c['max_abs_diff']:.2e} (max |logit| {c['max_abs_logit']:.3g}), argmax agreement "
+                          f"{100 * c['argmax_agreement']:.3f} %", markup=False, highlight=False)
+    for path in (out, sidecar(out)):
+        err_console.print(f"wrote {path}", highlight=False)
