@@ -211,7 +211,7 @@ def _check_component(value: Any, kind: str, path: str, src: _Source) -> Componen
 
 # Keys that change how a run executes, not what it computes: a resume may change them, and
 # `segprompt ablate`'s config hash ignores them.
-RUNTIME_ONLY_KEYS = ("runtime.num_workers", "runtime.log_interval")
+RUNTIME_ONLY_KEYS = ("runtime.num_workers", "runtime.log_interval", "runtime.tensorboard")
 
 
 def run_defining_config(recipe: Recipe) -> dict[str, Any]:

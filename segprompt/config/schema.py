@@ -190,6 +190,7 @@ class RuntimeConfig:
     log_interval: AtLeast1 = 10
     find_unused_parameters: bool = False
     cudnn_benchmark: bool = False
+    tensorboard: bool = False  # TensorBoard scalars and overlays in RUN/tb/ (docs/watch.md; segprompt[watch])
 
 
 @dataclass

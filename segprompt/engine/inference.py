@@ -29,7 +29,7 @@ from segprompt.data.view import identity_view, sub_view
 from segprompt.io import atomic_write_bytes
 
 __all__ = ["MODES", "FORMATS", "whole_inference", "slide_inference", "inference", "takes_view", "colorize",
-           "index_dtype", "save_prediction"]
+           "overlay", "index_dtype", "save_prediction"]
 
 Model = Callable[[Tensor], Tensor]
 MODES = ("whole", "slide")
@@ -194,6 +194,12 @@ def colorize(pred: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
+def overlay(pred: np.ndarray, image_rgb: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """The class colours of ``pred`` (H x W ids) blended on ``image_rgb`` (H x W x 3 uint8 RGB) with
+    weight ``alpha``: an H x W x 3 uint8 RGB image (``*_overlay.png``, TensorBoard's overlays)."""
+    return cv2.addWeighted(image_rgb, 1.0 - alpha, colorize(pred, palette), alpha, 0.0)
+
+
 # what each prediction format writes, beside the input's stem (docs/predict.md)
 FORMATS = {"index": "{stem}.png", "color": "{stem}_color.png", "overlay": "{stem}_overlay.png"}
 
@@ -251,8 +257,7 @@ def save_prediction(
         elif fmt == "color":
             image = cv2.cvtColor(colorize(pred, palette), cv2.COLOR_RGB2BGR)
         else:
-            blend = cv2.addWeighted(image_rgb, 1.0 - alpha, colorize(pred, palette), alpha, 0.0)
-            image = cv2.cvtColor(blend, cv2.COLOR_RGB2BGR)
+            image = cv2.cvtColor(overlay(pred, image_rgb, palette, alpha), cv2.COLOR_RGB2BGR)
         _write_png(path, image)
         paths.append(path)
     return paths

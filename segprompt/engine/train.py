@@ -57,6 +57,7 @@ from segprompt.engine.rundir import (
     write_run_files,
 )
 from segprompt.engine.runplan import RunPlan, plan_run
+from segprompt.engine.tensorboard import TensorBoardLog
 from segprompt.errors import USER_OS_ERRORS, NonFiniteLoss, RunCrashed, RunInterrupted, SegpromptError, os_problem
 from segprompt.io import atomic_write_json, remove_stale_temporaries
 from segprompt.models.text.guidance import deploy_text, has_learned_text
@@ -228,6 +229,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
         start_iter, best, rng_states = state["iteration"], state["best"], state["rng"]
         log.info("resumed %s at iteration %d", plan.resume_from, start_iter)
         metrics_log.write(event="resume", iter=start_iter, checkpoint=str(plan.resume_from))
+    tb = TensorBoardLog(run_dir, cfg, write=env.is_main, first_iter=start_iter)  # runtime.tensorboard
 
     net = model
     if env.distributed:
@@ -293,7 +295,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
     skipped: set[str] = set()
     net.train()
     t_log = time.perf_counter()
-    with progress_bar(env.is_main) as bar:
+    with progress_bar(env.is_main) as bar, tb:
         task = bar.add_task("train", total=iters, completed=start_iter, info="")
         for step in range(start_iter, iters):
             at.iteration = step
@@ -356,6 +358,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
                     if hasattr(provider, "diagnostics"):
                         record.update(provider.diagnostics())
                 metrics_log.write(**record)
+                tb.scalars(done, record)
                 log.info("iter %d/%d %s", done, iters, info)
 
             if (ev.interval and done % ev.interval == 0) or done == iters:
@@ -366,6 +369,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
                                          f"{[k for k, v in result.items() if isinstance(v, float)]}")
                 metrics_log.write(iter=done, split=cfg.data.val_split,
                                   **{k: v for k, v in result.items() if k not in ("per_class", "confusion_matrix")})
+                tb.evaluation(done, result, model, val_set, env.device)
                 log.info("iter %d eval: %s", done, "  ".join(
                     f"{k} {result[k]:.2f}" for k in ("aAcc", "mIoU", "mAcc", "mDice") if result[k] is not None))
                 if best is None or value > best["value"]:
