@@ -140,3 +140,20 @@ def _list_tables() -> None:
         out.add_row(t.paper, t.kind, t.table, t.title, f"{len(t.rows)} x {len(t.columns)}",
                     f"[red]{len(missing)} of {len(recipes)} missing[/]" if missing else f"{len(recipes)} present")
     console.print(out)
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with its metrics.jsonl); one line "
+                                                        "per run.")],
+    out: Annotated[Path, typer.Option(help="Figure to write: FILE.png (or .svg, .pdf).")],
+    metric: Annotated[str, typer.Option(help="Evaluation metric of the right panel (mIoU, aAcc, mAcc, mDice, "
+                                             "...).")] = "mIoU",
+    force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+) -> None:
+    """Training-loss and metric curves of one or several runs from their metrics.jsonl (docs/watch.md)."""
+    from segprompt.experiments.plot import plot_runs
+
+    for note in plot_runs(run_dirs, out, metric=metric, force=force):
+        err_console.print(f"note: {note}", markup=False, highlight=False)
+    console.print(f"wrote {out}", markup=False, highlight=False)
