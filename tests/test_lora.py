@@ -199,7 +199,7 @@ def test_meta_device_and_prompt_group():
 
     cfg = load_recipe(REPO / "recipes/smoke.yaml", ["tuning.name=lora", "tuning.rank=4"])
     b = breakdown(cfg, K, "paper")  # built on the meta device
-    smoke_backbone = ResNet(depth=18, base_channels=16, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2))
+    smoke_backbone = ResNet(**{k: v for k, v in cfg.model.backbone.items() if k != "name"})
     assert b.groups["prompt"] == {"total": closed_form(smoke_backbone, 4), "trainable": closed_form(smoke_backbone, 4)}
     assert b.groups["backbone"]["trainable"] == 0 and b.groups["backbone"]["total"] > 0
     head = breakdown(load_recipe(REPO / "recipes/smoke.yaml", ["tuning.name=head"]), K, "paper")
