@@ -12,8 +12,7 @@ from segprompt.config import dump_recipe, load_recipe
 from segprompt.data.synthetic import generate_synthetic
 from segprompt.engine import checkpoint as ck
 from segprompt.engine.build import build_model, dataset_meta
-from segprompt.engine.evaluate import build_checkpoint_model
-from segprompt.engine.multitask import MultiTaskModel, _task_names
+from segprompt.engine.multitask import MultiTaskModel, _task_names, load_run_model
 from segprompt.engine.train import train
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_text
@@ -67,15 +66,6 @@ def fake_run(folder, name, root, tuning, over=(), *, init=None, full_model=False
     return run
 
 
-def single_task(run):
-    """The run's own model, as `segprompt eval` builds it."""
-    cfg = load_recipe(run / "config.yaml")
-    path = run / "checkpoints" / "best.pt"
-    state = ck.load_run_checkpoint(path)
-    ck.check_frozen_source(state, cfg.model.pretrained, str(path))
-    return build_checkpoint_model(cfg, dataset_meta(cfg), state, str(path)).eval()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, synthetic_root):
     tmp = tmp_path_factory.mktemp("multitask")
@@ -106,7 +96,7 @@ def test_mixed_batch_equals_each_runs_own_model(world):
         idx = [i for i, n in enumerate(names) if n == name]
         assert idx, name
         with torch.no_grad():
-            ref = single_task(run)(x[idx])
+            ref = load_run_model(run)(x[idx])
         assert ref.shape[1] == mt.task(name).num_classes
         for j, i in enumerate(idx):
             assert torch.equal(out[i], ref[j]), name
@@ -116,7 +106,7 @@ def test_mixed_batch_equals_each_runs_own_model(world):
     sizes = [torch.randn(3, 32, 32), torch.randn(3, 40, 24), torch.randn(3, 32, 32), torch.randn(3, 40, 24)]
     tasks = ["lora", "lora", "spm", "lora"]
     out = mt(sizes, tasks)
-    lora, spm = single_task(runs["lora"]), single_task(runs["spm"])
+    lora, spm = load_run_model(runs["lora"]), load_run_model(runs["spm"])
     with torch.no_grad():
         assert torch.equal(out[0], lora(sizes[0][None])[0]) and torch.equal(out[2], spm(sizes[2][None])[0])
         big = lora(torch.stack([sizes[1], sizes[3]]))
@@ -127,6 +117,9 @@ def test_mixed_batch_equals_each_runs_own_model(world):
     assert head.stem[0].weight.data_ptr() == spm_model.stem[0].weight.data_ptr()
     assert head.layer1[0].bn1.bias.data_ptr() != bias.layer1[0].bn1.bias.data_ptr()
     assert not mt.model("head").training and not head.layer1[0].bn1.training
+    with pytest.raises(SegpromptError, match="task 'head' of a MultiTaskModel is for inference only"):
+        mt.model("head").train()
+    assert mt.model("head").eval() is mt.model("head")
     for k, v in head.state_dict().items():
         assert torch.equal(v, original[k]), k
 
@@ -198,7 +191,7 @@ def test_load_from_runs_share_their_initial_checkpoint(world, synthetic_root):
     x = torch.randn(4, 3, 32, 32)
     out = mt(x, ["head", "lora", "lora", "head"])
     with torch.no_grad():
-        head, lora = single_task(runs["head"])(x[[0, 3]]), single_task(runs["lora"])(x[[1, 2]])
+        head, lora = load_run_model(runs["head"])(x[[0, 3]]), load_run_model(runs["lora"])(x[[1, 2]])
     assert torch.equal(out[0], head[0]) and torch.equal(out[3], head[1])
     assert torch.equal(out[1], lora[0]) and torch.equal(out[2], lora[1])
     start_w = ck.load_run_checkpoint(init)["model"]["backbone.stem.0.weight"]

@@ -31,11 +31,12 @@ from segprompt.data.meta import DatasetMeta
 from segprompt.engine import checkpoint as ckpt
 from segprompt.engine.build import apply_tuning, build_segmentor, dataset_meta
 from segprompt.engine.distributed import resolve_device
+from segprompt.engine.evaluate import build_checkpoint_model
 from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, LAST
 from segprompt.errors import SegpromptError
 from segprompt.tuning import TuningContext
 
-__all__ = ["MultiTaskModel", "Task"]
+__all__ = ["MultiTaskModel", "Task", "load_run_model"]
 
 
 @dataclass
@@ -195,7 +196,7 @@ def _load_task(name: str, run_dir: Path, checkpoint: str) -> tuple[Task, dict[st
         raise SegpromptError(f"task '{name}': '{run_dir}' is not a run directory ('{run_dir / CONFIG}' is missing); "
                              f"pass the folder `segprompt train` wrote")
     cfg = load_recipe(run_dir / CONFIG)
-    path = run_dir / CKPT_DIR / {"best": BEST, "last": LAST}.get(checkpoint, checkpoint)
+    path = _checkpoint_path(run_dir, checkpoint)
     if cfg.model.backbone.get("text"):
         raise SegpromptError(f"task '{name}' ({run_dir}) has a text-guided backbone (model.backbone.text): its "
                              f"backbone depends on the task's class names, so it cannot be shared; serve it "
@@ -209,6 +210,22 @@ def _load_task(name: str, run_dir: Path, checkpoint: str) -> tuple[Task, dict[st
     task = Task(name=name, run_dir=run_dir, checkpoint=path, cfg=cfg, meta=dataset_meta(cfg),
                 iteration=state.get("iteration"))
     return task, state
+
+
+def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    return run_dir / CKPT_DIR / {"best": BEST, "last": LAST}.get(checkpoint, checkpoint)
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> nn.Module:
+    """One run's model alone, built as `segprompt eval` builds it (pretrained file, checkpoint):
+    what a task of :class:`MultiTaskModel` reproduces exactly, at the cost of its own backbone."""
+    run_dir = Path(run_dir)
+    cfg = load_recipe(run_dir / CONFIG)
+    path = _checkpoint_path(run_dir, checkpoint)
+    state = ckpt.load_run_checkpoint(path)
+    ckpt.check_frozen_source(state, cfg.model.pretrained, str(path))
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return build_checkpoint_model(cfg, dataset_meta(cfg), state, str(path)).to(dev).eval()
 
 
 def _identity(task: Task, state: dict[str, Any]) -> tuple[str, str, str]:
@@ -261,7 +278,9 @@ class _Builder:
             raise SegpromptError(f"task '{task.name}': checkpoint '{where}' lacks tensors that are not part of the "
                                  f"shared frozen backbone: {left[:6]}{' ...' if len(left) > 6 else ''} (frozen "
                                  f"outside the backbone); serve this run alone")
-        return model.eval()
+        model.eval()
+        model.train = _eval_only(task.name, model)  # training mode would move the shared BatchNorm statistics
+        return model
 
     def _load_init(self, model: nn.Module, state: dict[str, Any], delta: dict[str, Tensor], where: str) -> set[str]:
         """A ``--load-from`` run's frozen tensors come from its initial checkpoint, as in
@@ -302,6 +321,16 @@ class _Builder:
                         tensors[name] = other[name]
             self.bases[key] = tensors
         return self.bases[key]
+
+
+def _eval_only(name: str, model: nn.Module):
+    def train(mode: bool = True) -> nn.Module:
+        if mode:
+            raise SegpromptError(f"task '{name}' of a MultiTaskModel is for inference only: its frozen tensors are "
+                                 f"shared with the other tasks, and training mode would update their BatchNorm "
+                                 f"statistics for all of them; train the run with `segprompt train`")
+        return model
+    return train
 
 
 def _mismatch(first: tuple[str, tuple[str, str, str]], other: tuple[str, tuple[str, str, str]]) -> str:
