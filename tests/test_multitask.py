@@ -4,14 +4,18 @@ other frozen weights, and checkpoints that cannot share, are refused."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import write_recipe
 from segprompt.config import dump_recipe, load_recipe
+from segprompt.data.dataset import read_image
 from segprompt.data.synthetic import generate_synthetic
+from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ck
-from segprompt.engine.build import build_model, dataset_meta
+from segprompt.engine.build import build_eval_dataset, build_model, dataset_meta
 from segprompt.engine.multitask import MultiTaskModel, _task_names, load_run_model
 from segprompt.engine.train import train
 from segprompt.errors import SegpromptError
@@ -43,10 +47,10 @@ def backbone_file(path, recipe, seed=123):
     return bb.state_dict()
 
 
-def fake_run(folder, name, root, tuning, over=(), *, init=None, full_model=False):
+def fake_run(folder, name, root, tuning, over=(), *, init=None, full_model=False, **sections):
     """A run directory as `segprompt train` writes it (config.yaml, checkpoints/best.pt through the
     engine's save path), its trainable tensors moved off their initial values (a trained delta)."""
-    cfg = load_recipe(write_recipe(folder / f"{name}.yaml", root, tuning=tuning), list(over))
+    cfg = load_recipe(write_recipe(folder / f"{name}.yaml", root, tuning=tuning, **sections), list(over))
     model = build_model(cfg, dataset_meta(cfg))
     if init is not None:
         ck.load_init(model, init, partial=True)
@@ -148,6 +152,31 @@ def test_full_tuning_and_other_seeds_join_without_a_new_backbone(world):
     assert fp["tasks"]["head_seed1"] == fp["tasks"]["head"]  # the second seed's backbone was deduplicated
 
 
+def test_vit_prompts_and_adapters_share_a_seeded_backbone(tmp_path, synthetic_root):
+    model = {"backbone": {"name": "vit", "img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2,
+                          "num_heads": 2, "out_indices": [0, 1], "num_stages": 2},
+             "decode_head": {"name": "fcn", "channels": 8, "num_convs": 1}, "aux_heads": []}
+    tunings = {"vpt": {"name": "vpt", "num_tokens": 2}, "vpt_bias": {"name": "vpt", "num_tokens": 2, "bias": True},
+               "adaptformer": {"name": "adaptformer", "bottleneck": 4, "dropout": 0.0},
+               "spm": {"name": "spm", "channels": 16, "stages": [1, 2]}}
+    runs = {}
+    for name, tuning in tunings.items():  # no pretrained file: the frozen weights are the seed's
+        runs[name] = fake_run(tmp_path, name, synthetic_root, tuning, ["runtime.seed=3"], model=model)
+    mt = MultiTaskModel.from_runs(runs)
+    x = torch.randn(6, 3, 32, 32)
+    names = ["vpt", "spm", "adaptformer", "vpt_bias", "spm", "vpt"]
+    out = mt(x, names)
+    for name, run in runs.items():
+        idx = [i for i, n in enumerate(names) if n == name]
+        with torch.no_grad():
+            ref = load_run_model(run)(x[idx])
+        assert all(torch.equal(out[i], ref[j]) for j, i in enumerate(idx)), name
+    assert mt.task("adaptformer").own_frozen == [] and mt.task("vpt").own_frozen == []
+    assert mt.task("vpt_bias").own_frozen and all(k.endswith("bias") for k in mt.task("vpt_bias").own_frozen)
+    fc1 = [mt.model(n).backbone.blocks[0].mlp.fc1.weight.data_ptr() for n in ("vpt", "adaptformer", "spm")]
+    assert fc1[0] == fc1[1] == fc1[2]
+
+
 def test_refuses_runs_on_other_frozen_weights(world, synthetic_root):
     tmp, weights, _, runs = world
     other = tmp / "other.pth"
@@ -208,6 +237,12 @@ def test_routing_errors_and_task_names(world, tmp_path):
     with pytest.raises(SegpromptError, match="2 images but 1 task names"):
         mt(x, ["head"])
     assert [o.shape[0] for o in mt(x, "spm")] == [4, 4]
+    # each image prepared for its task exactly as `segprompt eval` prepares it (resize, mean/std)
+    task = mt.task("spm")
+    sample = build_eval_dataset(task.cfg, task.meta)[0]
+    x = task.preprocess(read_image(Path(sample["path"])))
+    assert torch.equal(x, normalize(sample["img"], task.cfg.data.mean, task.cfg.data.std))
+    assert x.shape == (3, 64, 64) and task.palette == task.meta.palette and task.method == "spm"
     for part in ("a/20240101", "b/20240101", "b/other"):
         (tmp_path / part).mkdir(parents=True)
     assert list(_task_names([tmp_path / "a/20240101", tmp_path / "b/20240101"])) == ["a/20240101", "b/20240101"]

@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import DatasetMeta
+from segprompt.data.transforms import TestTransform, normalize, to_tensor
 from segprompt.engine import checkpoint as ckpt
-from segprompt.engine.build import apply_tuning, build_segmentor, dataset_meta
+from segprompt.engine.build import apply_tuning, build_segmentor, dataset_meta, recipe_key
 from segprompt.engine.distributed import resolve_device
 from segprompt.engine.evaluate import build_checkpoint_model
 from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, LAST
@@ -68,6 +70,14 @@ class Task:
     @property
     def method(self) -> str:
         return self.cfg.tuning["name"]
+
+    def preprocess(self, image: np.ndarray) -> Tensor:
+        """An RGB uint8 (H, W, 3) image (``segprompt.data.dataset.read_image``) as this task's
+        model takes it, as `segprompt eval` prepares it: resized by the run's ``data.test``, then
+        normalised with its ``data.mean`` / ``data.std``; a (3, h, w) float32 tensor."""
+        with recipe_key("data.test"):
+            test = TestTransform(scale=self.cfg.data.test.scale, keep_ratio=self.cfg.data.test.keep_ratio)
+        return normalize(to_tensor(test(image)), self.cfg.data.mean, self.cfg.data.std)
 
 
 class MultiTaskModel:
