@@ -226,6 +226,10 @@ def test_load_from_runs_share_their_initial_checkpoint(world, synthetic_root):
     start_w = ck.load_run_checkpoint(init)["model"]["backbone.stem.0.weight"]
     assert torch.equal(mt.model("head").backbone.stem[0].weight, start_w)
     assert not torch.equal(start_w, original["stem.0.weight"])
+    other = fake_run(tmp, "start_b", synthetic_root, TUNINGS["full"], pre) / "checkpoints" / "best.pt"
+    elsewhere = fake_run(tmp, "from_b", synthetic_root, TUNINGS["head"], pre, init=other)
+    with pytest.raises(SegpromptError, match=r"task 'from_b' .* \(initial checkpoint \(--load-from\) sha256"):
+        MultiTaskModel.from_runs({**runs, "from_b": elsewhere})
 
 
 def test_routing_errors_and_task_names(world, tmp_path):

@@ -275,10 +275,12 @@ class _Builder:
         own = model.state_dict()
         delta = {k: v.to(self.device, own[k].dtype) if k in own else v for k, v in state["model"].items()}
         ckpt.load_model_state(model, delta, where, assign=True)
-        taken = set(delta) | self._load_init(model, state, delta, where)
-        missing = [name for name in slots if key[name] not in taken]
+        from_init = self._load_init(model, state, delta, where)
+        missing = [name for name in slots if key[name] not in delta and key[name] not in from_init]
         task.own_frozen = sorted(name for name in slots if key[name] in delta)
-        task.shares_backbone = bool(missing)
+        task.shares_backbone = bool(missing or from_init)
+        if task.shares_backbone:  # it takes frozen tensors it does not hold: they must be the others'
+            self._check_identity(task, state)
         if missing:
             base = self._base(task, state)
             for name in missing:
@@ -310,14 +312,17 @@ class _Builder:
         ckpt.load_model_state(model, {k: init[k] for k in wanted}, str(path), allow_partial=True, assign=True)
         return set(wanted)
 
-    def _base(self, task: Task, state: dict[str, Any]) -> dict[str, Tensor]:
-        """The frozen backbone's tensors for this task, built once per (frozen weights, seed)."""
+    def _check_identity(self, task: Task, state: dict[str, Any]) -> None:
+        """Every task that takes shared frozen tensors was trained on the same frozen weights."""
         identity = _identity(task, state)
         if self.reference is None:
             self.reference = (task.name, identity)
         elif identity != self.reference[1]:
             raise SegpromptError(_mismatch(self.reference, (task.name, identity)))
-        key = (identity, task.cfg.runtime.seed)
+
+    def _base(self, task: Task, state: dict[str, Any]) -> dict[str, Tensor]:
+        """The frozen backbone's tensors for this task, built once per (frozen weights, seed)."""
+        key = (_identity(task, state), task.cfg.runtime.seed)
         if key not in self.bases:
             if not state.get("frozen_source"):
                 raise SegpromptError(f"task '{task.name}': checkpoint '{task.checkpoint}' records no frozen_source, "
