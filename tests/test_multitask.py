@@ -4,6 +4,7 @@ other frozen weights, and checkpoints that cannot share, are refused."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,18 +72,26 @@ def fake_run(folder, name, root, tuning, over=(), *, init=None, full_model=False
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, synthetic_root):
+def data(tmp_path_factory, synthetic_root):
+    """A private copy of the dataset: building an SPM run caches its class prior in the dataset's folder."""
+    root = tmp_path_factory.mktemp("multitask_data") / "synthetic"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, data):
     tmp = tmp_path_factory.mktemp("multitask")
     weights = tmp / "backbone.pth"
-    original = backbone_file(weights, write_recipe(tmp / "r.yaml", synthetic_root))
+    original = backbone_file(weights, write_recipe(tmp / "r.yaml", data))
     three = tmp / "three"  # a second dataset, with another number of classes
     generate_synthetic(three, seed=1, num_classes=3, image_size=(48, 48), counts={"train": 4, "val": 2, "test": 1})
     pre = [f"model.pretrained={weights}"]
-    runs = {name: fake_run(tmp, name, synthetic_root, t, pre) for name, t in TUNINGS.items()}
+    runs = {name: fake_run(tmp, name, data, t, pre) for name, t in TUNINGS.items()}
     runs["head_k3"] = fake_run(tmp, "head_k3", three, TUNINGS["head"], pre)
-    runs["head_seed1"] = fake_run(tmp, "head_seed1", synthetic_root, TUNINGS["head"], [*pre, "runtime.seed=1"])
+    runs["head_seed1"] = fake_run(tmp, "head_seed1", data, TUNINGS["head"], [*pre, "runtime.seed=1"])
     # one run really trained (2 iterations), not written by fake_run
-    recipe = write_recipe(tmp / "trained.yaml", synthetic_root, tuning=TUNINGS["adapter"])
+    recipe = write_recipe(tmp / "trained.yaml", data, tuning=TUNINGS["adapter"])
     runs["trained"] = train(recipe, [*pre, "schedule.iters=2", "evaluation.interval=2", "checkpoint.interval=2"],
                             out=tmp / "trained")
     return tmp, weights, original, runs
@@ -152,7 +161,7 @@ def test_full_tuning_and_other_seeds_join_without_a_new_backbone(world):
     assert fp["tasks"]["head_seed1"] == fp["tasks"]["head"]  # the second seed's backbone was deduplicated
 
 
-def test_vit_prompts_and_adapters_share_a_seeded_backbone(tmp_path, synthetic_root):
+def test_vit_prompts_and_adapters_share_a_seeded_backbone(tmp_path, data):
     model = {"backbone": {"name": "vit", "img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2,
                           "num_heads": 2, "out_indices": [0, 1], "num_stages": 2},
              "decode_head": {"name": "fcn", "channels": 8, "num_convs": 1}, "aux_heads": []}
@@ -161,7 +170,7 @@ def test_vit_prompts_and_adapters_share_a_seeded_backbone(tmp_path, synthetic_ro
                "spm": {"name": "spm", "channels": 16, "stages": [1, 2]}}
     runs = {}
     for name, tuning in tunings.items():  # no pretrained file: the frozen weights are the seed's
-        runs[name] = fake_run(tmp_path, name, synthetic_root, tuning, ["runtime.seed=3"], model=model)
+        runs[name] = fake_run(tmp_path, name, data, tuning, ["runtime.seed=3"], model=model)
     mt = MultiTaskModel.from_runs(runs)
     x = torch.randn(6, 3, 32, 32)
     names = ["vpt", "spm", "adaptformer", "vpt_bias", "spm", "vpt"]
@@ -177,30 +186,30 @@ def test_vit_prompts_and_adapters_share_a_seeded_backbone(tmp_path, synthetic_ro
     assert fc1[0] == fc1[1] == fc1[2]
 
 
-def test_refuses_runs_on_other_frozen_weights(world, synthetic_root):
+def test_refuses_runs_on_other_frozen_weights(world, data):
     tmp, weights, _, runs = world
     other = tmp / "other.pth"
-    backbone_file(other, write_recipe(tmp / "r2.yaml", synthetic_root), seed=7)
-    foreign = fake_run(tmp, "foreign", synthetic_root, TUNINGS["head"], [f"model.pretrained={other}"])
+    backbone_file(other, write_recipe(tmp / "r2.yaml", data), seed=7)
+    foreign = fake_run(tmp, "foreign", data, TUNINGS["head"], [f"model.pretrained={other}"])
     with pytest.raises(SegpromptError, match=r"task 'foreign' was not trained on the same frozen backbone as task "
                                              r"'head' \(frozen weights file sha256"):
         MultiTaskModel.from_runs({"head": runs["head"], "foreign": foreign})
-    wide = fake_run(tmp, "wide", synthetic_root, TUNINGS["head"], ["model.backbone.base_channels=16"])
+    wide = fake_run(tmp, "wide", data, TUNINGS["head"], ["model.backbone.base_channels=16"])
     with pytest.raises(SegpromptError, match=r"task 'wide' .* \(backbone .*\"base_channels\": 16"):
         MultiTaskModel.from_runs({"head": runs["head"], "wide": wide})
-    seeded = [fake_run(tmp, f"random{s}", synthetic_root, TUNINGS["spm"], [f"runtime.seed={s}"]) for s in (0, 1)]
+    seeded = [fake_run(tmp, f"random{s}", data, TUNINGS["spm"], [f"runtime.seed={s}"]) for s in (0, 1)]
     with pytest.raises(SegpromptError, match="random initialisation with seed 1 vs random initialisation with seed 0"):
         MultiTaskModel.from_runs(seeded)
 
 
-def test_refuses_checkpoints_that_cannot_share(world, synthetic_root):
+def test_refuses_checkpoints_that_cannot_share(world, data):
     tmp, weights, _, runs = world
-    whole = fake_run(tmp, "whole", synthetic_root, TUNINGS["head"], [f"model.pretrained={weights}"], full_model=True)
+    whole = fake_run(tmp, "whole", data, TUNINGS["head"], [f"model.pretrained={weights}"], full_model=True)
     with pytest.raises(SegpromptError, match="task 'whole': checkpoint .* stores the whole model"):
         MultiTaskModel.from_runs([runs["head"], whole])
     text = tmp / "text"
     (text / "checkpoints").mkdir(parents=True)
-    cfg = load_recipe(write_recipe(tmp / "text.yaml", synthetic_root, model={
+    cfg = load_recipe(write_recipe(tmp / "text.yaml", data, model={
         "backbone": {"name": "stdc", "text": {"clip_weights": "RN50.pt"}},
         "decode_head": {"name": "fcn", "channels": 8, "num_convs": 1, "in_index": 3}, "aux_heads": []}))
     atomic_write_text(text / "config.yaml", dump_recipe(cfg))
@@ -210,12 +219,12 @@ def test_refuses_checkpoints_that_cannot_share(world, synthetic_root):
         MultiTaskModel.from_runs([tmp / "nowhere"])
 
 
-def test_load_from_runs_share_their_initial_checkpoint(world, synthetic_root):
+def test_load_from_runs_share_their_initial_checkpoint(world, data):
     tmp, weights, original, _ = world
-    start = fake_run(tmp, "start", synthetic_root, TUNINGS["full"], [f"model.pretrained={weights}"])
+    start = fake_run(tmp, "start", data, TUNINGS["full"], [f"model.pretrained={weights}"])
     init = start / "checkpoints" / "best.pt"
     pre = [f"model.pretrained={weights}"]
-    runs = {n: fake_run(tmp, f"from_{n}", synthetic_root, TUNINGS[n], pre, init=init) for n in ("head", "lora")}
+    runs = {n: fake_run(tmp, f"from_{n}", data, TUNINGS[n], pre, init=init) for n in ("head", "lora")}
     mt = MultiTaskModel.from_runs(runs)
     x = torch.randn(4, 3, 32, 32)
     out = mt(x, ["head", "lora", "lora", "head"])
@@ -226,8 +235,8 @@ def test_load_from_runs_share_their_initial_checkpoint(world, synthetic_root):
     start_w = ck.load_run_checkpoint(init)["model"]["backbone.stem.0.weight"]
     assert torch.equal(mt.model("head").backbone.stem[0].weight, start_w)
     assert not torch.equal(start_w, original["stem.0.weight"])
-    other = fake_run(tmp, "start_b", synthetic_root, TUNINGS["full"], pre) / "checkpoints" / "best.pt"
-    elsewhere = fake_run(tmp, "from_b", synthetic_root, TUNINGS["head"], pre, init=other)
+    other = fake_run(tmp, "start_b", data, TUNINGS["full"], pre) / "checkpoints" / "best.pt"
+    elsewhere = fake_run(tmp, "from_b", data, TUNINGS["head"], pre, init=other)
     with pytest.raises(SegpromptError, match=r"task 'from_b' .* \(initial checkpoint \(--load-from\) sha256"):
         MultiTaskModel.from_runs({**runs, "from_b": elsewhere})
 
