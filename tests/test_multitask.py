@@ -4,16 +4,20 @@ other frozen weights, and checkpoints that cannot share, are refused."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import write_recipe
 from segprompt.config import dump_recipe, load_recipe
+from segprompt.data.dataset import read_image
 from segprompt.data.synthetic import generate_synthetic
+from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ck
-from segprompt.engine.build import build_model, dataset_meta
-from segprompt.engine.evaluate import build_checkpoint_model
-from segprompt.engine.multitask import MultiTaskModel, _task_names
+from segprompt.engine.build import build_eval_dataset, build_model, dataset_meta
+from segprompt.engine.multitask import MultiTaskModel, _task_names, load_run_model
 from segprompt.engine.train import train
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_text
@@ -44,10 +48,10 @@ def backbone_file(path, recipe, seed=123):
     return bb.state_dict()
 
 
-def fake_run(folder, name, root, tuning, over=(), *, init=None, full_model=False):
+def fake_run(folder, name, root, tuning, over=(), *, init=None, full_model=False, **sections):
     """A run directory as `segprompt train` writes it (config.yaml, checkpoints/best.pt through the
     engine's save path), its trainable tensors moved off their initial values (a trained delta)."""
-    cfg = load_recipe(write_recipe(folder / f"{name}.yaml", root, tuning=tuning), list(over))
+    cfg = load_recipe(write_recipe(folder / f"{name}.yaml", root, tuning=tuning, **sections), list(over))
     model = build_model(cfg, dataset_meta(cfg))
     if init is not None:
         ck.load_init(model, init, partial=True)
@@ -67,28 +71,27 @@ def fake_run(folder, name, root, tuning, over=(), *, init=None, full_model=False
     return run
 
 
-def single_task(run):
-    """The run's own model, as `segprompt eval` builds it."""
-    cfg = load_recipe(run / "config.yaml")
-    path = run / "checkpoints" / "best.pt"
-    state = ck.load_run_checkpoint(path)
-    ck.check_frozen_source(state, cfg.model.pretrained, str(path))
-    return build_checkpoint_model(cfg, dataset_meta(cfg), state, str(path)).eval()
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, synthetic_root):
+    """A private copy of the dataset: building an SPM run caches its class prior in the dataset's folder."""
+    root = tmp_path_factory.mktemp("multitask_data") / "synthetic"
+    shutil.copytree(synthetic_root, root)
+    return root
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, synthetic_root):
+def world(tmp_path_factory, data):
     tmp = tmp_path_factory.mktemp("multitask")
     weights = tmp / "backbone.pth"
-    original = backbone_file(weights, write_recipe(tmp / "r.yaml", synthetic_root))
+    original = backbone_file(weights, write_recipe(tmp / "r.yaml", data))
     three = tmp / "three"  # a second dataset, with another number of classes
     generate_synthetic(three, seed=1, num_classes=3, image_size=(48, 48), counts={"train": 4, "val": 2, "test": 1})
     pre = [f"model.pretrained={weights}"]
-    runs = {name: fake_run(tmp, name, synthetic_root, t, pre) for name, t in TUNINGS.items()}
+    runs = {name: fake_run(tmp, name, data, t, pre) for name, t in TUNINGS.items()}
     runs["head_k3"] = fake_run(tmp, "head_k3", three, TUNINGS["head"], pre)
-    runs["head_seed1"] = fake_run(tmp, "head_seed1", synthetic_root, TUNINGS["head"], [*pre, "runtime.seed=1"])
+    runs["head_seed1"] = fake_run(tmp, "head_seed1", data, TUNINGS["head"], [*pre, "runtime.seed=1"])
     # one run really trained (2 iterations), not written by fake_run
-    recipe = write_recipe(tmp / "trained.yaml", synthetic_root, tuning=TUNINGS["adapter"])
+    recipe = write_recipe(tmp / "trained.yaml", data, tuning=TUNINGS["adapter"])
     runs["trained"] = train(recipe, [*pre, "schedule.iters=2", "evaluation.interval=2", "checkpoint.interval=2"],
                             out=tmp / "trained")
     return tmp, weights, original, runs
@@ -106,7 +109,7 @@ def test_mixed_batch_equals_each_runs_own_model(world):
         idx = [i for i, n in enumerate(names) if n == name]
         assert idx, name
         with torch.no_grad():
-            ref = single_task(run)(x[idx])
+            ref = load_run_model(run)(x[idx])
         assert ref.shape[1] == mt.task(name).num_classes
         for j, i in enumerate(idx):
             assert torch.equal(out[i], ref[j]), name
@@ -116,7 +119,7 @@ def test_mixed_batch_equals_each_runs_own_model(world):
     sizes = [torch.randn(3, 32, 32), torch.randn(3, 40, 24), torch.randn(3, 32, 32), torch.randn(3, 40, 24)]
     tasks = ["lora", "lora", "spm", "lora"]
     out = mt(sizes, tasks)
-    lora, spm = single_task(runs["lora"]), single_task(runs["spm"])
+    lora, spm = load_run_model(runs["lora"]), load_run_model(runs["spm"])
     with torch.no_grad():
         assert torch.equal(out[0], lora(sizes[0][None])[0]) and torch.equal(out[2], spm(sizes[2][None])[0])
         big = lora(torch.stack([sizes[1], sizes[3]]))
@@ -127,6 +130,9 @@ def test_mixed_batch_equals_each_runs_own_model(world):
     assert head.stem[0].weight.data_ptr() == spm_model.stem[0].weight.data_ptr()
     assert head.layer1[0].bn1.bias.data_ptr() != bias.layer1[0].bn1.bias.data_ptr()
     assert not mt.model("head").training and not head.layer1[0].bn1.training
+    with pytest.raises(SegpromptError, match="task 'head' of a MultiTaskModel is for inference only"):
+        mt.model("head").train()
+    assert mt.model("head").eval() is mt.model("head")
     for k, v in head.state_dict().items():
         assert torch.equal(v, original[k]), k
 
@@ -155,30 +161,55 @@ def test_full_tuning_and_other_seeds_join_without_a_new_backbone(world):
     assert fp["tasks"]["head_seed1"] == fp["tasks"]["head"]  # the second seed's backbone was deduplicated
 
 
-def test_refuses_runs_on_other_frozen_weights(world, synthetic_root):
+def test_vit_prompts_and_adapters_share_a_seeded_backbone(tmp_path, data):
+    model = {"backbone": {"name": "vit", "img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2,
+                          "num_heads": 2, "out_indices": [0, 1], "num_stages": 2},
+             "decode_head": {"name": "fcn", "channels": 8, "num_convs": 1}, "aux_heads": []}
+    tunings = {"vpt": {"name": "vpt", "num_tokens": 2}, "vpt_bias": {"name": "vpt", "num_tokens": 2, "bias": True},
+               "adaptformer": {"name": "adaptformer", "bottleneck": 4, "dropout": 0.0},
+               "spm": {"name": "spm", "channels": 16, "stages": [1, 2]}}
+    runs = {}
+    for name, tuning in tunings.items():  # no pretrained file: the frozen weights are the seed's
+        runs[name] = fake_run(tmp_path, name, data, tuning, ["runtime.seed=3"], model=model)
+    mt = MultiTaskModel.from_runs(runs)
+    x = torch.randn(6, 3, 32, 32)
+    names = ["vpt", "spm", "adaptformer", "vpt_bias", "spm", "vpt"]
+    out = mt(x, names)
+    for name, run in runs.items():
+        idx = [i for i, n in enumerate(names) if n == name]
+        with torch.no_grad():
+            ref = load_run_model(run)(x[idx])
+        assert all(torch.equal(out[i], ref[j]) for j, i in enumerate(idx)), name
+    assert mt.task("adaptformer").own_frozen == [] and mt.task("vpt").own_frozen == []
+    assert mt.task("vpt_bias").own_frozen and all(k.endswith("bias") for k in mt.task("vpt_bias").own_frozen)
+    fc1 = [mt.model(n).backbone.blocks[0].mlp.fc1.weight.data_ptr() for n in ("vpt", "adaptformer", "spm")]
+    assert fc1[0] == fc1[1] == fc1[2]
+
+
+def test_refuses_runs_on_other_frozen_weights(world, data):
     tmp, weights, _, runs = world
     other = tmp / "other.pth"
-    backbone_file(other, write_recipe(tmp / "r2.yaml", synthetic_root), seed=7)
-    foreign = fake_run(tmp, "foreign", synthetic_root, TUNINGS["head"], [f"model.pretrained={other}"])
+    backbone_file(other, write_recipe(tmp / "r2.yaml", data), seed=7)
+    foreign = fake_run(tmp, "foreign", data, TUNINGS["head"], [f"model.pretrained={other}"])
     with pytest.raises(SegpromptError, match=r"task 'foreign' was not trained on the same frozen backbone as task "
                                              r"'head' \(frozen weights file sha256"):
         MultiTaskModel.from_runs({"head": runs["head"], "foreign": foreign})
-    wide = fake_run(tmp, "wide", synthetic_root, TUNINGS["head"], ["model.backbone.base_channels=16"])
+    wide = fake_run(tmp, "wide", data, TUNINGS["head"], ["model.backbone.base_channels=16"])
     with pytest.raises(SegpromptError, match=r"task 'wide' .* \(backbone .*\"base_channels\": 16"):
         MultiTaskModel.from_runs({"head": runs["head"], "wide": wide})
-    seeded = [fake_run(tmp, f"random{s}", synthetic_root, TUNINGS["spm"], [f"runtime.seed={s}"]) for s in (0, 1)]
+    seeded = [fake_run(tmp, f"random{s}", data, TUNINGS["spm"], [f"runtime.seed={s}"]) for s in (0, 1)]
     with pytest.raises(SegpromptError, match="random initialisation with seed 1 vs random initialisation with seed 0"):
         MultiTaskModel.from_runs(seeded)
 
 
-def test_refuses_checkpoints_that_cannot_share(world, synthetic_root):
+def test_refuses_checkpoints_that_cannot_share(world, data):
     tmp, weights, _, runs = world
-    whole = fake_run(tmp, "whole", synthetic_root, TUNINGS["head"], [f"model.pretrained={weights}"], full_model=True)
+    whole = fake_run(tmp, "whole", data, TUNINGS["head"], [f"model.pretrained={weights}"], full_model=True)
     with pytest.raises(SegpromptError, match="task 'whole': checkpoint .* stores the whole model"):
         MultiTaskModel.from_runs([runs["head"], whole])
     text = tmp / "text"
     (text / "checkpoints").mkdir(parents=True)
-    cfg = load_recipe(write_recipe(tmp / "text.yaml", synthetic_root, model={
+    cfg = load_recipe(write_recipe(tmp / "text.yaml", data, model={
         "backbone": {"name": "stdc", "text": {"clip_weights": "RN50.pt"}},
         "decode_head": {"name": "fcn", "channels": 8, "num_convs": 1, "in_index": 3}, "aux_heads": []}))
     atomic_write_text(text / "config.yaml", dump_recipe(cfg))
@@ -188,22 +219,26 @@ def test_refuses_checkpoints_that_cannot_share(world, synthetic_root):
         MultiTaskModel.from_runs([tmp / "nowhere"])
 
 
-def test_load_from_runs_share_their_initial_checkpoint(world, synthetic_root):
+def test_load_from_runs_share_their_initial_checkpoint(world, data):
     tmp, weights, original, _ = world
-    start = fake_run(tmp, "start", synthetic_root, TUNINGS["full"], [f"model.pretrained={weights}"])
+    start = fake_run(tmp, "start", data, TUNINGS["full"], [f"model.pretrained={weights}"])
     init = start / "checkpoints" / "best.pt"
     pre = [f"model.pretrained={weights}"]
-    runs = {n: fake_run(tmp, f"from_{n}", synthetic_root, TUNINGS[n], pre, init=init) for n in ("head", "lora")}
+    runs = {n: fake_run(tmp, f"from_{n}", data, TUNINGS[n], pre, init=init) for n in ("head", "lora")}
     mt = MultiTaskModel.from_runs(runs)
     x = torch.randn(4, 3, 32, 32)
     out = mt(x, ["head", "lora", "lora", "head"])
     with torch.no_grad():
-        head, lora = single_task(runs["head"])(x[[0, 3]]), single_task(runs["lora"])(x[[1, 2]])
+        head, lora = load_run_model(runs["head"])(x[[0, 3]]), load_run_model(runs["lora"])(x[[1, 2]])
     assert torch.equal(out[0], head[0]) and torch.equal(out[3], head[1])
     assert torch.equal(out[1], lora[0]) and torch.equal(out[2], lora[1])
     start_w = ck.load_run_checkpoint(init)["model"]["backbone.stem.0.weight"]
     assert torch.equal(mt.model("head").backbone.stem[0].weight, start_w)
     assert not torch.equal(start_w, original["stem.0.weight"])
+    other = fake_run(tmp, "start_b", data, TUNINGS["full"], pre) / "checkpoints" / "best.pt"
+    elsewhere = fake_run(tmp, "from_b", data, TUNINGS["head"], pre, init=other)
+    with pytest.raises(SegpromptError, match=r"task 'from_b' .* \(initial checkpoint \(--load-from\) sha256"):
+        MultiTaskModel.from_runs({**runs, "from_b": elsewhere})
 
 
 def test_routing_errors_and_task_names(world, tmp_path):
@@ -215,6 +250,12 @@ def test_routing_errors_and_task_names(world, tmp_path):
     with pytest.raises(SegpromptError, match="2 images but 1 task names"):
         mt(x, ["head"])
     assert [o.shape[0] for o in mt(x, "spm")] == [4, 4]
+    # each image prepared for its task exactly as `segprompt eval` prepares it (resize, mean/std)
+    task = mt.task("spm")
+    sample = build_eval_dataset(task.cfg, task.meta)[0]
+    x = task.preprocess(read_image(Path(sample["path"])))
+    assert torch.equal(x, normalize(sample["img"], task.cfg.data.mean, task.cfg.data.std))
+    assert x.shape == (3, 64, 64) and task.palette == task.meta.palette and task.method == "spm"
     for part in ("a/20240101", "b/20240101", "b/other"):
         (tmp_path / part).mkdir(parents=True)
     assert list(_task_names([tmp_path / "a/20240101", tmp_path / "b/20240101"])) == ["a/20240101", "b/20240101"]

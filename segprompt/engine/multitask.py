@@ -23,19 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import DatasetMeta
+from segprompt.data.transforms import TestTransform, normalize, to_tensor
 from segprompt.engine import checkpoint as ckpt
-from segprompt.engine.build import apply_tuning, build_segmentor, dataset_meta
+from segprompt.engine.build import apply_tuning, build_segmentor, dataset_meta, recipe_key
 from segprompt.engine.distributed import resolve_device
+from segprompt.engine.evaluate import build_checkpoint_model
 from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, LAST
 from segprompt.errors import SegpromptError
 from segprompt.tuning import TuningContext
 
-__all__ = ["MultiTaskModel", "Task"]
+__all__ = ["MultiTaskModel", "Task", "load_run_model"]
 
 
 @dataclass
@@ -67,6 +70,14 @@ class Task:
     @property
     def method(self) -> str:
         return self.cfg.tuning["name"]
+
+    def preprocess(self, image: np.ndarray) -> Tensor:
+        """An RGB uint8 (H, W, 3) image (``segprompt.data.dataset.read_image``) as this task's
+        model takes it, as `segprompt eval` prepares it: resized by the run's ``data.test``, then
+        normalised with its ``data.mean`` / ``data.std``; a (3, h, w) float32 tensor."""
+        with recipe_key("data.test"):
+            test = TestTransform(scale=self.cfg.data.test.scale, keep_ratio=self.cfg.data.test.keep_ratio)
+        return normalize(to_tensor(test(image)), self.cfg.data.mean, self.cfg.data.std)
 
 
 class MultiTaskModel:
@@ -195,7 +206,7 @@ def _load_task(name: str, run_dir: Path, checkpoint: str) -> tuple[Task, dict[st
         raise SegpromptError(f"task '{name}': '{run_dir}' is not a run directory ('{run_dir / CONFIG}' is missing); "
                              f"pass the folder `segprompt train` wrote")
     cfg = load_recipe(run_dir / CONFIG)
-    path = run_dir / CKPT_DIR / {"best": BEST, "last": LAST}.get(checkpoint, checkpoint)
+    path = _checkpoint_path(run_dir, checkpoint)
     if cfg.model.backbone.get("text"):
         raise SegpromptError(f"task '{name}' ({run_dir}) has a text-guided backbone (model.backbone.text): its "
                              f"backbone depends on the task's class names, so it cannot be shared; serve it "
@@ -209,6 +220,22 @@ def _load_task(name: str, run_dir: Path, checkpoint: str) -> tuple[Task, dict[st
     task = Task(name=name, run_dir=run_dir, checkpoint=path, cfg=cfg, meta=dataset_meta(cfg),
                 iteration=state.get("iteration"))
     return task, state
+
+
+def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    return run_dir / CKPT_DIR / {"best": BEST, "last": LAST}.get(checkpoint, checkpoint)
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> nn.Module:
+    """One run's model alone, built as `segprompt eval` builds it (pretrained file, checkpoint):
+    what a task of :class:`MultiTaskModel` reproduces exactly, at the cost of its own backbone."""
+    run_dir = Path(run_dir)
+    cfg = load_recipe(run_dir / CONFIG)
+    path = _checkpoint_path(run_dir, checkpoint)
+    state = ckpt.load_run_checkpoint(path)
+    ckpt.check_frozen_source(state, cfg.model.pretrained, str(path))
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return build_checkpoint_model(cfg, dataset_meta(cfg), state, str(path)).to(dev).eval()
 
 
 def _identity(task: Task, state: dict[str, Any]) -> tuple[str, str, str]:
@@ -248,10 +275,12 @@ class _Builder:
         own = model.state_dict()
         delta = {k: v.to(self.device, own[k].dtype) if k in own else v for k, v in state["model"].items()}
         ckpt.load_model_state(model, delta, where, assign=True)
-        taken = set(delta) | self._load_init(model, state, delta, where)
-        missing = [name for name in slots if key[name] not in taken]
+        from_init = self._load_init(model, state, delta, where)
+        missing = [name for name in slots if key[name] not in delta and key[name] not in from_init]
         task.own_frozen = sorted(name for name in slots if key[name] in delta)
-        task.shares_backbone = bool(missing)
+        task.shares_backbone = bool(missing or from_init)
+        if task.shares_backbone:  # it takes frozen tensors it does not hold: they must be the others'
+            self._check_identity(task, state)
         if missing:
             base = self._base(task, state)
             for name in missing:
@@ -261,7 +290,9 @@ class _Builder:
             raise SegpromptError(f"task '{task.name}': checkpoint '{where}' lacks tensors that are not part of the "
                                  f"shared frozen backbone: {left[:6]}{' ...' if len(left) > 6 else ''} (frozen "
                                  f"outside the backbone); serve this run alone")
-        return model.eval()
+        model.eval()
+        model.train = _eval_only(task.name, model)  # training mode would move the shared BatchNorm statistics
+        return model
 
     def _load_init(self, model: nn.Module, state: dict[str, Any], delta: dict[str, Tensor], where: str) -> set[str]:
         """A ``--load-from`` run's frozen tensors come from its initial checkpoint, as in
@@ -281,14 +312,17 @@ class _Builder:
         ckpt.load_model_state(model, {k: init[k] for k in wanted}, str(path), allow_partial=True, assign=True)
         return set(wanted)
 
-    def _base(self, task: Task, state: dict[str, Any]) -> dict[str, Tensor]:
-        """The frozen backbone's tensors for this task, built once per (frozen weights, seed)."""
+    def _check_identity(self, task: Task, state: dict[str, Any]) -> None:
+        """Every task that takes shared frozen tensors was trained on the same frozen weights."""
         identity = _identity(task, state)
         if self.reference is None:
             self.reference = (task.name, identity)
         elif identity != self.reference[1]:
             raise SegpromptError(_mismatch(self.reference, (task.name, identity)))
-        key = (identity, task.cfg.runtime.seed)
+
+    def _base(self, task: Task, state: dict[str, Any]) -> dict[str, Tensor]:
+        """The frozen backbone's tensors for this task, built once per (frozen weights, seed)."""
+        key = (_identity(task, state), task.cfg.runtime.seed)
         if key not in self.bases:
             if not state.get("frozen_source"):
                 raise SegpromptError(f"task '{task.name}': checkpoint '{task.checkpoint}' records no frozen_source, "
@@ -302,6 +336,16 @@ class _Builder:
                         tensors[name] = other[name]
             self.bases[key] = tensors
         return self.bases[key]
+
+
+def _eval_only(name: str, model: nn.Module):
+    def train(mode: bool = True) -> nn.Module:
+        if mode:
+            raise SegpromptError(f"task '{name}' of a MultiTaskModel is for inference only: its frozen tensors are "
+                                 f"shared with the other tasks, and training mode would update their BatchNorm "
+                                 f"statistics for all of them; train the run with `segprompt train`")
+        return model
+    return train
 
 
 def _mismatch(first: tuple[str, tuple[str, str, str]], other: tuple[str, tuple[str, str, str]]) -> str:
