@@ -30,7 +30,7 @@ from segprompt.engine.evaluate import build_checkpoint_model
 from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
-from segprompt.models.text.guidance import deploy_text
+from segprompt.models.text.guidance import TextGuidance, deploy_text
 from segprompt.tuning import TuningContext
 
 CHECKPOINTS = ("auto", "best", "last", "deployed")  # or a path
@@ -108,7 +108,8 @@ def load_deployed(target: str | Path, checkpoint: str | None = None, overrides: 
     state = ckpt.load_run_checkpoint(path)
     ckpt.check_frozen_source(state, cfg.model.pretrained, str(path))
     model = build_checkpoint_model(cfg, meta, state, str(path))
-    model.text_deployed = deploy_text(model) + int(bool(state.get("deployed")))
+    deploy_text(model)  # learned prompts -> their embeddings (a deployed.pt holds them already)
+    model.text_deployed = sum(isinstance(m, TextGuidance) and m.deployed for m in model.modules())
     source = {"recipe": str(target), "weights": "checkpoint", "checkpoint": str(path),
               "checkpoint_sha256": sha256_file(path), "iteration": state.get("iteration")}
     return Deployed(cfg, model.eval(), meta, names, source)
