@@ -120,7 +120,7 @@ def export_cmd(
     to ONNX or TorchScript, and verify it against PyTorch on a sample input (docs/deploy.md)."""
     import json
 
-    from segprompt.engine.export import ExportOptions, export_model, sidecar
+    from segprompt.engine.export import ExportOptions, export_model, sidecar, summary_lines
     from segprompt.measure.bench import parse_size
 
     opts = ExportOptions(format=format_, size=parse_size(size) if size else None, dynamic=dynamic, dtype=dtype,
@@ -129,15 +129,7 @@ def export_cmd(
     if as_json:
         console.print_json(json.dumps(record))
     else:
-        facts = f"opset {record['opset']}, " if "opset" in record else ""
-        console.print(f"{record['format']} {facts}{record['dtype']}, input {record['input_shape']} -> output "
-                      f"{record['output_shape']}, {record['file_bytes'] / 1e6:.1f} MB; {record['weights']}"
-                      + (f", {record['lora_merged']} LoRA layers merged" if record["lora_merged"] else "")
-                      + (", text embeddings baked in" if record["text_deployed"] else ""),
-                      markup=False, highlight=False)
-        for c in record["parity"]["checks"]:
-            console.print(f"{record['parity']['runtime']} vs PyTorch on {c['shape']}: max |diff| "
-                          f"{c['max_abs_diff']:.2e} (max |logit| {c['max_abs_logit']:.3g}), argmax agreement "
-                          f"{100 * c['argmax_agreement']:.3f} %", markup=False, highlight=False)
+        for line in summary_lines(record):
+            console.print(line, markup=False, highlight=False)
     for path in (out, sidecar(out)):
         err_console.print(f"wrote {path}", highlight=False)

@@ -52,6 +52,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 DEPLOY_EXTRA = "pip install 'segprompt[deploy]' (onnx, onnxruntime, onnxscript)"
 IN_GRAPH = ("backbone, inserted tuning modules (SPM chain with its stored M0, adapters, prompts), decode head, "
             "logits resized to the input; LoRA merged into its layers; text embeddings as a constant")
+FP16_NOTE = ("fp16 runs on onnxruntime's CPU provider, but several times slower than fp32 there (its CPU kernels "
+             "are fp32); fp16 is meant for the CUDA and TensorRT providers (docs/deploy.md)")
 NOT_IN_GRAPH = ("input normalisation ((pixel - mean) / std), sliding-window inference, test-time augmentation, "
                 "the resize to the label's size, auxiliary and detail heads (training only)")
 
@@ -258,6 +260,7 @@ def _record(dep: Deployed, opts: ExportOptions, out: Path, size: tuple[int, int]
                    "runtime": "onnxruntime CPUExecutionProvider" if ort else "torch.jit.load",
                    "input": "N(0, 1), seed 0", "checks": checks},
         "verified": all(c["ok"] for c in checks), "export_seconds": seconds,
+        **({"note": FP16_NOTE} if opts.dtype == "fp16" and opts.format == "onnx" else {}),
     }
 
 
@@ -292,3 +295,18 @@ def export_model(target: str | Path, out: str | Path, opts: ExportOptions,
                              f"{ {k: v for k, v in bad.items() if k not in ('ok', 'shape')} }; do not deploy it "
                              f"(record: '{sidecar(out)}')")
     return record
+
+
+def summary_lines(record: dict[str, Any]) -> list[str]:
+    """What ``segprompt export`` prints: the file's facts, one line per parity check, the fp16 note."""
+    opset = f"opset {record['opset']}, " if "opset" in record else ""
+    lines = [f"{record['format']} {opset}{record['dtype']}, input {record['input_shape']} -> output "
+             f"{record['output_shape']}, {record['file_bytes'] / 1e6:.1f} MB; {record['weights']}"
+             + (f", {record['lora_merged']} LoRA layers merged" if record["lora_merged"] else "")
+             + (", text embeddings baked in" if record["text_deployed"] else "")]
+    for c in record["parity"]["checks"]:
+        lines.append(f"{record['parity']['runtime']} vs PyTorch on {c['shape']}: max |diff| {c['max_abs_diff']:.2e} "
+                     f"(max |logit| {c['max_abs_logit']:.3g}), argmax agreement {100 * c['argmax_agreement']:.3f} %")
+    if "note" in record:
+        lines.append(f"note: {record['note']}")
+    return lines

@@ -15,7 +15,8 @@ the counting rules, "Speed" for the FPS protocol).
   ``calib_seconds``, then ``chunks`` timed chunks that together last about ``seconds``, each
   ended by a device synchronisation. latency = time / iterations, FPS = 1000 / latency (ms).
   With a second model (``--vs``) the two are timed in alternating chunks (A B A B ...), the same
-  number each, so clock or thermal drift touches both alike.
+  number each, so clock or thermal drift touches both alike. An ``.onnx`` file from ``segprompt
+  export`` is timed by the same loop on onnxruntime (:mod:`segprompt.measure.ort_bench`).
 """
 
 from __future__ import annotations
@@ -282,7 +283,8 @@ def _model_entry(target: Path, cfg: Recipe, model: nn.Module, meta: DatasetMeta,
 
 def run_bench(target: str | Path, opts: BenchOptions, overrides: list[str] | None = None,
               vs: str | Path | None = None) -> dict[str, Any]:
-    """Measure ``target`` (a recipe or a run directory), alone or alternately with ``vs``. The result
+    """Measure ``target`` (a recipe, a run directory, or an exported ``.onnx`` file on onnxruntime:
+    :mod:`segprompt.measure.ort_bench`), alone or alternately with ``vs``. The result
     has every knob, the model's counts and timing at the top level (the keys ``segprompt ablate``
     reads: fps, latency_ms, params, params_inference, flops_mmcv, flops_torch), and with ``vs`` its
     entry under ``"vs"`` and ``fps_ratio`` = fps(target) / fps(vs)."""
