@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from conftest import write_recipe
+from segprompt.cli import main
 from segprompt.config import dump_recipe, load_recipe
 from segprompt.data.dataset import read_image
 from segprompt.data.synthetic import generate_synthetic
 from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ck
 from segprompt.engine.build import build_eval_dataset, build_model, dataset_meta
-from segprompt.engine.multitask import MultiTaskModel, _task_names, load_run_model
+from segprompt.engine.multitask import MultiTaskModel, load_run_model, task_names
+from segprompt.engine.predict import predict
 from segprompt.engine.train import train
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_text
@@ -258,7 +260,51 @@ def test_routing_errors_and_task_names(world, tmp_path):
     assert x.shape == (3, 64, 64) and task.palette == task.meta.palette and task.method == "spm"
     for part in ("a/20240101", "b/20240101", "b/other"):
         (tmp_path / part).mkdir(parents=True)
-    assert list(_task_names([tmp_path / "a/20240101", tmp_path / "b/20240101"])) == ["a/20240101", "b/20240101"]
-    assert list(_task_names([tmp_path / "b/other", tmp_path / "a/20240101"])) == ["other", "20240101"]
+    assert list(task_names([tmp_path / "a/20240101", tmp_path / "b/20240101"])) == ["a/20240101", "b/20240101"]
+    assert list(task_names([tmp_path / "b/other", tmp_path / "a/20240101"])) == ["other", "20240101"]
     with pytest.raises(SegpromptError, match="given twice"):
-        _task_names([tmp_path / "b/other", tmp_path / "b" / ".." / "b/other"])
+        task_names([tmp_path / "b/other", tmp_path / "b" / ".." / "b/other"])
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predict_tasks_writes_what_each_run_predicts_alone(world, data, tmp_path, capsys):
+    """`segprompt predict --tasks`: every input under every task, OUT/<task>/ byte for byte what
+    `segprompt predict RUN` writes; one frozen backbone; foreign runs and --set refused."""
+    tmp, weights, _, runs = world
+    val = data / "img_dir" / "val"
+    chosen = ["spm", "lora", "bias", "head_k3"]
+    spec = ",".join(f"{n}={runs[n]}" for n in chosen)
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--tasks", spec, str(val), "--out", str(tmp_path / "multi"), "--format", "index,color",
+              "--batch", "3", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert e.value.code in (0, None), out.err
+    assert "predicted 7 image(s)" in out.out and "under 4 task(s) (spm, lora, bias, head_k3)" in out.out
+    assert "wrote 56 file(s)" in out.out
+    for name in chosen:
+        predict(runs[name], [val], tmp_path / "alone" / name, formats=("index", "color"), device="cpu",
+                show_progress=False)
+        alone = _files(tmp_path / "alone" / name)
+        assert len(alone) == 14 and _files(tmp_path / "multi" / name) == alone, name
+
+    # nothing is overwritten without --force, before any model is loaded
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--tasks", spec, str(val), "--out", str(tmp_path / "multi"), "--format", "index"])
+    assert e.value.code == 2 and "already exist" in capsys.readouterr().err
+
+    other = tmp / "other_pred.pth"
+    backbone_file(other, write_recipe(tmp / "r3.yaml", data), seed=9)
+    foreign = fake_run(tmp, "foreign_pred", data, TUNINGS["head"], [f"model.pretrained={other}"])
+    for args, words in (([f"head={runs['head']},x={foreign}"], "task 'x' was not trained on the same frozen backbone"),
+                        ([f"{runs['head']},{runs['spm']}", "--set", "data.num_classes=3"], "--set changes one recipe"),
+                        ([f"head={runs['head']},{runs['spm']}"], "name every task or none"),
+                        ([f"../up={runs['head']}"], "task name '../up' becomes a folder"),
+                        ([str(runs["head"]), "--checkpoint", "deployed"], "--checkpoint deployed with --tasks")):
+        with pytest.raises(SystemExit) as e:
+            main(["predict", "--tasks", *args, str(val), "--out", str(tmp_path / "refused")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err, (args, err)
+    assert not (tmp_path / "refused").exists()

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 import typer.core
-from segprompt.cli.app import app, console, err_console, is_main
 
+from segprompt.cli.app import app, console, err_console, is_main
 from segprompt.errors import SegpromptError
 
 
@@ -73,27 +73,41 @@ def eval_cmd(
 @app.command("predict")
 def predict_cmd(
     target: Annotated[Path, typer.Argument(help="A run directory, or one of its checkpoints (a checkpoint that "
-                                                "holds its recipe works anywhere).")],
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or quoted globs.")],
+                                                "holds its recipe works anywhere). With --tasks: the first INPUT.")],
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders (recursive) or quoted "
+                                                               "globs.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the predictions; each keeps its input's relative "
-                                                    "path and stem.")],
-    checkpoint: Annotated[Optional[str], typer.Option(help="best (default) | last | deployed | PATH.")] = None,
+                                                    "path and stem (with --tasks: under OUT/<task>/).")] = ...,
+    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="Run directories (comma-separated or "
+                                                       "repeated; NAME=RUN_DIR names a task) served on one frozen "
+                                                       "backbone: every input under every task.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="best (default) | last | deployed | PATH "
+                                                           "(--tasks: best | last).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="whole | slide (default: the recipe's).")] = None,
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Multi-scale + flip test-time "
                                                                        "augmentation (default: the recipe's).")] = None,
     format_: Annotated[Optional[list[str]], typer.Option("--format", help="index | color | overlay; repeatable "
                                                          "or comma-separated (default: index,overlay).")] = None,
     batch: Annotated[int, typer.Option(help="Images decoded at a time; those of one size share a forward pass.")] = 1,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default: runtime.device).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default: runtime.device; "
+                                                       "--tasks: auto).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at an unreadable image instead of skipping it.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite outputs that already exist.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
 ) -> None:
-    """Segment your own images with a trained run: the recipe's test pipeline and inference, as eval."""
-    from segprompt.engine.predict import parse_formats, predict, summary
+    """Segment your own images with a trained run (or several, --tasks), with the recipe's test
+    pipeline and inference, as eval (docs/predict.md)."""
+    from segprompt.engine.predict import parse_formats, predict, predict_tasks, summary
 
-    result = predict(target, inputs, out, checkpoint=checkpoint, mode=mode, tta=tta, formats=parse_formats(format_),
-                     batch=batch, device=device, strict=strict, force=force, overrides=set_ or [])
+    common = dict(checkpoint=checkpoint, mode=mode, tta=tta, formats=parse_formats(format_), batch=batch,
+                  device=device, strict=strict, force=force)
+    if tasks:
+        if set_:
+            raise SegpromptError("--set changes one recipe; with --tasks each run keeps its own config.yaml (drop "
+                                 "--set, or predict that run alone)")
+        result = predict_tasks(tasks, [str(target), *(inputs or [])], out, **common)
+    else:
+        result = predict(target, inputs or [], out, overrides=set_ or [], **common)
     done, problems = summary(result, out)
     console.print(done, markup=False, highlight=False)
     for line in problems:

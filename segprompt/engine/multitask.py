@@ -103,7 +103,7 @@ class MultiTaskModel:
         A mapping gives the task names; otherwise each task is named by the shortest tail of its
         path that tells the runs apart. The frozen backbone is loaded once (once per
         ``runtime.seed`` among the runs; tensors equal across seeds are then shared too)."""
-        named = _task_names(runs)
+        named = task_names(runs)
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         builder = _Builder(dev)
         tasks, models = {}, {}
@@ -176,7 +176,9 @@ def _tensors(model: nn.Module) -> list[Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def _task_names(runs: Sequence[str | Path] | Mapping[str, str | Path]) -> dict[str, Path]:
+def task_names(runs: Sequence[str | Path] | Mapping[str, str | Path]) -> dict[str, Path]:
+    """``{task name: run directory}``: a mapping's own names, or for a list the shortest tail of
+    each resolved path that tells the runs apart (``a/20240101``, ``b/20240101``)."""
     if isinstance(runs, Mapping):
         named = {str(k): Path(v) for k, v in runs.items()}
     else:

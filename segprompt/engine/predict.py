@@ -12,15 +12,18 @@
 - **Writers**: :func:`~segprompt.engine.inference.save_prediction`, the one ``eval --save-preds``
   uses, so predicting the val images reproduces its files byte for byte.
 
-The loop takes any :data:`Segment` callable (a batch of images -> per-pixel scores), so models
-other than one run's checkpoint plug in unchanged. docs/predict.md has the colour-layout rules
-and the design.
+The loop runs one or more :class:`Job` on every image, each a :data:`Segment` callable (a batch
+of images -> per-pixel scores) with its own test pipeline, palette and output folder: one run's
+checkpoint, or each task of a :class:`~segprompt.engine.multitask.MultiTaskModel` (``predict
+--tasks``: the frozen backbone loaded once, every image decoded once and segmented under every
+task). docs/predict.md has the colour-layout rules and the design.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ from segprompt.engine.build import build_test_transform, is_recognition
 from segprompt.engine.distributed import resolve_device
 from segprompt.engine.evaluate import check_mode, load_checkpoint_model, segment_logits
 from segprompt.engine.inference import FORMATS, save_prediction
+from segprompt.engine.multitask import MultiTaskModel, task_names
 from segprompt.engine.rundir import CKPT_DIR, CONFIG, run_checkpoint
 from segprompt.errors import SegpromptError
 from segprompt.progress import progress_bar
@@ -148,15 +152,16 @@ def output_paths(item: InputImage, out: Path, formats: Sequence[str]) -> list[Pa
     return [out / item.rel.parent / FORMATS[f].format(stem=item.rel.name) for f in formats]
 
 
-def check_outputs(items: Sequence[InputImage], out: Path, formats: Sequence[str], force: bool) -> None:
+def check_outputs(items: Sequence[InputImage], out: Path, formats: Sequence[str], force: bool,
+                  subdirs: Sequence[str] = ("",)) -> None:
     """Refuse, before any work, an ``out`` that is a file, two inputs writing one file, and (without
-    ``force``) outputs that already exist."""
+    ``force``) outputs that already exist; ``subdirs``: the folders under ``out`` the jobs write to."""
     if out.exists() and not out.is_dir():
         raise SegpromptError(f"--out '{out}' is a file, not a folder; choose another --out")
     owner: dict[Path, InputImage] = {}
     existing = []
-    for item in items:
-        for path in output_paths(item, out, formats):
+    for item, sub in ((item, sub) for sub in subdirs for item in items):
+        for path in output_paths(item, out / sub, formats):
             if path in owner:
                 raise SegpromptError(f"inputs '{owner[path].path}' and '{item.path}' would both write '{path}'; "
                                      f"rename one, or predict them into separate --out folders")
@@ -170,12 +175,24 @@ def check_outputs(items: Sequence[InputImage], out: Path, formats: Sequence[str]
 
 # ---- the loop ----------------------------------------------------------------------------------
 
-class _Images(Dataset):
-    """Each input decoded as eval decodes an image (RGB, 8-bit, 3 channels) and put through the
-    recipe's test pipeline; an unreadable one becomes ``{"error": why}``."""
+@dataclass(frozen=True)
+class Job:
+    """One model's share of the work: how it segments, its recipe's test pipeline, its colours, and
+    the folder under ``--out`` its files go to (``""``: ``--out`` itself)."""
 
-    def __init__(self, items: Sequence[InputImage], transform: TestTransform):
-        self.items, self.transform = list(items), transform
+    segment: Segment
+    transform: TestTransform
+    palette: Sequence[Sequence[int]]
+    num_classes: int
+    subdir: str = ""
+
+
+class _Images(Dataset):
+    """Each input decoded once as eval decodes an image (RGB, 8-bit, 3 channels) and put through
+    every job's test pipeline (``img[j]``); an unreadable one becomes ``{"error": why}``."""
+
+    def __init__(self, items: Sequence[InputImage], transforms: Sequence[TestTransform]):
+        self.items, self.transforms = list(items), list(transforms)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -185,14 +202,15 @@ class _Images(Dataset):
             image = read_image(self.items[i].path)
         except BadImage as e:
             return {"index": i, "error": str(e)}
-        return {"index": i, "image": image, "img": to_tensor(self.transform(image))}
+        return {"index": i, "image": image, "img": [to_tensor(t(image)) for t in self.transforms]}
 
 
-def _same_size(samples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Samples grouped by (size after the test pipeline, original size), in order of first appearance."""
+def _same_size(samples: list[dict[str, Any]], j: int) -> list[list[dict[str, Any]]]:
+    """Samples grouped by (size after job ``j``'s test pipeline, original size), in order of first
+    appearance."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for s in samples:
-        groups.setdefault((tuple(s["img"].shape), s["image"].shape[:2]), []).append(s)
+        groups.setdefault((tuple(s["img"][j].shape), s["image"].shape[:2]), []).append(s)
     return list(groups.values())
 
 
@@ -204,6 +222,7 @@ class PredictResult:
     seconds: float = 0.0
     checkpoint: Path | None = None
     iteration: int | None = None
+    tasks: list[str] = field(default_factory=list)  # predict --tasks: the task names (output subfolders)
 
 
 def check_batch(batch: int) -> None:
@@ -212,15 +231,14 @@ def check_batch(batch: int) -> None:
 
 
 @torch.no_grad()
-def predict_images(items: Sequence[InputImage], segment: Segment, transform: TestTransform, out: Path, *,
-                   formats: Sequence[str], palette: Sequence[Sequence[int]], num_classes: int,
+def predict_images(items: Sequence[InputImage], jobs: Sequence[Job], out: Path, *, formats: Sequence[str],
                    device: torch.device, batch: int = 1, num_workers: int = 0, strict: bool = False,
                    show_progress: bool = True) -> PredictResult:
-    """Segment ``items`` with ``segment`` and write ``formats`` of each under ``out``. Up to ``batch``
-    images are decoded at a time and those of one size share a forward pass, so the result is the
-    one of ``batch=1``."""
+    """Segment ``items`` with every job and write ``formats`` of each under ``out / job.subdir``. Up
+    to ``batch`` images are decoded at a time (once, whatever the number of jobs) and those of one
+    size share a forward pass, so the result is the one of ``batch=1``."""
     check_batch(batch)
-    loader = DataLoader(_Images(items, transform), batch_size=batch, num_workers=num_workers, collate_fn=list,
+    loader = DataLoader(_Images(items, [job.transform for job in jobs]), batch_size=batch, num_workers=num_workers, collate_fn=list,
                         worker_init_fn=worker_init, pin_memory=device.type == "cuda")
     result, start = PredictResult(), time.perf_counter()
     with progress_bar(show_progress) as bar:
@@ -235,14 +253,16 @@ def predict_images(items: Sequence[InputImage], segment: Segment, transform: Tes
                                          f"remove it, or drop --strict to skip unreadable images")
                 else:
                     result.skipped.append((items[s["index"]].path, s["error"]))
-            for group in _same_size(readable):
-                img = torch.stack([s["img"] for s in group]).to(device, non_blocking=True)
-                preds = segment(img, tuple(group[0]["image"].shape[:2])).argmax(1).cpu().numpy()
-                for s, pred in zip(group, preds):
-                    item = items[s["index"]]
-                    result.files += save_prediction(out / item.rel.parent, item.rel.name, pred, s["image"], palette,
-                                                    formats=formats, num_classes=num_classes)
-                result.images += len(group)
+            for j, job in enumerate(jobs):
+                for group in _same_size(readable, j):
+                    img = torch.stack([s["img"][j] for s in group]).to(device, non_blocking=True)
+                    preds = job.segment(img, tuple(group[0]["image"].shape[:2])).argmax(1).cpu().numpy()
+                    for s, pred in zip(group, preds):
+                        item = items[s["index"]]
+                        result.files += save_prediction(out / job.subdir / item.rel.parent, item.rel.name, pred,
+                                                        s["image"], job.palette, formats=formats,
+                                                        num_classes=job.num_classes)
+            result.images += len(readable)
             bar.update(task, advance=len(samples), info=f"{len(result.skipped)} skipped" if result.skipped else "")
     result.seconds = time.perf_counter() - start
     return result
@@ -308,11 +328,77 @@ def predict(target: str | Path, inputs: Sequence[str | Path], out: str | Path, *
         torch.cuda.set_device(dev)
     model, meta, state = load_checkpoint_model(cfg, ckpt_path, state)
     model.to(dev).eval()
-    result = predict_images(items, recipe_segmenter(model, cfg, dev, mode=mode, tta=tta), build_test_transform(cfg),
-                            out, formats=formats, palette=meta.palette, num_classes=meta.num_classes, device=dev,
-                            batch=batch, num_workers=cfg.runtime.num_workers, strict=strict,
-                            show_progress=show_progress)
+    job = Job(recipe_segmenter(model, cfg, dev, mode=mode, tta=tta), build_test_transform(cfg), meta.palette,
+              meta.num_classes)
+    result = predict_images(items, [job], out, formats=formats, device=dev, batch=batch,
+                            num_workers=cfg.runtime.num_workers, strict=strict, show_progress=show_progress)
     result.checkpoint, result.iteration = ckpt_path, state.get("iteration")
+    return result
+
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def parse_tasks(values: Sequence[str]) -> list[Path] | dict[str, Path]:
+    """``--tasks`` values (repeated and/or comma-separated): run directories, all given as
+    ``NAME=RUN_DIR`` (NAME is the output subfolder) or none (named by :func:`task_names`)."""
+    entries = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    if not entries:
+        raise SegpromptError("--tasks names no run: give run directories, e.g. --tasks results/a/RUN,results/b/RUN")
+    named = [e for e in entries if "=" in e]
+    if not named:
+        return [Path(e) for e in entries]
+    if len(named) != len(entries):
+        raise SegpromptError(f"--tasks mixes NAME=RUN_DIR and bare run directories ({', '.join(entries)}); name "
+                             f"every task or none")
+    runs: dict[str, Path] = {}
+    for entry in named:
+        name, _, run = entry.partition("=")
+        if not _TASK_NAME.fullmatch(name) or name in (".", ".."):
+            raise SegpromptError(f"--tasks '{entry}': task name '{name}' becomes a folder under --out; use letters, "
+                                 f"digits, '_', '.' and '-' only")
+        if name in runs:
+            raise SegpromptError(f"--tasks names task '{name}' twice; give each task one name")
+        runs[name] = Path(run)
+    return runs
+
+
+def predict_tasks(tasks: Sequence[str], inputs: Sequence[str | Path], out: str | Path, *,
+                  checkpoint: str | None = None, mode: str | None = None, tta: bool | None = None,
+                  formats: Sequence[str] = DEFAULT_FORMATS, batch: int = 1, device: str | None = None,
+                  strict: bool = False, force: bool = False, show_progress: bool = True) -> PredictResult:
+    """``segprompt predict --tasks``: every input under every task, into ``out/<task>/``. The runs are
+    loaded as one :class:`MultiTaskModel` (frozen backbone once, each run's delta once; runs on
+    other frozen weights are refused), each image is decoded once, and each task segments it
+    with its own recipe's test pipeline and inference, so ``out/<task>/`` holds exactly what
+    ``segprompt predict <task's run>`` writes (docs/predict.md)."""
+    out, formats = Path(out), parse_formats(formats)
+    check_batch(batch)
+    if checkpoint is not None and checkpoint not in ("best", "last"):
+        raise SegpromptError(f"--checkpoint {checkpoint} with --tasks: each run's best or last checkpoint is served "
+                             f"(a deployed.pt holds the whole model, which cannot share a backbone)")
+    named = task_names(parse_tasks(tasks))
+    items = discover(inputs, out)
+    check_outputs(items, out, formats, force, subdirs=list(named))
+    dev = resolve_device(device or "auto", key="--device")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    mt = MultiTaskModel.from_runs(named, checkpoint=checkpoint or "best", device=dev)
+    jobs = []
+    for name in mt.tasks:
+        task = mt.task(name)
+        if is_recognition(task.cfg):
+            raise SegpromptError(f"task '{name}' ({task.run_dir}) trains an image classifier "
+                                 f"({task.cfg.data.dataset}); predict writes segmentation maps")
+        task_mode = mode or task.cfg.evaluation.mode
+        check_mode(task.cfg, task_mode)
+        task_tta = task.cfg.evaluation.tta if tta is None else tta
+        jobs.append(Job(recipe_segmenter(mt.model(name), task.cfg, dev, mode=task_mode, tta=task_tta),
+                        build_test_transform(task.cfg), task.palette, task.num_classes, subdir=name))
+    workers = max(mt.task(name).cfg.runtime.num_workers for name in mt.tasks)
+    result = predict_images(items, jobs, out, formats=formats, device=dev, batch=batch, num_workers=workers,
+                            strict=strict, show_progress=show_progress)
+    result.tasks = mt.tasks
     return result
 
 
@@ -320,8 +406,10 @@ def summary(result: PredictResult, out: Path, listed: int = 20) -> tuple[str, li
     """What ``segprompt predict`` prints: one line of what was done, and a line per skipped image
     (the first ``listed``) with their count."""
     it = f" (iteration {result.iteration})" if result.iteration is not None else ""
+    what = (f"under {len(result.tasks)} task(s) ({', '.join(result.tasks)}) on one frozen backbone" if result.tasks
+            else f"with {result.checkpoint}{it}")
     done = (f"predicted {result.images} image(s) in {result.seconds:.1f} s "
-            f"({result.images / max(result.seconds, 1e-9):.1f} img/s) with {result.checkpoint}{it}; "
+            f"({result.images / max(result.seconds, 1e-9):.1f} img/s) {what}; "
             f"wrote {len(result.files)} file(s) to {out}")
     problems = [f"skipped: {why}" for _, why in result.skipped[:listed]]
     if result.skipped:
