@@ -32,11 +32,12 @@ def os_problem(e: OSError, path: str | os.PathLike | None = None, *, hint: bool 
     without ``hint``, no "what to do"."""
     shown = Path(path if path is not None else e.filename if e.filename is not None else "?")
     reason, todo = e.strerror or str(e), USER_OS_ERRORS.get(e.errno) if hint else None
+    code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else type(e).__name__
     if e.errno in (errno.ENOTDIR, errno.EEXIST):  # name the file that stands where a folder should be
         blocker = next((p for p in shown.parents if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            reason, todo = f"'{blocker}' is a file, not a folder", None
-    code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else type(e).__name__
+        if blocker is not None:  # mkdir says EEXIST (of the file) or ENOTDIR (below it): one message
+            reason, code = f"'{blocker}' is a file, not a folder", "ENOTDIR"
+            todo = "choose another path" if hint else None
     return f"'{shown}': {reason} ({code})" + (f"; {todo}" if todo else "")
 
 

@@ -69,6 +69,19 @@ def test_slide_stride_larger_than_the_window_is_refused(capsys, recipe, tmp_path
     assert code == 2 and "evaluation.stride [40, 16] must not exceed evaluation.crop_size [32, 32]" in one_error_line(err)
 
 
+def test_crop_larger_than_any_resized_image_is_refused(capsys, recipe, tmp_path):
+    """Images are padded to the crop size (there is no separate pad size): a crop no resized image
+    can fill would be mostly padding on every sample."""
+    code, _, err = cli(capsys, "train", recipe, "--out", tmp_path / "run", "--set", "data.train.crop_size=[48,96]")
+    line = one_error_line(err)  # scale [64, 64] x ratio up to 1.25: at most 80 pixels a side
+    assert code == 2 and "data.train.crop_size [48, 96] is larger than any training image" in line, line
+    assert "at most 80 pixels a side" in line and "lower crop_size or raise data.train.scale" in line
+    assert not (tmp_path / "run").exists()
+    code, _, err = cli(capsys, "train", recipe, "--out", tmp_path / "ok", "--set", "data.train.crop_size=[48,80]",
+                       "--print-config")
+    assert code in (0, None), err  # a crop the largest resize fills is fine, padded only when the draw is small
+
+
 # ---- 2. --load-from that does not fit ------------------------------------------------------------
 
 def test_load_from_a_foreign_file_is_refused_unless_partial(capsys, trained, tmp_path):
@@ -80,6 +93,10 @@ def test_load_from_a_foreign_file_is_refused_unless_partial(capsys, trained, tmp
     assert code == 2 and f"'{foreign}' supplies 0 of this model's" in line and "fewer than 50%" in line
     assert "backbone.stem.0.weight" in line and "--load-from-partial" in line
     assert not (tmp_path / "a" / "checkpoints" / "last.pt").exists()
+    code, _, err = cli(capsys, "train", recipe, "--out", tmp_path / "a2", "--load-from", foreign, "--load-from-partial")
+    line = one_error_line(err)  # a partial load is allowed, an empty one is not
+    assert code == 2 and "supplies none of this model's" in line and "drop --load-from" in line
+    assert not (tmp_path / "a2" / "checkpoints" / "last.pt").exists()
 
     no_weights = tmp_path / "epoch.pt"
     torch.save({"epoch": 3, "arch": "resnet"}, no_weights)
@@ -148,8 +165,10 @@ def test_out_that_is_or_sits_under_a_file(capsys, recipe, tmp_path):
     code, _, err = cli(capsys, "train", recipe, "--out", blocker / "run")
     line = one_error_line(err)
     assert code == 2 and f"'{blocker}' is a file, not a folder (ENOTDIR)" in line and "--resume" not in line
-    code, _, err = cli(capsys, "prepare", "synthetic", "--out", blocker / "data")
-    assert code == 2 and f"'{blocker}' is a file, not a folder" in one_error_line(err)
+    for sub in ("data", "data/deeper"):  # mkdir reports EEXIST or ENOTDIR: one message either way
+        code, _, err = cli(capsys, "prepare", "synthetic", "--out", blocker / sub)
+        line = one_error_line(err)
+        assert code == 2 and f"'{blocker}' is a file, not a folder (ENOTDIR); choose another path" in line, line
     assert blocker.read_text() == "mine\n"
 
 
@@ -191,7 +210,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(capsys, recipe, tm
     assert failed == [str(run / "checkpoints" / "last.pt")] and code == 2
     assert "checkpoint of iteration 6 not saved" in line and "(ENOSPC)" in line
     assert "the previous 'last.pt' (iteration 3) is intact" in line
-    assert "--resume auto" in line
+    assert f"continue with `segprompt train {recipe} --out {run} --resume auto`" in line  # a command to paste
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 3
     assert not list((run / "checkpoints").glob(".*.tmp"))
 
@@ -209,8 +228,9 @@ def _cut_jpeg(data_copy, split="train"):
     return jpg
 
 
-def test_truncated_jpeg_fails_by_name_or_is_skipped(capsys, data_copy, tmp_path):
+def test_truncated_jpeg_fails_by_name_or_is_skipped(capfd, data_copy, tmp_path):
     jpg = _cut_jpeg(data_copy)
+    capfd.readouterr()  # the fixture's own decode printed libjpeg's warning
     recipe = write_recipe(tmp_path / "r.yaml", data_copy)
     with pytest.raises(SegpromptError) as e:
         train(recipe, ["schedule.iters=3", "data.batch_size=12"], out=tmp_path / "a")
@@ -218,14 +238,17 @@ def test_truncated_jpeg_fails_by_name_or_is_skipped(capsys, data_copy, tmp_path)
     run = train(recipe, ["schedule.iters=3", "data.batch_size=12", "data.skip_bad_images=true"], out=tmp_path / "b")
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["files"] for r in events if r.get("event") == "skipped_images"] == [[str(jpg)]]
+    assert "Premature end of JPEG" not in capfd.readouterr().err  # checked before libjpeg decodes it
 
 
-def test_prepare_check_and_conversion_find_truncated_images(capsys, data_copy):
+def test_prepare_check_and_conversion_find_truncated_images(capfd, data_copy):
     from segprompt.data.prepare.labels import decode_image
 
     jpg = _cut_jpeg(data_copy, "val")
-    code, _, err = cli(capsys, "prepare", "synthetic", "--check", "--out", data_copy)
+    capfd.readouterr()
+    code, _, err = cli(capfd, "prepare", "synthetic", "--check", "--out", data_copy)
     assert code == 2 and f"image '{jpg}' is cut short (truncated JPEG" in err
+    assert "Premature end of JPEG" not in err and "--src" not in err and "--force" in err
     whole = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].tobytes()
     assert decode_image(whole, "a.jpg").shape == (16, 16, 3)
     with pytest.raises(SegpromptError, match=r"'x.jpg' in 'src.zip' is not a readable image \(truncated JPEG"):

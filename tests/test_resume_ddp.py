@@ -166,6 +166,10 @@ def test_sigterm_to_every_process_stops_at_the_next_iteration_and_resumes_exactl
     with faults.reaped(proc):
         faults.signal_after(proc, run, 2, signal.SIGTERM, children=True)
         assert proc.wait(120) == 143, (tmp_path / "console.log").read_text()
+    console = (tmp_path / "console.log").read_text()
+    assert "SIGTERM received; stopping at the next iteration boundary" in console
+    assert "(Ctrl-C (SIGINT) or SIGKILL quits at once" in console and "Ctrl-C again" not in console
+    assert "\n\nsegprompt" not in console  # off a terminal, no empty line before the notice
     stopped = int((tmp_path / "console.log").read_text().split("interrupted at iteration ")[1].split(";")[0])
     assert 2 <= stopped < 12
     _assert_resumes_exactly(recipe, run, ref, stopped)

@@ -55,6 +55,25 @@ def _check_relations(r: Recipe, src: _Source) -> None:
             s > c for s, c in zip(ev.stride, ev.crop_size)):
         _fail(src, "evaluation.stride", f"evaluation.stride {list(ev.stride)} must not exceed evaluation.crop_size "
                                         f"{list(ev.crop_size)} (windows would leave gaps)")
+    _check_crop(r.data.train, src)
+
+
+def _check_crop(tr: Any, src: _Source) -> None:
+    """A training crop larger than any image the resize can produce is padded (to the crop size,
+    with ignored labels: there is no separate pad size) on every sample, so most of each crop is
+    padding. The bound is conservative: after a resize to ``scale`` (× ``ratio_range``'s top) no
+    side exceeds the larger scale value, whatever the image's shape or ``keep_ratio``."""
+    if tr.crop_size is None or (tr.scale is None and not tr.scales):
+        return
+    top = max(tr.ratio_range) if tr.ratio_range and tr.scale is not None else 1.0
+    longest = max(max(s) for s in (tr.scales or [tr.scale])) * top
+    if max(tr.crop_size) > longest:
+        key = "data.train.scales" if tr.scales else "data.train.scale"
+        _fail(src, "data.train.crop_size",
+              f"data.train.crop_size {list(tr.crop_size)} is larger than any training image can be after the resize "
+              f"({key} {[list(s) for s in tr.scales] if tr.scales else list(tr.scale)}"
+              + (f" x ratio_range up to {top:g}" if top != 1.0 else "") + f": at most {longest:g} pixels a side), "
+              f"so every crop would be mostly padding with ignored labels; lower crop_size or raise {key}")
 
 
 def _type_name(tp: Any) -> str:

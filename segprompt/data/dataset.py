@@ -35,12 +35,16 @@ class BadImage(Exception):
 
 
 def _decode(path: Path, flags: int) -> tuple[np.ndarray | None, str]:
-    """(the decoded array or None, why not) of an image file."""
+    """(the decoded array or None, why not) of an image file. Truncation is checked first: libjpeg
+    would otherwise print its own "Premature end of JPEG file" to stderr before our message."""
+    try:
+        cut = truncated_file(path)
+    except OSError:  # missing or unreadable: imread fails below and says so
+        cut = None
+    if cut:
+        return None, cut
     img = cv2.imread(str(path), flags)
-    if img is None:
-        return None, "the file is missing, empty or corrupt"
-    cut = truncated_file(path)
-    return (None, cut) if cut else (img, "")
+    return (None, "the file is missing, empty or corrupt") if img is None else (img, "")
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -11,7 +11,8 @@ checkpoint. ``checkpoint.save_full_model`` stores the whole model instead. Every
 ``--load-from`` takes a segprompt checkpoint, an MMSegmentation one (``state_dict``) or a bare
 state dict (timm, torchvision) and refuses a file that supplies fewer than
 :data:`LOAD_FROM_MIN_SHARE` of the model's tensors, unless ``--load-from-partial`` says a partial
-load is meant: a file that matches nothing would otherwise train from scratch without a word.
+load is meant, and one that supplies none in any case: a file that matches nothing would otherwise
+train from scratch without a word.
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ def load_init(model: nn.Module, path: str | Path, *, partial: bool = False) -> t
             f"{LOAD_FROM_MIN_SHARE:.0%}): missing e.g. {missing[:4]}; the file holds e.g. {sorted(state)[:4]}. "
             f"Pass a checkpoint of this recipe's model, or add --load-from-partial to load the {len(matched)} "
             f"that match on purpose")
+    if not matched:  # partial or not: loading nothing would train from scratch under a --load-from
+        raise SegpromptError(
+            f"--load-from '{path}' supplies none of this model's {len(counted)} tensors, so nothing would be "
+            f"loaded (--load-from-partial allows a partial load, not an empty one): the model has e.g. "
+            f"{counted[:3]}, the file e.g. {sorted(state)[:3]}. Pass a checkpoint of this recipe's model, or drop "
+            f"--load-from to train from scratch")
     dropped = sorted(k for k in state if k not in own)
     load_model_state(model, {k: v for k, v in state.items() if k in own}, str(path), allow_partial=True)
     return len(matched), len(counted), dropped

@@ -46,8 +46,10 @@ class StopSignal:
         self.signum = self.signum or signum
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if first:  # os.write: no lock that the interrupted code might hold
-            os.write(2, f"\n{self.who}: {signal.Signals(signum).name} received; stopping at the next iteration "
-                        f"boundary, after saving checkpoints/last.pt (Ctrl-C again quits at once, without "
+            again = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C (SIGINT) or SIGKILL"
+            lead = "\n" if os.isatty(2) else ""  # on a terminal, off the progress bar's line
+            os.write(2, f"{lead}{self.who}: {signal.Signals(signum).name} received; stopping at the next iteration "
+                        f"boundary, after saving checkpoints/last.pt ({again} quits at once, without "
                         f"saving)\n".encode())
 
     def received(self, device: torch.device) -> int:

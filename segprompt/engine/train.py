@@ -287,7 +287,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
                         if name in saved and path.is_file() else f"no earlier '{name}' was written")
                 raise SegpromptError(f"checkpoint of iteration {iteration} not saved: "
                                      f"{os_problem(e, path, hint=False)}; {kept}. Free space (or fix what the error "
-                                     f"names), then continue with `segprompt train ... --out {run_dir} --resume auto`"
+                                     f"names), then continue with `{command(True)}`"
                                      ) from None
             saved[name] = iteration
         dist_utils.barrier()

@@ -66,6 +66,8 @@ def check(dataset: str, out: Path, *, nproc: int = 1, progress: Progress | None 
         more = f" (and {len(problems) - max_problems} more)" if len(problems) > max_problems else ""
         raise SegpromptError(f"'{out}' fails the check ({len(problems)} problem(s)){more}:\n  "
                              + "\n  ".join(problems[:max_problems])
-                             + f"\nRe-run `segprompt prepare {dataset} --src ... --out {out}` to redo what is "
-                               f"missing, or --force to redo everything.")
+                             + (f"\nRegenerate it: `segprompt prepare synthetic --out {out} --force` with the "
+                                f"options it was made with (meta.json records them)" if dataset == "synthetic" else
+                                f"\nRe-run `segprompt prepare {dataset} --src ... --out {out}` to redo what is "
+                                f"missing, or --force to redo everything."))
     return meta

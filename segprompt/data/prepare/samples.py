@@ -91,16 +91,18 @@ def write_sample(root: Path, sample: Sample, image: bytes | np.ndarray, label: n
 def verify_sample(root: Path, sample: Sample, num_classes: int) -> list[int]:
     """Re-read one written sample: both files decode, sizes agree, labels in {0..K-1, 255}."""
     img_path, lbl_path = sample.image(root), sample.label(root)
-    img = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise SegpromptError(f"image '{img_path}' is missing or does not decode")
-    lbl = cv2.imread(str(lbl_path), cv2.IMREAD_UNCHANGED)
-    if lbl is None:
-        raise SegpromptError(f"label '{lbl_path}' is missing or does not decode")
-    for kind, path in (("image", img_path), ("label", lbl_path)):
+    for kind, path in (("image", img_path), ("label", lbl_path)):  # before decoding, which warns on stderr
+        if not path.is_file():
+            raise SegpromptError(f"{kind} '{path}' is missing")
         cut = truncated_file(path)
         if cut:
             raise SegpromptError(f"{kind} '{path}' is cut short ({cut})")
+    img = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise SegpromptError(f"image '{img_path}' does not decode")
+    lbl = cv2.imread(str(lbl_path), cv2.IMREAD_UNCHANGED)
+    if lbl is None:
+        raise SegpromptError(f"label '{lbl_path}' does not decode")
     if lbl.ndim != 2 or lbl.dtype != np.uint8:
         raise SegpromptError(f"label '{lbl_path}' is not a single-channel 8-bit PNG ({lbl.shape}, {lbl.dtype})")
     if img.shape[:2] != lbl.shape:
