@@ -282,7 +282,8 @@ def test_predict_tasks_writes_what_each_run_predicts_alone(world, data, tmp_path
               "--batch", "3", "--device", "cpu"])
     out = capsys.readouterr()
     assert e.value.code in (0, None), out.err
-    assert "predicted 7 image(s)" in out.out and "under 4 task(s) (spm, lora, bias, head_k3)" in out.out
+    assert "predicted 7 image(s)" in out.out and "under 4 task(s) (spm, lora, bias, head_k3; " in out.out
+    assert " MiB of frozen tensors shared)" in out.out and " 0.0 MiB" not in out.out
     assert "wrote 56 file(s)" in out.out
     for name in chosen:
         predict(runs[name], [val], tmp_path / "alone" / name, formats=("index", "color"), device="cpu",

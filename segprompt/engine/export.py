@@ -164,8 +164,14 @@ def export_onnx(graph: nn.Module, example: torch.Tensor, dynamic: bool) -> tuple
         shapes = {INPUT: {0: dim("batch", min=1, max=256), 2: dim("height", min=32, max=8192),
                           3: dim("width", min=32, max=8192)}}
     try:
-        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                                    dynamic_shapes=shapes, external_data=False, verbose=False)
+        with warnings.catch_warnings():
+            # SPM's stage hook hands the interim map to the next stage through an attribute, and each SPM
+            # keeps its last prompt ratio for the training log (segprompt/tuning/spm.py): scratch values of
+            # one forward, not state, which torch.export reports as "assigned during export"; the parity
+            # check below runs the written graph, so the warning only alarms
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
+            program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                                        dynamic_shapes=shapes, external_data=False, verbose=False)
     except Exception as e:  # an operator or control flow the exporter cannot take: say so in one line
         first = " ".join(str(e).split())[:300]
         raise SegpromptError(f"torch.onnx.export could not export this model ({type(e).__name__}: {first}); "

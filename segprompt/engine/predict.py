@@ -223,6 +223,7 @@ class PredictResult:
     checkpoint: Path | None = None
     iteration: int | None = None
     tasks: list[str] = field(default_factory=list)  # predict --tasks: the task names (output subfolders)
+    shared_bytes: int = 0  # predict --tasks: tensor storage the tasks share (MultiTaskModel.footprint)
 
 
 def check_batch(batch: int) -> None:
@@ -398,7 +399,7 @@ def predict_tasks(tasks: Sequence[str], inputs: Sequence[str | Path], out: str |
     workers = max(mt.task(name).cfg.runtime.num_workers for name in mt.tasks)
     result = predict_images(items, jobs, out, formats=formats, device=dev, batch=batch, num_workers=workers,
                             strict=strict, show_progress=show_progress)
-    result.tasks = mt.tasks
+    result.tasks, result.shared_bytes = mt.tasks, mt.footprint()["shared"]
     return result
 
 
@@ -406,8 +407,8 @@ def summary(result: PredictResult, out: Path, listed: int = 20) -> tuple[str, li
     """What ``segprompt predict`` prints: one line of what was done, and a line per skipped image
     (the first ``listed``) with their count."""
     it = f" (iteration {result.iteration})" if result.iteration is not None else ""
-    what = (f"under {len(result.tasks)} task(s) ({', '.join(result.tasks)}) on one frozen backbone" if result.tasks
-            else f"with {result.checkpoint}{it}")
+    what = (f"under {len(result.tasks)} task(s) ({', '.join(result.tasks)}; {result.shared_bytes / 2**20:.1f} MiB of "
+            f"frozen tensors shared)" if result.tasks else f"with {result.checkpoint}{it}")
     done = (f"predicted {result.images} image(s) in {result.seconds:.1f} s "
             f"({result.images / max(result.seconds, 1e-9):.1f} img/s) {what}; "
             f"wrote {len(result.files)} file(s) to {out}")
