@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from rich.console import Console
 
-from segprompt.engine.metrics import ConfusionMatrix, compute_metrics, format_table
+from segprompt.engine.metrics import ConfusionMatrix, compute_metrics, format_table, summary_line
 
 IGNORE = 255
 
@@ -177,7 +177,10 @@ def test_format_table_renders_values_and_missing_entries():
     sky = next(line for line in text.splitlines() if "sky" in line)
     assert "—" in sky  # class 'sky' is absent everywhere: IoU undefined
     assert f"{m['per_class'][0]['IoU']:.2f}" in text  # road IoU 66.67
-    assert f"mIoU {m['mIoU']:.2f}" in text and f"aAcc {m['aAcc']:.2f}" in text
+    assert f"mIoU {m['mIoU']:.2f}" in summary_line(m) and "mFscore" in summary_line(m)
+    narrow = Console(file=io.StringIO(), width=40)  # as train and eval print it: one line at any width
+    narrow.print(summary_line(m), soft_wrap=True)
+    assert narrow.file.getvalue() == summary_line(m) + "\n" and len(summary_line(m)) > 40
 
 
 def _all_reduce_worker(rank: int, port: int, preds: torch.Tensor, labels: torch.Tensor, out: str) -> None:

@@ -56,12 +56,13 @@ def eval_cmd(
     if mode is not None and mode not in ("whole", "slide"):
         raise SegpromptError(f"--mode '{mode}' is not one of: whole, slide")
     from segprompt.engine.evaluate import evaluate_checkpoint
-    from segprompt.engine.metrics import format_table
+    from segprompt.engine.metrics import format_table, summary_line
 
     run_dir, result = evaluate_checkpoint(target, checkpoint=checkpoint, overrides=set_ or [], mode=mode, tta=tta,
                                           split=split, save_preds=save_preds)
     if is_main():
         console.print(format_table(result))
+        console.print(summary_line(result), soft_wrap=True, markup=False, highlight=False)
         it = f" (iteration {result['iter']})" if result.get("iter") is not None else ""
         console.print(f"checkpoint {result['checkpoint']}{it}, split {result['split']}", markup=False, highlight=False)
         if save_preds is not None:

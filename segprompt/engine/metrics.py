@@ -17,7 +17,7 @@ import torch.distributed as dist
 from rich.table import Table
 from torch import Tensor
 
-__all__ = ["ConfusionMatrix", "compute_metrics", "format_table"]
+__all__ = ["ConfusionMatrix", "compute_metrics", "format_table", "summary_line"]
 
 _TABLE_COLUMNS = ("IoU", "Acc", "Dice", "Fscore")
 _SUMMARY = ("aAcc", "mIoU", "mAcc", "mDice", "mFscore")
@@ -148,11 +148,17 @@ def _fmt(value: float | None) -> str:
 
 
 def format_table(metrics: dict[str, Any]) -> Table:
-    """A rich table of per-class IoU/Acc/Dice/Fscore (%) and pixel counts; summaries in the caption."""
-    table = Table(caption="  ".join(f"{key} {_fmt(metrics[key])}" for key in _SUMMARY))
+    """A rich table of per-class IoU/Acc/Dice/Fscore (%) and pixel counts (summary_line goes below it:
+    as a caption it would wrap at the table's width, splitting it in logs)."""
+    table = Table()
     table.add_column("class")
     for name in (*_TABLE_COLUMNS, "pixels"):
         table.add_column(name, justify="right")
     for row in metrics["per_class"]:
         table.add_row(row["class"], *(_fmt(row[name]) for name in _TABLE_COLUMNS), f"{row['pixels']:,}")
     return table
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """``aAcc 84.95  mIoU 32.95  mAcc ...``: print it with ``soft_wrap=True`` (one line, never cut)."""
+    return "  ".join(f"{key} {_fmt(metrics[key])}" for key in _SUMMARY)

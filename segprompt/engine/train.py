@@ -43,7 +43,7 @@ from segprompt.engine import distributed as dist_utils
 from segprompt.engine.build import build_eval_dataset, build_model, build_train_dataset, dataset_meta
 from segprompt.engine.evaluate import autocast, evaluate
 from segprompt.engine.interrupt import StopSignal
-from segprompt.engine.metrics import format_table
+from segprompt.engine.metrics import format_table, summary_line
 from segprompt.engine.optim import build_optimizer, build_scheduler
 from segprompt.engine.rundir import (
     BEST,
@@ -426,4 +426,6 @@ def save_keep(run_dir: Path, iteration: int, keep: int) -> None:
 
 
 def _print_table(result: dict) -> None:
-    Console().print(format_table(result))
+    console = Console()
+    console.print(format_table(result))
+    console.print(summary_line(result), soft_wrap=True, markup=False, highlight=False)
