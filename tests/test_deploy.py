@@ -300,6 +300,7 @@ def test_cli_export_then_bench_vs(smoke_run, tmp_path):
     res = run_cli("export", str(smoke_run), "--out", str(out), "--size", "32x32")
     assert res.returncode == 0, res.stderr
     assert "max |diff|" in res.stdout and "argmax agreement 100.000 %" in res.stdout
+    assert f"weights of {smoke_run / 'checkpoints' / 'best.pt'} (iteration " in res.stdout  # which weights
     assert f"wrote {out}" in res.stderr and f"wrote {sidecar(out)}" in res.stderr
     res = run_cli("bench", str(out), "--vs", str(smoke_run), "--size", "32x32", "--warmup", "1", "--calib-seconds", "0.02",
                   "--seconds", "0.1", "--chunks", "2", "--threads", "1", "--device", "cpu")

@@ -307,7 +307,7 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     """What ``segprompt export`` prints: the file's facts, one line per parity check, the fp16 note."""
     opset = f"opset {record['opset']}, " if "opset" in record else ""
     lines = [f"{record['format']} {opset}{record['dtype']}, input {record['input_shape']} -> output "
-             f"{record['output_shape']}, {record['file_bytes'] / 1e6:.1f} MB; {record['weights']}"
+             f"{record['output_shape']}, {record['file_bytes'] / 1e6:.1f} MB; " + _weights(record)
              + (f", {record['lora_merged']} LoRA layers merged" if record["lora_merged"] else "")
              + (", text embeddings baked in" if record["text_deployed"] else "")]
     for c in record["parity"]["checks"]:
@@ -316,3 +316,10 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     if "note" in record:
         lines.append(f"note: {record['note']}")
     return lines
+
+
+def _weights(record: dict[str, Any]) -> str:
+    if record.get("checkpoint"):
+        it = f" (iteration {record['iteration']})" if record.get("iteration") is not None else ""
+        return f"weights of {record['checkpoint']}{it}"
+    return f"weights: {record['weights']}"
