@@ -303,7 +303,8 @@ def test_predict_tasks_writes_what_each_run_predicts_alone(world, data, tmp_path
                         ([f"{runs['head']},{runs['spm']}", "--set", "data.num_classes=3"], "--set changes one recipe"),
                         ([f"head={runs['head']},{runs['spm']}"], "name every task or none"),
                         ([f"../up={runs['head']}"], "task name '../up' becomes a folder"),
-                        ([str(runs["head"]), "--checkpoint", "deployed"], "--checkpoint deployed with --tasks")):
+                        ([str(runs["head"]), "--checkpoint", "deployed"], "--checkpoint deployed with --tasks"),
+                        ([f"h={runs['head']}", "--mode", "slide"], "task 'h' ")):
         with pytest.raises(SystemExit) as e:
             main(["predict", "--tasks", *args, str(val), "--out", str(tmp_path / "refused")])
         err = capsys.readouterr().err

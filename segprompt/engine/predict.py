@@ -392,6 +392,11 @@ def predict_tasks(tasks: Sequence[str], inputs: Sequence[str | Path], out: str |
             raise SegpromptError(f"task '{name}' ({task.run_dir}) trains an image classifier "
                                  f"({task.cfg.data.dataset}); predict writes segmentation maps")
         task_mode = mode or task.cfg.evaluation.mode
+        if task_mode == "slide" and (task.cfg.evaluation.crop_size is None or task.cfg.evaluation.stride is None):
+            raise SegpromptError(f"--mode slide: task '{name}' ({task.run_dir}) has no evaluation.crop_size and "
+                                 f"evaluation.stride in its config.yaml (--set does not apply with --tasks); predict "
+                                 f"it alone with --set evaluation.crop_size=[H,W] --set evaluation.stride=[H,W], or "
+                                 f"drop --mode slide")
         check_mode(task.cfg, task_mode)
         task_tta = task.cfg.evaluation.tta if tta is None else tta
         jobs.append(Job(recipe_segmenter(mt.model(name), task.cfg, dev, mode=task_mode, tta=task_tta),
