@@ -26,9 +26,11 @@ def demo(
     controls: Annotated[bool, typer.Option(help="Also tune one backbone stage at a time (where the gap lives).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic domains.")] = 0,
 ) -> None:
-    """A fair miniature of the SPM paper's claim: pre-train a small network on a synthetic source
-    (cached), adapt it to a shifted target with each method (equal lr sweep chosen on target val,
-    several seeds, target-test mIoU), report gap recovered and a verdict computed from the table."""
+    """A fair miniature of the SPM paper's claim, with a computed verdict (docs/demo.md).
+
+    Pre-train a small network on a synthetic source (cached), adapt it to a shifted target with
+    each method (equal lr sweep chosen on target val, several seeds, target-test mIoU), report the
+    gap recovered and a verdict computed from the table."""
     import time
 
     from rich.table import Table
@@ -88,8 +90,9 @@ def ablate(
     data: Annotated[Path, typer.Option(help="smoke: where the synthetic stand-in datasets go.")] = Path("data"),
     verbose: Annotated[bool, typer.Option(help="local: show each run's training output (default: in _logs/).")] = False,
 ) -> None:
-    """Reproduce a paper's table: launch its missing or interrupted runs, then collect ours beside the
-    paper's (--plan only prints the runs, --collect only reads them)."""
+    """Reproduce a paper's table: run its missing cells, then collect ours beside the paper's.
+
+    --plan only prints the runs, --collect only reads them; interrupted runs are resumed."""
     from segprompt.experiments import ablate as ab
 
     if list_:

@@ -121,8 +121,10 @@ def bench(
     out: Annotated[Optional[Path], typer.Option(help="Also write the JSON result to this file.")] = None,
     force: Annotated[bool, typer.Option(help="Let --out overwrite an existing file.")] = False,
 ) -> None:
-    """Parameters, FLOPs and inference speed (batch 1, random weights, text prompts deployed), as the
-    CLIP-distilled STDC-Seg paper measures FPS; an exported .onnx file is timed with onnxruntime."""
+    """Parameters, FLOPs and inference speed (FPS) of a recipe, a run or an exported .onnx file.
+
+    Batch 1, random weights, text prompts deployed, as the CLIP-distilled STDC-Seg paper measures
+    FPS; an .onnx file is timed with onnxruntime."""
     import json
 
     from segprompt.io import atomic_write_json

@@ -96,8 +96,9 @@ def predict_cmd(
     force: Annotated[bool, typer.Option("--force", help="Overwrite outputs that already exist.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
 ) -> None:
-    """Segment your own images with a trained run (or several, --tasks), with the recipe's test
-    pipeline and inference, as eval (docs/predict.md)."""
+    """Segment your own images with a trained run, or several on one backbone (--tasks).
+
+    The recipe's test pipeline and inference, as eval (docs/predict.md)."""
     from segprompt.engine.predict import parse_formats, predict, predict_tasks, summary
 
     common = dict(checkpoint=checkpoint, mode=mode, tta=tta, formats=parse_formats(format_), batch=batch,
@@ -131,8 +132,10 @@ def export_cmd(
     force: Annotated[bool, typer.Option(help="Replace an existing --out file and its record.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
 ) -> None:
-    """Export the deployed inference model (whole-image forward, LoRA merged, text embeddings baked in)
-    to ONNX or TorchScript, and verify it against PyTorch on a sample input (docs/deploy.md)."""
+    """Export the deployed model to ONNX or TorchScript, verified against PyTorch.
+
+    The whole-image forward, LoRA merged, text embeddings baked in; parity on a sample input is
+    printed and stored in FILE.json (docs/deploy.md)."""
     import json
 
     from segprompt.engine.export import ExportOptions, export_model, sidecar, summary_lines
