@@ -10,14 +10,14 @@ import pytest
 from conftest import REPO, run_cli
 from segprompt.config import dump_recipe, load_recipe
 from segprompt.measure import bench as bench_mod
-from segprompt.measure.bench import BenchOptions, bench_model, model_costs, run_bench
+from segprompt.measure.bench import BenchOptions, bench_model, format_table, model_costs, run_bench
 
 BASELINE = REPO / "recipes/stdc/cityscapes_stdc1_baseline.yaml"
 STAGE2 = REPO / "recipes/stdc/cityscapes_stdc1_stage2.yaml"
 FAST = ["--size", "64x128", "--warmup", "1", "--calib-seconds", "0.02", "--seconds", "0.1", "--chunks", "2",
         "--threads", "1", "--device", "cpu"]
-KNOBS = ("size", "batch", "device", "device_name", "torch", "dtype", "channels_last", "compile", "threads", "warmup",
-         "calib_iters", "calib_seconds", "seconds", "chunks", "iterations", "chunk_iterations")
+KNOBS = ("size", "batch", "device", "device_name", "torch", "dtype", "channels_last", "compile", "compile_mode",
+         "threads", "warmup", "calib_iters", "calib_seconds", "seconds", "chunks", "iterations", "chunk_iterations")
 
 
 def fast_options(**kw) -> BenchOptions:
@@ -96,6 +96,17 @@ def test_cli_bench_json_records_every_knob_and_guards_out(tmp_path):
     assert out.read_bytes() == before
     res = run_cli("bench", str(BASELINE), "--size", "512by1024")
     assert res.returncode == 2 and "512by1024" in res.stderr and "HxW" in res.stderr
+    res = run_cli("bench", str(BASELINE), "--compile-mode", "fast")
+    assert res.returncode == 2 and "--compile-mode 'fast' is not one of: default, reduce-overhead" in res.stderr
+
+
+@pytest.mark.slow  # torch.compile takes about half a minute on 2 CPU cores
+def test_compile_mode_is_applied_and_recorded(tmp_path):
+    opts = BenchOptions(size=(32, 32), device="cpu", compile=True, compile_mode="reduce-overhead", warmup=2,
+                        calib_seconds=0.05, seconds=0.2, chunks=2, threads=1)
+    result = run_bench("smoke", opts, ["data.num_classes=4"])
+    assert result["compile"] and result["compile_mode"] == "reduce-overhead" and result["fps"] > 0
+    assert "compiled (reduce-overhead)" in str(format_table(result).title)
 
 
 @pytest.mark.slow

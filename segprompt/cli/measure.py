@@ -103,6 +103,8 @@ def bench(
     channels_last: Annotated[bool, typer.Option("--channels-last", help="channels-last memory format.")] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model (compiled during the "
                                                              "warm-up).")] = False,
+    compile_mode: Annotated[str, typer.Option(help="torch.compile mode: default | reduce-overhead (CUDA graphs "
+                                                   "on a GPU) | max-autotune; implies --compile.")] = "default",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     warmup: Annotated[int, typer.Option(help="Warm-up runs.")] = 10,
     calib_iters: Annotated[int, typer.Option(help="Calibration starts at N iterations, doubled until one pass "
@@ -132,7 +134,7 @@ def bench(
 
     check_out(out, force)
     opts = BenchOptions(size=parse_size(size) if size else None, dtype=dtype, channels_last=channels_last,
-                        compile=compile_, device=device, warmup=warmup, calib_iters=calib_iters,
+                        compile=compile_ or compile_mode != "default", compile_mode=compile_mode, device=device, warmup=warmup, calib_iters=calib_iters,
                         calib_seconds=calib_seconds, seconds=seconds, chunks=chunks, threads=threads,
                         provider=provider)
     result = run_bench(recipe, opts, set_ or [], vs=vs)

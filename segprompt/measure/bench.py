@@ -57,6 +57,7 @@ DEFAULT_SIZES = {"cityscapes": (512, 1024), "camvid": (720, 960)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda")
 COST_KEYS = ("params", "params_inference", "flops_mmcv", "flops_torch")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # reduce-overhead: CUDA graphs on a GPU
 BENCH_FILE = "bench.json"
 HISTORY_DIR = "bench_history"
 
@@ -68,7 +69,8 @@ class BenchOptions:
     size: tuple[int, int] | None = None  # (H, W); None = default_size(cfg)
     dtype: str = "fp32"  # the model and input are cast to it (as a deployed FP16/BF16 engine)
     channels_last: bool = False
-    compile: bool = False  # torch.compile (default mode)
+    compile: bool = False  # torch.compile
+    compile_mode: str = "default"  # its mode: default | reduce-overhead (CUDA graphs) | max-autotune
     device: str = "auto"
     warmup: int = 10
     # the paper starts at 100 iterations; starting lower ends in the same >= calib_seconds pass
@@ -96,6 +98,8 @@ class BenchOptions:
                 raise SegpromptError(f"{name} must be > 0, got {value}")
         if self.provider is not None and self.provider not in PROVIDERS:
             raise SegpromptError(f"--provider '{self.provider}' is not one of: {', '.join(PROVIDERS)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise SegpromptError(f"--compile-mode '{self.compile_mode}' is not one of: {', '.join(COMPILE_MODES)}")
         if self.threads is not None and self.threads < 1:
             raise SegpromptError(f"--threads must be at least 1, got {self.threads}")
 
@@ -219,7 +223,8 @@ class _Timed:
         fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
         dtype = DTYPES[opts.dtype]
         model = model.to(device=device, dtype=dtype, memory_format=fmt).eval()  # in place: counted already
-        self.model = torch.compile(model) if opts.compile else model
+        # batch 1 at a fixed size: the static shapes CUDA graphs (mode reduce-overhead) need
+        self.model = torch.compile(model, mode=opts.compile_mode, dynamic=False) if opts.compile else model
         self.img = torch.randn(1, 3, *size, device=device, dtype=dtype).contiguous(memory_format=fmt)
         self.device = device
         self.chunk_iters = 0
@@ -338,7 +343,7 @@ def format_table(result: dict[str, Any]):
     models = [result] + ([result["vs"]] if "vs" in result else [])
     h, w = result["size"]
     title = (f"bench {h}x{w}, batch 1, {result['dtype']}{', channels-last' if result['channels_last'] else ''}"
-             f"{', compiled' if result['compile'] else ''} on {result['device_name']} ({result['device']}, "
+             f"{', compiled (' + result.get('compile_mode', 'default') + ')' if result['compile'] else ''} on {result['device_name']} ({result['device']}, "
              f"{result['threads']} threads, torch {result['torch']}"
              + "".join(f", onnxruntime {m['onnxruntime']} {m['provider']}" for m in models[:2] if "onnxruntime" in m)
              + ")")
