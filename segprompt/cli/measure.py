@@ -134,9 +134,9 @@ def bench(
 
     check_out(out, force)
     opts = BenchOptions(size=parse_size(size) if size else None, dtype=dtype, channels_last=channels_last,
-                        compile=compile_ or compile_mode != "default", compile_mode=compile_mode, device=device, warmup=warmup, calib_iters=calib_iters,
-                        calib_seconds=calib_seconds, seconds=seconds, chunks=chunks, threads=threads,
-                        provider=provider)
+                        compile=compile_ or compile_mode != "default", compile_mode=compile_mode, device=device,
+                        warmup=warmup, calib_iters=calib_iters, calib_seconds=calib_seconds, seconds=seconds,
+                        chunks=chunks, threads=threads, provider=provider)
     result = run_bench(recipe, opts, set_ or [], vs=vs)
     written = []
     if recipe.is_dir():

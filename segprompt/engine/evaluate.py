@@ -48,13 +48,17 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
-def check_mode(cfg: Recipe, mode: str) -> None:
-    """``--mode`` names an inference mode, and slide mode has its window in the recipe."""
+SLIDE_WINDOW = "--set evaluation.crop_size=[512,512] --set evaluation.stride=[341,341]"  # e.g.
+SLIDE_FIX = f"add e.g. {SLIDE_WINDOW}"
+
+
+def check_mode(cfg: Recipe, mode: str, *, where: str = "the recipe", fix: str = SLIDE_FIX) -> None:
+    """``--mode`` names an inference mode, and slide mode has its window in the recipe (``where``
+    names it in the error, ``fix`` says what to do)."""
     if mode not in MODES:
         raise SegpromptError(f"--mode '{mode}' is not one of: {', '.join(MODES)}")
     if mode == "slide" and (cfg.evaluation.crop_size is None or cfg.evaluation.stride is None):
-        raise SegpromptError("--mode slide needs evaluation.crop_size and evaluation.stride in the recipe; add "
-                             "e.g. --set evaluation.crop_size=[512,512] --set evaluation.stride=[341,341]")
+        raise SegpromptError(f"--mode slide needs evaluation.crop_size and evaluation.stride in {where}; {fix}")
 
 
 def segment_logits(model: nn.Module, img: torch.Tensor, out_size: tuple[int, int], cfg: Recipe,

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import DatasetMeta
-from segprompt.data.transforms import TestTransform, normalize, to_tensor
+from segprompt.data.transforms import normalize, to_tensor
 from segprompt.engine import checkpoint as ckpt
-from segprompt.engine.build import apply_tuning, build_segmentor, dataset_meta, recipe_key
+from segprompt.engine.build import apply_tuning, build_segmentor, build_test_transform, dataset_meta
 from segprompt.engine.distributed import resolve_device
-from segprompt.engine.evaluate import build_checkpoint_model
+from segprompt.engine.evaluate import load_checkpoint_model
 from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, LAST
 from segprompt.errors import SegpromptError
 from segprompt.tuning import TuningContext
@@ -75,9 +75,7 @@ class Task:
         """An RGB uint8 (H, W, 3) image (``segprompt.data.dataset.read_image``) as this task's
         model takes it, as `segprompt eval` prepares it: resized by the run's ``data.test``, then
         normalised with its ``data.mean`` / ``data.std``; a (3, h, w) float32 tensor."""
-        with recipe_key("data.test"):
-            test = TestTransform(scale=self.cfg.data.test.scale, keep_ratio=self.cfg.data.test.keep_ratio)
-        return normalize(to_tensor(test(image)), self.cfg.data.mean, self.cfg.data.std)
+        return normalize(to_tensor(build_test_transform(self.cfg)(image)), self.cfg.data.mean, self.cfg.data.std)
 
 
 class MultiTaskModel:
@@ -232,12 +230,9 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str | 
     """One run's model alone, built as `segprompt eval` builds it (pretrained file, checkpoint):
     what a task of :class:`MultiTaskModel` reproduces exactly, at the cost of its own backbone."""
     run_dir = Path(run_dir)
-    cfg = load_recipe(run_dir / CONFIG)
-    path = _checkpoint_path(run_dir, checkpoint)
-    state = ckpt.load_run_checkpoint(path)
-    ckpt.check_frozen_source(state, cfg.model.pretrained, str(path))
+    model, _, _ = load_checkpoint_model(load_recipe(run_dir / CONFIG), _checkpoint_path(run_dir, checkpoint))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    return build_checkpoint_model(cfg, dataset_meta(cfg), state, str(path)).to(dev).eval()
+    return model.to(dev).eval()
 
 
 def _identity(task: Task, state: dict[str, Any]) -> tuple[str, str, str]:

@@ -40,7 +40,7 @@ from segprompt.data.transforms import TestTransform, normalize, to_tensor
 from segprompt.engine import checkpoint as ckpt
 from segprompt.engine.build import build_test_transform, is_recognition
 from segprompt.engine.distributed import resolve_device
-from segprompt.engine.evaluate import check_mode, load_checkpoint_model, segment_logits
+from segprompt.engine.evaluate import SLIDE_WINDOW, check_mode, load_checkpoint_model, segment_logits
 from segprompt.engine.inference import FORMATS, save_prediction
 from segprompt.engine.multitask import MultiTaskModel, task_names
 from segprompt.engine.rundir import CKPT_DIR, CONFIG, run_checkpoint
@@ -392,12 +392,9 @@ def predict_tasks(tasks: Sequence[str], inputs: Sequence[str | Path], out: str |
             raise SegpromptError(f"task '{name}' ({task.run_dir}) trains an image classifier "
                                  f"({task.cfg.data.dataset}); predict writes segmentation maps")
         task_mode = mode or task.cfg.evaluation.mode
-        if task_mode == "slide" and (task.cfg.evaluation.crop_size is None or task.cfg.evaluation.stride is None):
-            raise SegpromptError(f"--mode slide: task '{name}' ({task.run_dir}) has no evaluation.crop_size and "
-                                 f"evaluation.stride in its config.yaml (--set does not apply with --tasks); predict "
-                                 f"it alone with --set evaluation.crop_size=[H,W] --set evaluation.stride=[H,W], or "
-                                 f"drop --mode slide")
-        check_mode(task.cfg, task_mode)
+        check_mode(task.cfg, task_mode, where=f"task '{name}' ({task.run_dir / CONFIG})",
+                   fix=f"--set does not apply with --tasks: predict that run alone with --mode slide and e.g. "
+                       f"{SLIDE_WINDOW}, or drop --mode slide")
         task_tta = task.cfg.evaluation.tta if tta is None else tta
         jobs.append(Job(recipe_segmenter(mt.model(name), task.cfg, dev, mode=task_mode, tta=task_tta),
                         build_test_transform(task.cfg), task.palette, task.num_classes, subdir=name))
