@@ -296,7 +296,11 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
     skipped: set[str] = set()
     net.train()
     t_log = time.perf_counter()
-    with progress_bar(env.is_main) as bar, tb:
+    with progress_bar(env.is_main) as bar, tb, warnings.catch_warnings():
+        # fp16: a step the scaler skipped (overflowing gradients) makes torch warn that the schedule
+        # stepped without the optimizer; the schedule follows iterations, as intended (docs/gpu.md). Set
+        # once for the loop: a catch_warnings per iteration would reset every warning's "shown once" state
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         task = bar.add_task("train", total=iters, completed=start_iter, info="")
         for step in range(start_iter, iters):
             at.iteration = step
@@ -344,11 +348,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.optimizer.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            with warnings.catch_warnings():
-                # fp16: a step the scaler skipped (overflowing gradients) makes torch warn that the schedule
-                # stepped without the optimizer; the schedule follows iterations, as intended (docs/gpu.md)
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                scheduler.step()
+            scheduler.step()
             done = at.iteration = step + 1
 
             lr = optimizer.param_groups[0]["lr"]
