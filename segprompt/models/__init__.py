@@ -6,6 +6,7 @@ to an explicit constructor whose keyword arguments are the recipe's options.
 
 from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.backbones.stdc import STDCContextPath
+from segprompt.models.backbones.timm_backbone import timm_backbone
 from segprompt.models.backbones.vit import VisionTransformer
 from segprompt.models.classifier import ImageClassifier
 from segprompt.models.heads.fcn import FCNHead
@@ -17,7 +18,7 @@ from segprompt.models.heads.text_score import TextScoreHead
 from segprompt.models.losses import CrossEntropyLoss, OhemCrossEntropyLoss
 from segprompt.models.segmentor import EncoderDecoder
 
-BACKBONES = {"resnet": ResNet, "vit": VisionTransformer, "stdc": STDCContextPath}
+BACKBONES = {"resnet": ResNet, "vit": VisionTransformer, "stdc": STDCContextPath, "timm": timm_backbone}
 HEADS = {"fcn": FCNHead, "psp": PSPHead, "setr_up": SETRUPHead, "linear_cls": LinearClsHead,
          "text_score": TextScoreHead, "stdc_detail": DetailHead}
 LOSSES = {"cross_entropy": CrossEntropyLoss, "ohem_cross_entropy": OhemCrossEntropyLoss}

@@ -29,6 +29,15 @@ def read_state_dict(path: str | Path, name: str, kind: str) -> dict[str, torch.T
         raise SegpromptError(
             f"pretrained weights '{p}' (model.pretrained) do not exist. Put the {name} checkpoint file "
             f"there ({kind}), or point model.pretrained at it (nothing is downloaded)")
+    if p.suffix == ".safetensors":  # Hugging Face's format (timm's hub files): no pickle at all
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return _unprefixed(load_file(p, device="cpu"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SegpromptError(f"pretrained weights '{p}' cannot be read as safetensors ({e}): it is truncated "
+                                 f"or not a .safetensors file") from None
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -37,6 +46,10 @@ def read_state_dict(path: str | Path, name: str, kind: str) -> dict[str, torch.T
     state = unwrap_state_dict(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SegpromptError(f"pretrained weights '{p}' are not a state dict of tensors")
+    return _unprefixed(state)
+
+
+def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items()}
     return dict(state)

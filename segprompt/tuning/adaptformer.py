@@ -42,6 +42,6 @@ class AdaptFormer(TuningMethod):
     def apply(self, model: nn.Module, ctx: TuningContext) -> None:
         vit = vit_backbone(model, "adaptformer", "adds a branch to the MLPs of a ViT")
         freeze(vit)
-        device = vit.pos_embed.device
-        for block in vit.blocks:
+        device = next(vit.parameters()).device
+        for block in vit.adapter_blocks():
             block.adapter = AdaptMLP(vit.embed_dim, self.bottleneck, self.scale, self.dropout).to(device)

@@ -15,7 +15,7 @@ import numpy as np
 from torch import nn
 
 from segprompt.errors import SegpromptError
-from segprompt.models.backbones.vit import VisionTransformer
+from segprompt.models.backbones.base import TokenBackbone
 
 
 @dataclass
@@ -43,12 +43,13 @@ def freeze(module: nn.Module, bn_eval: bool = True) -> None:
                 m.keep_eval = True
 
 
-def vit_backbone(model: nn.Module, method: str, what: str) -> nn.Module:
-    """``model.backbone`` if it is a ViT; else an error saying the method (which ``what``) needs one."""
+def vit_backbone(model: nn.Module, method: str, what: str) -> TokenBackbone:
+    """``model.backbone`` if it is a ViT (ours or timm's); else an error saying the method (which
+    ``what``) needs one."""
     vit = model.backbone
-    if not isinstance(vit, VisionTransformer):
+    if not isinstance(vit, TokenBackbone):
         raise SegpromptError(f"tuning '{method}' {what}, but the backbone is '{type(vit).__name__}'; "
-                             f"use model.backbone.name: vit")
+                             f"use model.backbone.name: vit, or timm with a ViT model")
     return vit
 
 

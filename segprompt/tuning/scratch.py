@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from segprompt.errors import SegpromptError
+from segprompt.models.backbones.timm_backbone import TimmBackbone, TimmViT
 from segprompt.models.text.guidance import TextGuidance
 from segprompt.tuning.base import TuningContext, TuningMethod
 
@@ -38,5 +39,8 @@ class LearnFromScratch(TuningMethod):
         if any(isinstance(m, TextGuidance) for m in model.backbone.modules()):
             raise SegpromptError("tuning 'scratch' would re-initialise the CLIP text guidance inside the backbone; "
                                  "train a text-guided model with tuning 'full' instead")
-        reinitialise(model.backbone)
+        if isinstance(model.backbone, (TimmBackbone, TimmViT)):  # timm's own initialisation, whole
+            model.backbone.reset_parameters()
+        else:
+            reinitialise(model.backbone)
         model.requires_grad_(True)

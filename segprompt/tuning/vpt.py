@@ -35,6 +35,6 @@ class VPT(TuningMethod):
             for name, p in vit.named_parameters():
                 if name.rsplit(".", 1)[-1] == "bias":
                     p.requires_grad_(True)
-        prompts = torch.empty(vit.depth, self.num_tokens, vit.embed_dim, device=vit.pos_embed.device)
+        prompts = torch.empty(vit.depth, self.num_tokens, vit.embed_dim, device=next(vit.parameters()).device)
         val = math.sqrt(6.0 / (3 * vit.patch_size**2 + vit.embed_dim))
         vit.prompt_tokens = nn.Parameter(nn.init.uniform_(prompts, -val, val))

@@ -37,6 +37,7 @@ from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import PatchEmbed
 from torch import nn
 
+from segprompt.models.backbones.base import TokenBackbone
 from segprompt.models.weights import load_strict, read_state_dict
 
 
@@ -76,7 +77,7 @@ def _hooked(hook: nn.Module, slot: int, x: torch.Tensor, h: int, w: int) -> torc
     return torch.cat([x[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TokenBackbone):
     """``img_size`` fixes the position-embedding grid; other input sizes use a copy resized with
     ``interpolate_mode``, as MMSegmentation does. Inputs are padded bottom-right to a multiple of
     the patch size. ``drop_rate`` is the dropout after the position embedding and in the attention
@@ -145,6 +146,9 @@ class VisionTransformer(nn.Module):
     def feature_channels(self) -> list[int]:
         """Channels of each tensor :meth:`forward` returns (what a head's ``in_index`` picks)."""
         return list(self.out_channels)
+
+    def adapter_blocks(self) -> list[Block]:
+        return list(self.blocks)
 
     def load_pretrained(self, path: str | Path, name: str = "vit") -> None:
         """Load a timm or MMSegmentation checkpoint strictly (:func:`load_vit_checkpoint`); errors

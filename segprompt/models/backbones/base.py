@@ -1,0 +1,26 @@
+"""The interfaces a backbone declares, so tuning methods attach to any architecture the same way.
+
+Every backbone is *staged* (SPM paper §3.1: "split the backbone into stages"): it has an
+attribute ``stage_hook`` (``None`` until a method sets one) that it calls as ``hook(i, x)`` on the
+NCHW input of stage ``i`` and once more as ``hook(len(slot_channels) - 1, x)`` on its last output;
+``slot_channels`` lists the channels at those slots and ``feature_channels`` those of the features
+``forward`` returns. :class:`TokenBackbone` adds what VPT and AdaptFormer need of a ViT.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class TokenBackbone(nn.Module):
+    """A ViT-like backbone: ``depth`` encoder blocks of width ``embed_dim`` over ``patch_size``
+    patches, with VPT-deep's ``prompt_tokens`` slot (depth, n, C) (``None`` until set) and
+    AdaptFormer's per-block ``adapter`` slot on the blocks :meth:`adapter_blocks` returns."""
+
+    depth: int
+    embed_dim: int
+    patch_size: int
+
+    def adapter_blocks(self) -> list[nn.Module]:
+        """The blocks whose ``adapter`` module (``None`` until set) is added to their MLP branch."""
+        raise NotImplementedError
