@@ -94,7 +94,7 @@ def test_wrong_type_names_key_and_expected_type(tmp_path, override, expected):
 
 def test_component_validation(tmp_path):
     p = _w(tmp_path / "r.yaml", {})
-    with pytest.raises(SegpromptError, match=r"'model.backbone.name' is 'resnt', not one of: resnet, stdc, vit; did you mean 'resnet'"):
+    with pytest.raises(SegpromptError, match=r"'model.backbone.name' is 'resnt', not one of: resnet, stdc, timm, vit; did you mean 'resnet'"):
         load_recipe(p, ["model.backbone.name=resnt"])
     with pytest.raises(SegpromptError, match=r"unknown key 'model.decode_head.chanels' for head 'fcn'; did you mean 'model.decode_head.channels'"):
         load_recipe(p, ["model.decode_head.chanels=3"])

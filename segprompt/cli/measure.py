@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 import typer.core
 from segprompt.cli.app import app, console, err_console
 
 from segprompt.errors import SegpromptError
+
+if TYPE_CHECKING:
+    from segprompt.measure.params import Breakdown
 
 
 @app.command("count-params")
@@ -25,7 +28,8 @@ def count_params_cmd(
     """Parameter counts, built on the meta device (no data or weights needed).
 
     With RECIPE: its model by group (backbone, prompt, head): trainable, frozen, stored per task
-    and % of full tuning. Without: the papers' parameter figures, ours beside theirs."""
+    and % of full tuning (every parameter counted), and a warning when the inserted modules outnumber
+    full tuning's parameters. Without: the papers' parameter figures, ours beside theirs."""
     if recipe is None:
         _paper_counts(table, as_json)
         return
@@ -43,24 +47,34 @@ def count_params_cmd(
     if convention not in CONVENTIONS:
         raise SegpromptError(f"--convention '{convention}' is not one of: {', '.join(CONVENTIONS)}")
     b = breakdown(cfg, k, convention)
+    # "% of full" counts every parameter whatever --convention is (docs/measurement.md, "% of full")
     result = {"recipe": str(recipe), "num_classes": k, "convention": convention, "groups": b.groups,
               "trainable": b.trainable, "frozen": b.frozen, "stored_per_task": b.stored_per_task,
-              "full_tuning": b.full_tuning, "percent_of_full": 100 * b.trainable / b.full_tuning}
+              "full_tuning": b.full_tuning, "percent_of_full": b.percent_of_full,
+              "percent_of_full_counts": {"trainable": b.share.trainable, "full_tuning": b.share.full,
+                                         "inserted": b.share.inserted}, "warnings": b.warnings}
     if as_json:
         console.print_json(json.dumps(result))
-        return
+    else:
+        _breakdown_table(str(recipe), cfg.tuning["name"], k, b)
+    for warning in b.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def _breakdown_table(recipe: str, method: str, k: int, b: Breakdown) -> None:
     from rich.table import Table
 
-    out = Table(title=f"{recipe} ({cfg.tuning['name']}, K={k}, convention: {convention})")
+    out = Table(title=f"{recipe} ({method}, K={k}, convention: {b.convention})")
     for col in ("group", "total", "trainable", "frozen"):
         out.add_column(col, justify="left" if col == "group" else "right")
     for name, g in b.groups.items():
         out.add_row(name, f"{g['total']:,}", f"{g['trainable']:,}", f"{g['total'] - g['trainable']:,}")
     out.add_row("all", f"{b.trainable + b.frozen:,}", f"{b.trainable:,}", f"{b.frozen:,}", style="bold")
     console.print(out)
-    console.print(f"trainable {b.trainable / 1e6:.2f}M = {result['percent_of_full']:.2f}% of full tuning "
-                  f"({b.full_tuning / 1e6:.2f}M); stored per task: {b.stored_per_task:,} parameters "
-                  f"(every trainable tensor, BatchNorm included)")
+    # share.trainable is stored_per_task: both count every trainable parameter
+    console.print(f"trainable {b.share.trainable:,} parameters (stored per task) = {b.percent_of_full:.2f}% of "
+                  f"full tuning's {b.share.full:,} (every parameter counted, BatchNorm included; "
+                  f"docs/measurement.md)", highlight=False)
 
 
 def _paper_counts(table: str | None, as_json: bool) -> None:

@@ -41,7 +41,7 @@ from segprompt.data.sampler import TrainBatchSampler
 from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ckpt
 from segprompt.engine import distributed as dist_utils
-from segprompt.engine.build import build_eval_dataset, build_model, build_train_dataset, dataset_meta
+from segprompt.engine.build import build_eval_dataset, build_model, build_segmentor, build_train_dataset, dataset_meta
 from segprompt.engine.evaluate import autocast, evaluate
 from segprompt.engine.interrupt import StopSignal
 from segprompt.engine.metrics import format_table, summary_line
@@ -63,6 +63,7 @@ from segprompt.errors import USER_OS_ERRORS, NonFiniteLoss, RunCrashed, RunInter
 from segprompt.io import atomic_write_json, remove_stale_temporaries
 from segprompt.models.text.guidance import deploy_text, has_learned_text
 from segprompt.progress import progress_bar
+from segprompt.tuning.spm import full_share
 
 
 def seed_everything(seed: int, deterministic: bool, benchmark: bool) -> None:
@@ -254,11 +255,14 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
 
     iters, ev = cfg.schedule.iters, cfg.evaluation
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
-    n_all = sum(p.numel() for p in model.parameters())
+    # "% of full" as count-params and the demo compute it (docs/measurement.md): against full tuning's
+    # network, built again on the meta device (no memory) with nothing inserted or frozen
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        share = full_share(model, build_segmentor(cfg, meta, load_pretrained=False).parameters())
     log.info("run %s | %d process(es) on %s | global batch %d = %d x %d micro x %d accum | "
-             "trainable %s / %s parameters (%.2f%%)", run_dir, env.world_size, env.device, cfg.data.batch_size,
-             env.world_size, micro, cfg.optimizer.accum_steps, f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
+             "trainable %s parameters = %.2f%% of full tuning's %s", run_dir, env.world_size, env.device,
+             cfg.data.batch_size, env.world_size, micro, cfg.optimizer.accum_steps, f"{share.trainable:,}",
+             share.percent, f"{share.full:,}")
 
     # a model with nothing frozen (full tuning, learn-from-scratch) needs no frozen-weights file
     frozen = any(not p.requires_grad for p in model.parameters())

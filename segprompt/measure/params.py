@@ -14,13 +14,20 @@ Two counting conventions (``docs/spm.md``, "Counting conventions"):
   13.14M exclude their BatchNorms too). The one exception is a BatchNorm bias trained while its
   weight stays frozen: that is what Bias-Tuning trains (its 0.05M are BN betas).
 * ``all``: every parameter.
+
+"% of full" is one number whatever the convention (docs/measurement.md, "% of full"):
+:func:`percent_of_full`, trainable parameters / full tuning's, both counted as every parameter, full
+tuning being the same network without inserted modules. It is defined in segprompt.tuning.spm
+(the training log may not import this package) and re-exported here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from dataclasses import dataclass
-from typing import Iterable
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -29,8 +36,11 @@ from segprompt.config import Recipe
 from segprompt.data.meta import DatasetMeta
 from segprompt.engine.build import apply_tuning, build_segmentor
 from segprompt.tuning import TuningContext
+from segprompt.tuning.spm import FullShare, full_share, oversize_warning, percent_of_full
 
 CONVENTIONS = ("paper", "all")
+__all__ = ["CONVENTIONS", "Breakdown", "FullShare", "breakdown", "build_counted", "count", "full_share",
+           "percent_of_full", "trainable_in"]
 
 
 def _norm_params(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
@@ -67,7 +77,13 @@ class Breakdown:
     convention: str
     groups: dict[str, dict[str, int]]  # group -> {"total", "trainable"}
     stored_per_task: int  # what a checkpoint of this task stores (trainable parameters, all counted)
-    full_tuning: int  # trainable parameters if everything trained (same convention)
+    full_tuning: int  # what full tuning trains (the network as built, nothing inserted), same convention
+    share: FullShare  # "% of full": every parameter counted, whatever ``convention`` is
+    warnings: list[str] = field(default_factory=list)  # the build's warnings (an oversized SPM), or ours
+
+    @property
+    def percent_of_full(self) -> float:
+        return self.share.percent
 
     @property
     def trainable(self) -> int:
@@ -78,19 +94,50 @@ class Breakdown:
         return sum(g["total"] - g["trainable"] for g in self.groups.values())
 
 
-def build_counted(cfg: Recipe, num_classes: int) -> tuple[nn.Module, set[int]]:
-    """The recipe's model on the meta device, and the ids of the parameters it had before tuning."""
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def kept_build_warnings() -> Iterator[list[str]]:
+    """The warnings tuning methods log while building (the oversized-SPM one), kept in a list for
+    the caller to report instead of printed through logging (which the CLI does not set up)."""
+    logger, kept = logging.getLogger("segprompt.tuning"), _Kept()
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(kept)
+    try:
+        yield kept.messages
+    finally:
+        logger.removeHandler(kept)
+        logger.propagate = propagate
+
+
+def _build(cfg: Recipe, num_classes: int) -> tuple[nn.Module, set[int], nn.Module, list[str]]:
+    """On the meta device: the tuned model, the ids of its parameters from before tuning, a copy of
+    the network as built (nothing inserted, nothing frozen by the method) and the build's warnings."""
     meta = DatasetMeta(name="count", classes=[f"c{i}" for i in range(num_classes)],
                        palette=[[0, 0, 0]] * num_classes)
-    with torch.device("meta"):
+    with torch.device("meta"), kept_build_warnings() as warnings:
         model = build_segmentor(cfg, meta, load_pretrained=False)
         original = {id(p) for p in model.parameters()}
+        untuned = copy.deepcopy(model)
         apply_tuning(model, cfg, TuningContext(num_classes=num_classes))
+    return model, original, untuned, warnings
+
+
+def build_counted(cfg: Recipe, num_classes: int) -> tuple[nn.Module, set[int]]:
+    """The recipe's model on the meta device, and the ids of the parameters it had before tuning."""
+    model, original, _, _ = _build(cfg, num_classes)
     return model, original
 
 
 def breakdown(cfg: Recipe, num_classes: int, convention: str = "paper") -> Breakdown:
-    model, original = build_counted(cfg, num_classes)
+    model, original, untuned, warnings = _build(cfg, num_classes)
     head_ids = {id(p) for head in (model.decode_head, *model.aux_heads) for p in head.parameters()}
     backbone = [p for p in model.backbone.parameters() if id(p) in original]
     inserted = [p for p in model.parameters() if id(p) not in original]
@@ -100,10 +147,15 @@ def breakdown(cfg: Recipe, num_classes: int, convention: str = "paper") -> Break
         groups[name] = {"total": count(model, params, convention),
                         "trainable": count(model, [p for p in params if p.requires_grad], convention)}
     stored = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # full tuning trains the original network (backbone and heads), with nothing inserted
-    full = copy.deepcopy(model).requires_grad_(True)
-    originals = [p for p, q in zip(full.parameters(), model.parameters()) if id(q) in original]
-    return Breakdown(convention, groups, stored, count(full, originals, convention))
+    # full tuning trains the network as built (backbone and heads, less what it freezes by
+    # construction, e.g. a CLIP text encoder), with nothing inserted
+    full = count(untuned, [p for p in untuned.parameters() if p.requires_grad], convention)
+    share = full_share(model, untuned.parameters())
+    if cfg.tuning["name"] != "spm":  # the SPM warns at build time (kept in ``warnings``); the others here
+        other = oversize_warning(share.inserted, share.full, f"shrink what tuning '{cfg.tuning['name']}' inserts "
+                                 "(e.g. a smaller tuning.channels where it has one)")
+        warnings += [other] if other else []
+    return Breakdown(convention, groups, stored, full, share, warnings)
 
 
 def trainable_in(b: Breakdown, group: str) -> int:

@@ -13,16 +13,70 @@ training split (P0), and the interim losses are plain cross-entropy on the inter
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segprompt.data.view import is_identity, view_theta
-from segprompt.tuning.spm_layers import SPM, SPMVector
+from segprompt.tuning.spm_layers import SPM, SPMVector, auto_channels
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
 INTERIM_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.4)
+
+log = logging.getLogger(__name__)
+
+
+# "% of full" and the oversize warning are defined for every tuning method (docs/measurement.md,
+# "% of full"). They live here, not in segprompt/measure/params.py (which re-exports them), because
+# the training log (segprompt/engine) must not import segprompt.measure (tests/test_layout.py).
+def percent_of_full(trainable: int, full: int) -> float:
+    """THE "% of full" of count-params, the training log and the demo: 100 x the parameters a run
+    trains / the parameters full tuning trains, i.e. those of the same network as built, before a
+    tuning method inserted or froze anything (backbone and heads; a part the model freezes by
+    construction, such as a CLIP text encoder, is not in it), both counted as every parameter
+    (BatchNorm included: what the optimizer updates and a checkpoint stores)."""
+    if full <= 0:
+        raise ValueError(f"full tuning's parameter count must be positive, got {full}")
+    return 100.0 * trainable / full
+
+
+@dataclass(frozen=True)
+class FullShare:
+    """A tuned model's parameters against full tuning's, every parameter counted."""
+
+    trainable: int  # parameters the run trains
+    full: int  # parameters full tuning trains: the trainable ones of the network as built, nothing inserted
+    inserted: int  # parameters the tuning method inserted (SPMs, adapters, prompt tokens, ...)
+
+    @property
+    def percent(self) -> float:
+        return percent_of_full(self.trainable, self.full)
+
+
+def full_share(model: nn.Module, untuned: Iterable[nn.Parameter]) -> FullShare:
+    """``model`` as tuned, against ``untuned``: the parameters of the same network as built, before
+    its tuning method ran, with the ``requires_grad`` they were built with (a second build or a copy,
+    e.g. on the meta device). Tuning methods insert modules and never remove any."""
+    untuned = list(untuned)
+    params = list(model.parameters())
+    return FullShare(trainable=sum(p.numel() for p in params if p.requires_grad),
+                     full=sum(p.numel() for p in untuned if p.requires_grad),
+                     inserted=sum(p.numel() for p in params) - sum(p.numel() for p in untuned))
+
+
+def oversize_warning(inserted: int, full: int, fix: str) -> str | None:
+    """The warning when the inserted modules outnumber full tuning's parameters (else None)."""
+    if inserted <= full:
+        return None
+    many = f"{inserted / full:.2f} times as many as" if full > 0 else "more than"
+    return (f"the tuning method inserts {inserted:,} parameters, {many} full "
+            f"tuning trains ({full:,}: the network without them), so it is not parameter-efficient on this "
+            f"network: {fix}")
 
 
 class SPMChain(nn.Module):
@@ -141,26 +195,39 @@ class SPMTuning(TuningMethod):
 
     ``interim_weights`` are the a_i of Eq. 5 per slot; ``semantic_learning=False`` sets them all to
     0 (Table 6, "w/o SPL"); ``long_range=False`` makes every PDC dilation 1 ("w/o LSCM").
+    ``feat_norm`` (not in the paper; default off) feeds the branches an RMS-normalised F
+    (:func:`~segprompt.tuning.spm_layers.channel_rms_norm`), a design choice the paper leaves open.
     ``prior_resolution`` is the side of the stored M0 grid. Other options configure each SPM; the
     group numbers are the paper's at C = 256 and, with ``scale_groups`` (default), scale with
     ``channels`` so each group keeps its width (docs/spm.md).
+
+    ``channels`` is the SPM width C, a multiple of 4, or ``"auto"`` (the default): C follows the
+    backbone, half the median of its slot widths rounded to a multiple of 8, between 8 and the
+    paper's 256 (:func:`~segprompt.tuning.spm_layers.auto_channels`; docs/spm.md, "C follows the
+    backbone"). That is 256 on ResNet-101 and ViT-L, the paper's C (its recipes also pin
+    ``channels: 256``), 16 on the smoke ResNet-18 and 24 on EfficientNet-Lite0. :meth:`apply` logs a
+    warning when the SPMs hold more parameters than full tuning trains.
     """
 
-    def __init__(self, stages: list[int] = (1, 2, 3, 4), recurrent: int = 1, channels: int = 256,
+    def __init__(self, stages: list[int] = (1, 2, 3, 4), recurrent: int = 1,
+                 channels: int | Literal["auto"] = "auto",
                  map_in_groups: int = 2, prompt_in_groups: int = 1, in_mode: str = "concat",
                  map_out_groups: int = 2, prompt_out_groups: int = 32,
                  dilations: tuple[int, int, int, int] = (1, 2, 4, 8), pdc_groups: int = 4,
                  pdc_fuse_groups: int = 4, pdc_split: bool = True, bias: bool = True,
                  interim_weights: list[float] = INTERIM_WEIGHTS, semantic_learning: bool = True,
                  long_range: bool = True, prior_resolution: int = 64, bn_eval: bool = True,
-                 scale_groups: bool = True):
+                 scale_groups: bool = True, feat_norm: bool = False):
+        if channels != "auto" and (isinstance(channels, bool) or not isinstance(channels, int)):
+            raise ValueError(f"tuning.channels is {channels!r}: set an int (a multiple of 4, e.g. 64) or 'auto'")
         self.stages = sorted(set(stages))
-        self.spm_kwargs = dict(channels=channels, recurrent=recurrent, map_in_groups=map_in_groups,
+        self.channels = channels
+        self.spm_kwargs = dict(recurrent=recurrent, map_in_groups=map_in_groups,
                                prompt_in_groups=prompt_in_groups, in_mode=in_mode, map_out_groups=map_out_groups,
                                prompt_out_groups=prompt_out_groups,
                                dilations=tuple(dilations) if long_range else (1, 1, 1, 1),
                                pdc_groups=pdc_groups, pdc_fuse_groups=pdc_fuse_groups, pdc_split=pdc_split, bias=bias,
-                               scale_groups=scale_groups)
+                               scale_groups=scale_groups, feat_norm=feat_norm)
         self.interim_weights = list(interim_weights) if semantic_learning else [0.0] * len(interim_weights)
         self.prior_resolution = prior_resolution
         self.bn_eval = bn_eval
@@ -174,6 +241,7 @@ class SPMTuning(TuningMethod):
                              f"({len(slots) - 1} stages, then the head)")
         if len(self.interim_weights) < max(self.stages):
             raise ValueError(f"interim_weights has {len(self.interim_weights)} entries; slot {max(self.stages)} needs one")
+        full = sum(p.numel() for p in model.parameters() if p.requires_grad)  # full tuning's (as built)
         freeze(backbone, self.bn_eval)
         k = ctx.num_classes
         recognition = getattr(model, "task", "segmentation") == "recognition"
@@ -181,13 +249,26 @@ class SPMTuning(TuningMethod):
         if recognition:
             prior = prior.reshape(k)
         spm_cls = SPMVector if recognition else SPM
-        spms = {s: spm_cls(slots[s - 1], k, **self.spm_kwargs) for s in self.stages}
+        c = auto_channels(slots) if self.channels == "auto" else self.channels
+        spms = {s: spm_cls(slots[s - 1], k, channels=c, **self.spm_kwargs) for s in self.stages}
         weights = {s: self.interim_weights[s - 1] for s in self.stages}
         chain = SPMChain(spms, prior, weights, model.decode_head.loss_fn, model.align_corners)
+        log.info("SPM width C = %d (tuning.channels: %s; slot widths %s)", c, self.channels,
+                 "/".join(map(str, slots)))
+        warning = oversize_warning(sum(p.numel() for p in chain.parameters()), full, self._fix(c, slots))
+        if warning:
+            log.warning(warning)
         backbone.stage_hook = chain
         model.loss_providers.append(chain)
         if not recognition and hasattr(model, "view_users"):  # M0 follows the input's view
             model.view_users.append(chain)
+
+    def _fix(self, c: int, slots: list[int]) -> str:
+        """What to set when the SPMs outnumber full tuning (the end of the oversize warning)."""
+        auto = auto_channels(slots)
+        now = f"'auto' = {c}" if self.channels == "auto" else f"{c}; 'auto' gives {auto} on this backbone"
+        return (f"set a smaller tuning.channels (now {now}; an SPM grows with C, its PDCs with C squared) "
+                f"or fewer tuning.stages (now {self.stages})")
 
     def _prior(self, ctx: TuningContext, backbone: nn.Module, r: int) -> torch.Tensor:
         k = ctx.num_classes

@@ -41,6 +41,27 @@ def scaled_groups(groups: int, channels: int) -> int:
     return max(1, round(groups * channels / REFERENCE_WIDTH))
 
 
+def auto_channels(slot_channels: list[int] | tuple[int, ...]) -> int:
+    """``tuning.channels: auto``, the SPM width C for a backbone with these slot widths
+    (docs/spm.md, "C follows the backbone"): half the median slot width, rounded to the nearest
+    multiple of 8 (halves up), at least 8 and at most the paper's 256. ResNet-101 (64/256/512/1024/2048):
+    256, the paper's C; ViT-L (1024 at every slot): 256 (capped); a ResNet-18 at width 12
+    (12/12/24/48/96): 16; EfficientNet-Lite0 (16/24/40/112/320): 24."""
+    if not slot_channels or any(c < 1 for c in slot_channels):
+        raise ValueError(f"auto SPM width needs the backbone's slot widths, got {list(slot_channels)}")
+    widths = sorted(slot_channels)
+    n = len(widths)
+    median = widths[n // 2] if n % 2 else (widths[n // 2 - 1] + widths[n // 2]) / 2
+    return min(REFERENCE_WIDTH, max(8, 8 * int(median / 16 + 0.5)))
+
+
+def channel_rms_norm(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """F divided per pixel by its root mean square over channels: no parameters. ``feat_norm``
+    feeds it to the branches, so the concatenated map M (probabilities in [0, 1]) is not drowned by
+    F's scale (docs/spm.md, "Normalising F at the branch inputs"); the update F + F·W keeps raw F."""
+    return feat * torch.rsqrt(feat.float().pow(2).mean(dim=1, keepdim=True).add(eps)).to(feat.dtype)
+
+
 def _groups(groups: int, *channels: int) -> int:
     g = groups
     while any(c % g for c in channels):
@@ -131,8 +152,9 @@ class SPM(nn.Module):
                  map_out_groups: int = 2, prompt_out_groups: int = 32,
                  dilations: tuple[int, int, int, int] = (1, 2, 4, 8), pdc_groups: int = 4,
                  pdc_fuse_groups: int = 4, pdc_split: bool = True, bias: bool = True,
-                 scale_groups: bool = True):
+                 scale_groups: bool = True, feat_norm: bool = False):
         super().__init__()
+        self.feat_norm = feat_norm
         if recurrent < 1:
             raise ValueError(f"SPM needs at least one recurrent iteration, got {recurrent}")
         if channels < 4 or channels % 4:
@@ -163,10 +185,11 @@ class SPM(nn.Module):
         feat_in = feat
         interim: list[torch.Tensor] = []
         for _ in range(self.recurrent):  # theta shared over iterations (Eq. 2)
-            logits = self.map_out(F.relu(self.map_pdc(F.relu(self.map_in(feat, smap)))))
+            branch = channel_rms_norm(feat) if self.feat_norm else feat
+            logits = self.map_out(F.relu(self.map_pdc(F.relu(self.map_in(branch, smap)))))
             smap = logits.softmax(dim=1)
             interim.append(logits)
-            weight = self.prompt_out(F.relu(self.prompt_pdc(F.relu(self.prompt_in(feat, smap)))))
+            weight = self.prompt_out(F.relu(self.prompt_pdc(F.relu(self.prompt_in(branch, smap)))))
             feat = feat + feat * weight
         self._track(feat_in, feat)
         return feat, smap, interim
@@ -214,4 +237,4 @@ def spm_param_count(in_channels: int, num_classes: int, **kwargs) -> int:
         return sum(p.numel() for p in SPM(in_channels, num_classes, **kwargs).parameters())
 
 
-__all__ = ["SPM", "SPMVector", "PDC", "spm_param_count"]
+__all__ = ["SPM", "SPMVector", "PDC", "auto_channels", "spm_param_count"]
