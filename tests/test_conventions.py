@@ -211,3 +211,15 @@ def test_bn_eval_defaults_are_documented_behaviour():
     assert inspect.signature(METHODS["partial"]).parameters["bn_eval"].default is False
     for path in (ROOT / "recipes/stdc/cityscapes_stdc1_stage2.yaml", ROOT / "recipes/stdc/camvid_stdc1_stage2.yaml"):
         assert load_recipe(path).tuning["bn_eval"] is False
+
+
+def test_setr_vitl_recipes_evaluate_with_setrs_sliding_window():
+    """SETR evaluates ViT-L on ADE20K with 512x512 windows at stride 341; a dataset base listed after
+    the model base used to reset that to whole-image evaluation."""
+    from segprompt.config import load_recipe, shipped_recipes
+
+    recipes = sorted((shipped_recipes() / "spm").glob("ade20k_vitl_*.yaml"))
+    assert len(recipes) >= 8
+    for path in recipes:
+        ev = load_recipe(path).evaluation
+        assert (ev.mode, list(ev.crop_size), list(ev.stride)) == ("slide", [512, 512], [341, 341]), path.name

@@ -150,3 +150,30 @@ def test_imagenet_demo_adapts_the_frozen_lite0_with_no_source_pretraining(tmp_pa
     cfg = (tmp_path / "out" / "runs" / "head" / "lr0.001-seed0" / "config.yaml").read_text()
     assert report["weights"] in cfg and "efficientnet_lite0" in cfg
     assert rows["head"]["trainable"] < rows["only-stem"]["trainable"] < rows["full"]["trainable"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_demo_continues_with_resume(tmp_path, monkeypatch):
+    """An hour-long demo that stops part-way is continued, not restarted: finished runs are read
+    back untouched, the unfinished one trains again, and a fresh start in the same folder is refused."""
+    from typer.testing import CliRunner
+
+    from segprompt.cli import app
+    from segprompt.experiments import demo
+
+    monkeypatch.setitem(demo.SCALES, "quick", replace(SCALES["quick"], **TINY | {"lrs": (0.02,), "seeds": 1}))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    args = ["demo", "--methods", "head,full", "--no-controls", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    head, full = out / "runs" / "head" / "lr0.02-seed0" / "scores.json", out / "runs" / "full" / "lr0.02-seed0" / "scores.json"
+    stamp = head.stat().st_mtime_ns
+    full.unlink()  # as if the demo had been stopped during that run
+    again = CliRunner().invoke(app, args)
+    assert isinstance(again.exception, SegpromptError) and "already exists" in str(again.exception)
+    resumed = CliRunner().invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert head.stat().st_mtime_ns == stamp and full.is_file()
+    assert [r["method"] for r in json.loads((out / "demo.json").read_text())["rows"]] == ["head", "full"]
+    empty = CliRunner().invoke(app, ["demo", "--resume", "--out", str(tmp_path / "nothing")])
+    assert isinstance(empty.exception, SegpromptError) and "holds no demo" in str(empty.exception)

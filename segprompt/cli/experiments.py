@@ -27,6 +27,8 @@ def demo(
     workers: Annotated[Optional[int], typer.Option(help="Runs in parallel (default: min(2, CPU cores)).")] = None,
     controls: Annotated[bool, typer.Option(help="Also tune one backbone stage at a time (where the gap lives).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic domains.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the demo in --out: finished runs are read back, an "
+                                              "unfinished one continues from its last checkpoint.")] = False,
 ) -> None:
     """A fair miniature of the SPM paper's claim, with a computed verdict (docs/demo.md).
 
@@ -44,7 +46,13 @@ def demo(
     if scale is not None and scale not in SCALES:
         raise SegpromptError(f"--scale {scale!r}: choose one of {', '.join(SCALES)}")
     chosen = check_methods(backbone, None if methods is None else [m.strip() for m in methods.split(",") if m.strip()])
-    out = new_run_dir(out or Path("results/demo") / time.strftime("%Y%m%d-%H%M%S"))
+    if resume:
+        if out is None or not (out / "runs").is_dir():
+            where = "no --out is given" if out is None else f"'{out}' holds no demo (no runs/ folder)"
+            raise SegpromptError(f"--resume continues a demo in --out, but {where}; give the --out of the "
+                                 f"interrupted demo, with the options it ran with")
+    else:
+        out = new_run_dir(out or Path("results/demo") / time.strftime("%Y%m%d-%H%M%S"))
     report = run_demo(out, chosen, backbone=backbone, scale=scale, seeds=seeds, seed=seed, workers=workers, controls=controls,
                       progress=lambda msg: err_console.print(msg, highlight=False))
     cols, lines = table_lines(report, rows_from_report(report))

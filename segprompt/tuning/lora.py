@@ -15,10 +15,22 @@ heads train as usual.
 
 ``target`` is a regular expression, matched with ``re.search`` against the backbone's module
 names (``layer3.5.conv2``, ``blocks.7.attn.qkv``); by default every eligible layer gets LoRA:
-on ResNet every stem, bottleneck and downsample conv, on our ViT the patch embedding and every
-``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2``. Grouped convs, and the ``out_proj`` of
+on ResNet every stem, bottleneck and downsample conv, on our ViT (and timm's) the patch embedding
+and every ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2``, on a timm EfficientNet or
+MobileNet the stem, every pointwise conv (``conv_pw``, ``conv_pwl``) and the squeeze-excitation
+convs where the variant has them (Lite has none). Not eligible are the ``out_proj`` of
 ``nn.MultiheadAttention`` (which reads its weight directly and would never call the LoRA path),
-are not eligible.
+and:
+
+- **Grouped and depthwise convs** (``conv_dw``; ConvNeXt's 7x7). peft 0.21 does wrap them, but
+  only when ``rank`` is a multiple of ``groups`` (for a depthwise conv, of its channel count: 32 to
+  1152 in EfficientNet-Lite0, so never at a low rank); its A is an *ungrouped* k x k conv C -> rank,
+  so a depthwise layer of C·k² weights would get C²·k² + C new ones at rank C; and it cannot merge
+  them ("Merging is not supported for _ConvNd layers with groups > 1"), which ``segprompt export``
+  does. A target that matches them is told so (an error if it matches nothing else, else a log line).
+- **Weight-standardising convs** (timm's ``StdConv2d`` family, in BiT and NFNets): peft builds A
+  and B of the layer's own class, which would standardise them too, and a merged W + BA is then
+  standardised as a whole, so the exported model would not be the trained one.
 
 Placement and checkpoints: peft moves each wrapped layer's weight one level down, so
 ``backbone.layer1.0.conv1.weight`` reads ``backbone.layer1.0.conv1.base_layer.weight`` after
@@ -29,25 +41,39 @@ the A/B matrices (and the heads), so a model rebuilt from the recipe and tuned a
 
 from __future__ import annotations
 
+import logging
 import re
 
+from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import nn
 
 from segprompt.errors import SegpromptError
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
 ADAPTER = "default"  # peft's adapter name; it appears in the parameter names
+GROUPED_REASON = ("peft needs a rank that is a multiple of their groups, gives them an ungrouped k x k A, and "
+                  "cannot merge them for export")
+_STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+
+log = logging.getLogger(__name__)
 
 
 def eligible_layers(backbone: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv2d (ungrouped) and Linear layer of ``backbone`` that LoRA can adapt, by name."""
+    """Every Conv2d (ungrouped, not weight-standardising) and Linear layer of ``backbone`` that LoRA
+    can adapt, by name."""
     mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in backbone.named_modules()
                if isinstance(m, nn.MultiheadAttention)}
     out = {}
     for name, m in backbone.named_modules():
-        if (isinstance(m, nn.Conv2d) and m.groups == 1) or (isinstance(m, nn.Linear) and name not in mha_out):
+        conv = isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m, _STANDARDISED)
+        if conv or (isinstance(m, nn.Linear) and name not in mha_out):
             out[name] = m
     return out
+
+
+def grouped_convs(backbone: nn.Module) -> list[str]:
+    """The names of the grouped (depthwise included) Conv2d layers, which LoRA leaves out."""
+    return [name for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
 
 
 class LoRA(TuningMethod):
@@ -74,6 +100,15 @@ class LoRA(TuningMethod):
         """The eligible layers whose names ``target`` matches; none is an error naming some."""
         layers = eligible_layers(backbone)
         chosen = {n: m for n, m in layers.items() if self.pattern.search(n)}
+        grouped = [n for n in grouped_convs(backbone) if self.pattern.search(n)]
+        if grouped and not chosen:
+            raise SegpromptError(
+                f"tuning.target {self.target!r} matches only grouped/depthwise convs ({', '.join(grouped[:3])}"
+                f"{', ...' if len(grouped) > 3 else ''}), which LoRA leaves out: {GROUPED_REASON}; target the "
+                f"convs around them (e.g. conv_pw)")
+        if grouped:
+            log.info("LoRA leaves %d grouped/depthwise convs unadapted (%s%s): %s", len(grouped),
+                     ", ".join(grouped[:3]), ", ..." if len(grouped) > 3 else "", GROUPED_REASON)
         if not chosen:
             names = list(layers)
             shown = names if len(names) <= 8 else [*names[:6], "...", *names[-2:]]

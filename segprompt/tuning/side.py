@@ -1,5 +1,6 @@
 """Side-Tuning (Zhang et al. [55]) and Adapter (Houlsby et al. [25]) on ResNet residual blocks, as
-the SPM paper's baselines (Tables 1-3; ``docs/spm.md``, "Baselines").
+the SPM paper's baselines (Tables 1-3; ``docs/spm.md``, "Baselines"); Adapter also on the blocks of
+a timm CNN (:meth:`~segprompt.models.backbones.base.BlockBackbone.conv_blocks`).
 
 Each residual block of the frozen backbone gets a small path: a 3x3 conv C_in -> ``channels``
 (``groups`` groups, bias), a ReLU, and a 1x1 conv ``channels`` -> C_out (bias).
@@ -17,6 +18,13 @@ and no activation after the sum, as in both original methods.
 The last conv starts at zero, weight and bias. The tuned model therefore starts as exactly the
 pretrained one, and the first conv learns from the second step on.
 
+**timm CNNs.** A block is what timm itself groups as one (``blocks.S.J`` in EfficientNet,
+``layerS.J`` in its ResNets; see ``TimmBackbone.conv_blocks``), whether or not it has a skip
+connection, and C_out is what the block returns. Side-Tuning is refused there: its path must
+repeat the block's stride and dilation from the block's input, and timm's block kinds keep those
+in differently named layers (``conv_dw``, ``conv2``, a separate downsample), so they cannot be
+read the same way for every block.
+
 **Placement.** The path is registered as a child of its block (``side`` or ``adapter``) and added
 by a forward hook on the block. The block classes and the backbone's parameter names do not
 change: ``backbone.layer1.0.conv1.weight`` stays as in the pretrained file, and the new
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segprompt.errors import SegpromptError
+from segprompt.models.backbones.base import BlockBackbone
 from segprompt.models.backbones.resnet import BasicBlock, Bottleneck
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
@@ -61,10 +70,15 @@ def _add_adapter(block: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tens
 
 
 def _residual_blocks(backbone: nn.Module, method: str) -> list[BasicBlock | Bottleneck]:
+    if isinstance(backbone, BlockBackbone) and method == "side":
+        raise SegpromptError("tuning 'side' cannot shape its path from a timm block's input (timm's block kinds "
+                             "keep their stride and dilation in differently named layers); use tuning 'adapter', "
+                             "which reads only the block's output, or model.backbone.name: resnet")
     blocks = [b for stage in getattr(backbone, "stages", []) for b in stage]
     if not blocks or not all(isinstance(b, (BasicBlock, Bottleneck)) for b in blocks):
+        also = ", or timm with a CNN" if method == "adapter" else ""
         raise SegpromptError(f"tuning '{method}' inserts paths into ResNet residual blocks, but backbone "
-                             f"'{type(backbone).__name__}' has none; use model.backbone.name: resnet")
+                             f"'{type(backbone).__name__}' has none; use model.backbone.name: resnet{also}")
     return blocks
 
 
@@ -106,14 +120,18 @@ class SideTuning(TuningMethod):
 
 
 class Adapter(SideTuning):
-    """Frozen backbone; an adapter on each residual block's output, added back residually."""
+    """Frozen backbone; an adapter on each residual block's output (each block of a timm CNN),
+    added back residually."""
 
     name = "adapter"
 
     def apply(self, model: nn.Module, ctx: TuningContext) -> None:
-        blocks = _residual_blocks(model.backbone, self.name)
-        freeze(model.backbone, self.bn_eval)
-        for block in blocks:
-            _, cout, _, _ = _geometry(block)
+        backbone = model.backbone
+        if isinstance(backbone, BlockBackbone):
+            blocks = [(block, cout) for _, block, cout in backbone.conv_blocks()]
+        else:
+            blocks = [(block, _geometry(block)[1]) for block in _residual_blocks(backbone, self.name)]
+        freeze(backbone, self.bn_eval)
+        for block, cout in blocks:
             block.add_module("adapter", self._path(cout, cout, 1, 1))
             block.register_forward_hook(_add_adapter)

@@ -2,7 +2,8 @@
 
 The ViT backbone is frozen. Every layer gets ``num_tokens`` learnable prompt tokens inserted after
 the cls token; the layer's prompt outputs are dropped, and the next layer gets its own prompts
-(the backbone's ``prompt_tokens`` slot, see :mod:`segprompt.models.backbones.vit`). The prompts
+(the backbone's ``prompt_tokens`` slot, see :mod:`segprompt.models.backbones.vit`; a ViT that
+cannot take them says why in its ``prompt_refusal``, e.g. a timm rope model). The prompts
 start uniform in ±sqrt(6 / (3·patch² + C)) (Xavier-uniform over the patch projection, as in VPT).
 ViT-L with 10 tokens: 24 x 10 x 1024 = 245,760 parameters (SPM paper Table 8).
 
@@ -30,6 +31,9 @@ class VPT(TuningMethod):
 
     def apply(self, model: nn.Module, ctx: TuningContext) -> None:
         vit = vit_backbone(model, "vpt", "prompts the layers of a ViT")
+        if vit.prompt_refusal:
+            raise SegpromptError(f"tuning 'vpt' cannot insert prompt tokens: {vit.prompt_refusal}; use tuning "
+                                 f"adaptformer, lora or spm")
         freeze(vit)
         if self.bias:
             for name, p in vit.named_parameters():

@@ -4,7 +4,8 @@ Every backbone is *staged* (SPM paper §3.1: "split the backbone into stages"): 
 attribute ``stage_hook`` (``None`` until a method sets one) that it calls as ``hook(i, x)`` on the
 NCHW input of stage ``i`` and once more as ``hook(len(slot_channels) - 1, x)`` on its last output;
 ``slot_channels`` lists the channels at those slots and ``feature_channels`` those of the features
-``forward`` returns. :class:`TokenBackbone` adds what VPT and AdaptFormer need of a ViT.
+``forward`` returns. :class:`TokenBackbone` adds what VPT and AdaptFormer need of a ViT,
+:class:`BlockBackbone` what Adapter needs of a CNN other than our ResNet.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ class TokenBackbone(nn.Module):
     depth: int
     embed_dim: int
     patch_size: int
+    prompt_refusal: str | None = None  # why VPT's prompts cannot enter this ViT's blocks; None: they can
 
     def adapter_blocks(self) -> list[nn.Module]:
         """The blocks whose ``adapter`` module (``None`` until set) is added to their MLP branch."""
+        raise NotImplementedError
+
+
+class BlockBackbone(nn.Module):
+    """A CNN that names its blocks, so Adapter (:mod:`segprompt.tuning.side`) can add its path to
+    each block's output without knowing the block classes."""
+
+    def conv_blocks(self) -> list[tuple[str, nn.Module, int]]:
+        """``(name, block, C_out)`` in forward order; each block returns one NCHW tensor of C_out channels."""
         raise NotImplementedError

@@ -40,9 +40,9 @@ def _block_names(body: nn.Module) -> list[str]:
     return [f"blocks.{s}.{j}" for s, stage in enumerate(body.blocks) for j in range(len(stage))]
 
 
-def from_efficientnet_pytorch(state: dict[str, torch.Tensor], body: nn.Module,
-                              path: str | Path) -> dict[str, torch.Tensor]:
-    """``state`` renamed to the keys of timm's EfficientNet ``body``. Keys the table does not know,
+def from_efficientnet_pytorch(state: dict[str, torch.Tensor], body: nn.Module, path: str | Path,
+                              model: str) -> dict[str, torch.Tensor]:
+    """``state`` renamed to the keys of timm's EfficientNet ``body`` (timm's ``model``). Keys the table does not know,
     blocks past timm's last, and tensors whose shape differs from timm's tensor of that name are a
     :class:`SegpromptError` naming them."""
     blocks = _block_names(body)
@@ -75,6 +75,6 @@ def from_efficientnet_pytorch(state: dict[str, torch.Tensor], body: nn.Module,
         if shapes:
             what.append(f"{len(shapes)} tensors of other shapes (file -> timm, file vs model) {shapes[:8]}")
         raise SegpromptError(f"pretrained weights '{path}' (EfficientNet-PyTorch layout) do not fit timm model "
-                             f"'{type(body).__name__}' with {len(blocks)} blocks: {'; '.join(what)}. Is it the "
+                             f"'{model}' with {len(blocks)} blocks: {'; '.join(what)}. Is it the "
                              f"file of the same variant (e.g. efficientnet-lite0 for efficientnet_lite0)?")
     return out
