@@ -63,7 +63,7 @@ from segprompt.errors import USER_OS_ERRORS, NonFiniteLoss, RunCrashed, RunInter
 from segprompt.io import atomic_write_json, remove_stale_temporaries
 from segprompt.models.text.guidance import deploy_text, has_learned_text
 from segprompt.progress import progress_bar
-from segprompt.tuning.spm import full_share
+from segprompt.tuning.base import full_share
 
 
 def seed_everything(seed: int, deterministic: bool, benchmark: bool) -> None:

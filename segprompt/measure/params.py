@@ -36,7 +36,7 @@ from segprompt.config import Recipe
 from segprompt.data.meta import DatasetMeta
 from segprompt.engine.build import apply_tuning, build_segmentor
 from segprompt.tuning import TuningContext
-from segprompt.tuning.spm import FullShare, full_share, oversize_warning, percent_of_full
+from segprompt.tuning.base import FullShare, full_share, oversize_warning, percent_of_full
 
 CONVENTIONS = ("paper", "all")
 __all__ = ["CONVENTIONS", "Breakdown", "FullShare", "breakdown", "build_counted", "count", "full_share",

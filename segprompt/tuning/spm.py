@@ -14,8 +14,7 @@ training split (P0), and the interim losses are plain cross-entropy on the inter
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,59 +23,11 @@ from torch import nn
 
 from segprompt.data.view import is_identity, view_theta
 from segprompt.tuning.spm_layers import SPM, SPMVector, auto_channels
-from segprompt.tuning.base import TuningContext, TuningMethod, freeze
+from segprompt.tuning.base import TuningContext, TuningMethod, freeze, oversize_warning
 
 INTERIM_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.4)
 
 log = logging.getLogger(__name__)
-
-
-# "% of full" and the oversize warning are defined for every tuning method (docs/measurement.md,
-# "% of full"). They live here, not in segprompt/measure/params.py (which re-exports them), because
-# the training log (segprompt/engine) must not import segprompt.measure (tests/test_layout.py).
-def percent_of_full(trainable: int, full: int) -> float:
-    """THE "% of full" of count-params, the training log and the demo: 100 x the parameters a run
-    trains / the parameters full tuning trains, i.e. those of the same network as built, before a
-    tuning method inserted or froze anything (backbone and heads; a part the model freezes by
-    construction, such as a CLIP text encoder, is not in it), both counted as every parameter
-    (BatchNorm included: what the optimizer updates and a checkpoint stores)."""
-    if full <= 0:
-        raise ValueError(f"full tuning's parameter count must be positive, got {full}")
-    return 100.0 * trainable / full
-
-
-@dataclass(frozen=True)
-class FullShare:
-    """A tuned model's parameters against full tuning's, every parameter counted."""
-
-    trainable: int  # parameters the run trains
-    full: int  # parameters full tuning trains: the trainable ones of the network as built, nothing inserted
-    inserted: int  # parameters the tuning method inserted (SPMs, adapters, prompt tokens, ...)
-
-    @property
-    def percent(self) -> float:
-        return percent_of_full(self.trainable, self.full)
-
-
-def full_share(model: nn.Module, untuned: Iterable[nn.Parameter]) -> FullShare:
-    """``model`` as tuned, against ``untuned``: the parameters of the same network as built, before
-    its tuning method ran, with the ``requires_grad`` they were built with (a second build or a copy,
-    e.g. on the meta device). Tuning methods insert modules and never remove any."""
-    untuned = list(untuned)
-    params = list(model.parameters())
-    return FullShare(trainable=sum(p.numel() for p in params if p.requires_grad),
-                     full=sum(p.numel() for p in untuned if p.requires_grad),
-                     inserted=sum(p.numel() for p in params) - sum(p.numel() for p in untuned))
-
-
-def oversize_warning(inserted: int, full: int, fix: str) -> str | None:
-    """The warning when the inserted modules outnumber full tuning's parameters (else None)."""
-    if inserted <= full:
-        return None
-    many = f"{inserted / full:.2f} times as many as" if full > 0 else "more than"
-    return (f"the tuning method inserts {inserted:,} parameters, {many} full "
-            f"tuning trains ({full:,}: the network without them), so it is not parameter-efficient on this "
-            f"network: {fix}")
 
 
 class SPMChain(nn.Module):
