@@ -22,7 +22,7 @@ from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ckpt
 from segprompt.engine import export as export_mod
 from segprompt.engine.build import apply_tuning, build_segmentor, dataset_meta, tuning_context
-from segprompt.engine.evaluate import build_checkpoint_model
+from segprompt.engine.load import build_source_model, read_source
 from segprompt.engine.export import ExportOptions, export_model, sidecar
 from segprompt.engine.train import deploy_best, train
 from segprompt.errors import SegpromptError
@@ -64,9 +64,8 @@ def lora_onnx(tmp_path_factory, synthetic_root):
 
 def _checkpoint_model(run, name="best.pt"):
     """The run's model from its checkpoint, read as `segprompt eval` reads it (nothing merged)."""
-    cfg = load_recipe(run / "config.yaml")
-    state = ckpt.load_run_checkpoint(run / "checkpoints" / name)
-    return cfg, build_checkpoint_model(cfg, dataset_meta(cfg), state, name).eval()
+    src = read_source(run / "checkpoints" / name)
+    return src.cfg, build_source_model(src)
 
 
 def _val_image(cfg) -> torch.Tensor:
@@ -91,7 +90,7 @@ def test_onnx_export_of_a_run_reproduces_pytorch_and_records_what_it_is(smoke_ru
     assert record["input_shape"] == [1, 3, 64, 64] and record["output_shape"] == [1, 4, 64, 64]
     assert record["opset"] >= 17 and record["file_bytes"] == out.stat().st_size
     cfg = load_recipe(smoke_run / "config.yaml")
-    assert record["classes"] == dataset_meta(cfg).classes and record["class_names"] == "meta.json"
+    assert record["classes"] == dataset_meta(cfg).classes and record["class_names"] == "checkpoint"
     assert record["input"]["mean"] == list(cfg.data.mean)
     (check,) = record["parity"]["checks"]
     assert check["ok"] and check["max_abs_diff"] < 1e-4 and check["argmax_agreement"] == 1.0

@@ -12,17 +12,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "segprompt"
 
 # area -> areas it must never import
-FORBIDDEN = {
-    "io": {"config", "data", "models", "tuning", "engine", "measure", "experiments", "cli", "progress"},
-    "errors": {"config", "data", "models", "tuning", "engine", "measure", "experiments", "cli", "progress"},
-    "progress": {"config", "data", "models", "tuning", "engine", "measure", "experiments", "cli"},
-    "data": {"models", "tuning", "engine", "measure", "experiments", "cli"},
-    "models": {"tuning", "engine", "measure", "experiments", "cli"},
-    "tuning": {"engine", "measure", "experiments", "cli"},
-    "config": {"engine", "measure", "experiments", "cli"},
-    "engine": {"measure", "experiments", "cli"},
-    "measure": {"experiments", "cli"},
-    "experiments": {"cli"},
+FORBIDDEN = {  # "api" (segprompt.api, the notebook API) sits beside the CLI, above the engine
+    "io": {"config", "data", "models", "tuning", "engine", "measure", "experiments", "cli", "progress", "api"},
+    "errors": {"config", "data", "models", "tuning", "engine", "measure", "experiments", "cli", "progress", "api"},
+    "progress": {"config", "data", "models", "tuning", "engine", "measure", "experiments", "cli", "api"},
+    "data": {"models", "tuning", "engine", "measure", "experiments", "cli", "api"},
+    "models": {"tuning", "engine", "measure", "experiments", "cli", "api"},
+    "tuning": {"engine", "measure", "experiments", "cli", "api"},
+    "config": {"engine", "measure", "experiments", "cli", "api"},
+    "engine": {"measure", "experiments", "cli", "api"},
+    "measure": {"experiments", "cli", "api"},
+    "experiments": {"cli", "api"},
 }
 
 
@@ -104,3 +104,23 @@ def test_files_and_functions_stay_small():
                 if n > 80:
                     too_big.append(f"{p.relative_to(ROOT.parent)}:{node.lineno} {node.name}: {n} lines")
     assert not too_big, "\n".join(too_big)
+
+
+# Optional or slow-to-import libraries (docs/cli.md, "Start-up time"): importing torchvision or
+# timm pulls in torch._dynamo (seconds at every CLI start), so each is imported inside the
+# function that uses it. Only the modules whose classes subclass the library import it at the top.
+HEAVY_LIBRARIES = ("torchvision", "timm", "open_clip", "peft", "onnx", "onnxruntime", "pandas", "tensorboard",
+                   "matplotlib", "safetensors", "transformers", "torch._dynamo")
+IMPORTS_HEAVY_BY_DESIGN = {"segprompt.models.text.clip_text", "segprompt.models.text.prompt_learner"}
+
+
+def test_importing_segprompt_loads_no_heavy_library():
+    import subprocess
+    import sys
+
+    mods = sorted(m for m in MODULES if m not in IMPORTS_HEAVY_BY_DESIGN)
+    code = ("import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+            "from segprompt.config.schema import component_tables\ncomponent_tables()\n"
+            f"print(','.join(h for h in {HEAVY_LIBRARIES!r} if h in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *mods], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing segprompt loaded {out.stdout.strip()}"

@@ -183,7 +183,7 @@ def test_a_checkpoint_alone_carries_its_recipe(run, synthetic_root, tmp_path):
     torch.save(state, moved)
     with pytest.raises(SegpromptError, match="holds no recipe and is not in a run directory; pass the run directory"):
         predict(moved, [val], tmp_path / "x", show_progress=False)
-    with pytest.raises(SegpromptError, match="is a recipe; predict needs trained weights"):
+    with pytest.raises(SegpromptError, match="is a recipe, which holds no trained weights"):
         predict(run / "config.yaml", [val], tmp_path / "x", show_progress=False)
 
 

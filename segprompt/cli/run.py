@@ -11,6 +11,9 @@ import typer.core
 from segprompt.cli.app import app, console, err_console, is_main
 from segprompt.errors import SegpromptError
 
+WEIGHTS_HELP = ("The frozen backbone's weights file, when it is no longer where the run recorded it (checked by its "
+                "SHA-256).")
+
 
 @app.command("train")
 def train_cmd(
@@ -19,11 +22,14 @@ def train_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE (YAML scalar); repeatable.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default results/<recipe>/<timestamp>/).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto' (latest run of the recipe, or --out) or a checkpoint/run path.")] = None,
-    load_from: Annotated[Optional[Path], typer.Option(help="Initialise weights from a checkpoint (segprompt, MMSegmentation "
-                                                           "or a state dict); the iteration counter starts at 0. It must "
-                                                           "supply at least half of the model's tensors.")] = None,
-    load_from_partial: Annotated[bool, typer.Option("--load-from-partial", help="Let --load-from supply fewer than half "
-                                                                                "of the model's tensors.")] = False,
+    load_from: Annotated[Optional[Path], typer.Option(help="Initialise weights from a run directory (its best.pt), a "
+                                                           "checkpoint (segprompt, MMSegmentation or a state dict); "
+                                                           "the iteration counter starts at 0. It must supply at "
+                                                           "least half of the model's tensors.")] = None,
+    load_from_partial: Annotated[bool, typer.Option("--load-from-partial", help="Load what matches by name and shape "
+                                                                                "(e.g. a run on other classes: its "
+                                                                                "head is re-initialised) and list "
+                                                                                "the rest.")] = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Train a recipe on one CPU, one GPU, or under torchrun (DDP)."""
@@ -44,12 +50,15 @@ def train_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    target: Annotated[Path, typer.Argument(help="A run directory, or a recipe (then --checkpoint PATH).")],
-    checkpoint: Annotated[str, typer.Option(help="best | last | deployed (text-guided runs) | PATH.")] = "best",
+    target: Annotated[Path, typer.Argument(help="A run directory, a checkpoint file, a delta (.safetensors), or a "
+                                                "recipe (then --checkpoint PATH).")],
+    checkpoint: Annotated[Optional[str], typer.Option(help="Run directory: best (default) | last | deployed "
+                                                           "(text-guided runs) | PATH; recipe: PATH.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="whole | slide (default: the recipe's).")] = None,
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Multi-scale + flip test-time augmentation.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split to evaluate (default data.val_split).")] = None,
     save_preds: Annotated[Optional[Path], typer.Option(help="Write index PNGs and colour overlays here.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help=WEIGHTS_HELP)] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
 ) -> None:
     """Evaluate a checkpoint: aAcc, mIoU, mAcc, mDice, mFscore and a per-class table."""
@@ -59,7 +68,7 @@ def eval_cmd(
     from segprompt.engine.metrics import format_table, summary_line
 
     run_dir, result = evaluate_checkpoint(target, checkpoint=checkpoint, overrides=set_ or [], mode=mode, tta=tta,
-                                          split=split, save_preds=save_preds)
+                                          split=split, save_preds=save_preds, weights=weights)
     if is_main():
         console.print(format_table(result))
         console.print(summary_line(result), soft_wrap=True, markup=False, highlight=False)
@@ -73,8 +82,8 @@ def eval_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    target: Annotated[Path, typer.Argument(help="A run directory, or one of its checkpoints (a checkpoint that "
-                                                "holds its recipe works anywhere). With --tasks: the first INPUT.")],
+    target: Annotated[Path, typer.Argument(help="A run directory, one of its checkpoints, or a delta (.safetensors); "
+                                                "each works from any folder. With --tasks: the first INPUT.")],
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders (recursive) or quoted "
                                                                "globs.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the predictions; each keeps its input's relative "
@@ -94,6 +103,7 @@ def predict_cmd(
                                                        "--tasks: auto).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at an unreadable image instead of skipping it.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite outputs that already exist.")] = False,
+    weights: Annotated[Optional[Path], typer.Option(help=WEIGHTS_HELP)] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
 ) -> None:
     """Segment your own images with a trained run, or several on one backbone (--tasks).
@@ -104,12 +114,12 @@ def predict_cmd(
     common = dict(checkpoint=checkpoint, mode=mode, tta=tta, formats=parse_formats(format_), batch=batch,
                   device=device, strict=strict, force=force)
     if tasks:
-        if set_:
-            raise SegpromptError("--set changes one recipe; with --tasks each run keeps its own config.yaml (drop "
-                                 "--set, or predict that run alone)")
+        if set_ or weights:
+            raise SegpromptError("--set changes one recipe and --weights one run's frozen weights; with --tasks each "
+                                 "run keeps its own config.yaml and weights (drop them, or predict that run alone)")
         result = predict_tasks(tasks, [str(target), *(inputs or [])], out, **common)
     else:
-        result = predict(target, inputs or [], out, overrides=set_ or [], **common)
+        result = predict(target, inputs or [], out, overrides=set_ or [], weights=weights, **common)
     done, problems = summary(result, out)
     console.print(done, markup=False, highlight=False)
     for line in problems:
@@ -118,10 +128,13 @@ def predict_cmd(
 
 @app.command("export")
 def export_cmd(
-    target: Annotated[Path, typer.Argument(help="A run directory, or a recipe (with --checkpoint PATH for trained "
-                                                "weights; without, random weights as bench builds it).")],
-    out: Annotated[Path, typer.Option(help="File to write (.onnx for ONNX); its record goes to FILE.json.")],
-    format_: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
+    target: Annotated[Path, typer.Argument(help="A run directory, a checkpoint, a delta, or a recipe (with --checkpoint "
+                                                "PATH for trained weights; without, random weights as bench builds "
+                                                "it).")],
+    out: Annotated[Path, typer.Option(help="File to write (.onnx for ONNX, .safetensors for a delta); an ONNX or "
+                                           "TorchScript file's record goes to FILE.json.")],
+    format_: Annotated[str, typer.Option("--format", help="onnx | torchscript | delta (what training changed, to "
+                                                          "share: docs/api.md).")] = "onnx",
     size: Annotated[Optional[str], typer.Option(help="HxW of the exported input (default: data.test.scale).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Batch, height and width left symbolic.")] = False,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 (weights and input).")] = "fp32",
@@ -130,6 +143,7 @@ def export_cmd(
                                                            "recipe: PATH.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out file and its record.")] = False,
+    weights: Annotated[Optional[Path], typer.Option(help=WEIGHTS_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
 ) -> None:
     """Export the deployed model to ONNX or TorchScript, verified against PyTorch.
@@ -138,12 +152,26 @@ def export_cmd(
     printed and stored in FILE.json (docs/deploy.md)."""
     import json
 
+    if format_ == "delta":
+        from segprompt.engine.export import delta_lines, export_delta
+
+        if size or dynamic or dtype != "fp32" or set_:
+            raise SegpromptError("--size, --dynamic, --dtype and --set shape an exported graph; a delta holds the "
+                                 "trained tensors as they are: drop them")
+        record = export_delta(target, out, checkpoint=checkpoint, weights=weights, force=force)
+        if as_json:
+            console.print_json(json.dumps(record))
+        else:
+            for line in delta_lines(record):
+                console.print(line, markup=False, highlight=False)
+        err_console.print(f"wrote {out}", highlight=False)
+        return
     from segprompt.engine.export import ExportOptions, export_model, sidecar, summary_lines
     from segprompt.measure.bench import parse_size
 
     opts = ExportOptions(format=format_, size=parse_size(size) if size else None, dynamic=dynamic, dtype=dtype,
                          checkpoint=checkpoint, force=force)
-    record = export_model(target, out, opts, set_ or [])
+    record = export_model(target, out, opts, set_ or [], weights=weights)
     if as_json:
         console.print_json(json.dumps(record))
     else:

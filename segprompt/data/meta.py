@@ -34,6 +34,12 @@ class DatasetMeta:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def portable(self) -> dict[str, Any]:
+        """What a trained model needs of its dataset away from it (stored in checkpoints and deltas):
+        name, classes, palette and ignore index, without split counts or sources."""
+        return {"name": self.name, "classes": list(self.classes), "palette": [list(c) for c in self.palette],
+                "ignore_index": self.ignore_index}
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["num_classes"] = self.num_classes

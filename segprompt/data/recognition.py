@@ -22,18 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import datasets
-from torchvision.datasets.utils import extract_archive
-from torchvision.transforms import v2
 
 from segprompt.data.meta import DatasetMeta
 from segprompt.data.transforms import to_tensor
 from segprompt.errors import SegpromptError
 
 
+# torchvision is imported inside the functions that read or augment: importing it pulls in
+# torch._dynamo (seconds), and only the recognition appendix needs it (docs/cli.md, start-up time).
+
+
 @dataclass(frozen=True)
 class _Source:
-    cls: type
+    cls: str  # the torchvision.datasets class
     archive: str  # the official archive's name
     folder: str | None  # what the archive extracts to (None: the files themselves)
     files: tuple[str, ...]  # what torchvision reads, relative to the root
@@ -43,14 +44,14 @@ class _Source:
 
 
 SOURCES = {
-    "cifar100": _Source(datasets.CIFAR100, "cifar-100-python.tar.gz", "cifar-100-python",
+    "cifar100": _Source("CIFAR100", "cifar-100-python.tar.gz", "cifar-100-python",
                         ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
                         "https://www.cs.toronto.edu/~kriz/cifar.html", ("train", "test"), "targets"),
-    "svhn": _Source(datasets.SVHN, "train_32x32.mat + test_32x32.mat", None, ("train_32x32.mat", "test_32x32.mat"),
+    "svhn": _Source("SVHN", "train_32x32.mat + test_32x32.mat", None, ("train_32x32.mat", "test_32x32.mat"),
                     "http://ufldl.stanford.edu/housenumbers/ (format 2, cropped digits)", ("train", "test"), "labels"),
     # Food101 keeps its labels in a private list; it is the only way to read them without
     # decoding 101k images.
-    "food101": _Source(datasets.Food101, "food-101.tar.gz", "food-101",
+    "food101": _Source("Food101", "food-101.tar.gz", "food-101",
                        ("food-101/meta/train.json", "food-101/meta/test.json", "food-101/images"),
                        "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/", ("train", "test"), "_labels"),
 }
@@ -60,6 +61,8 @@ RECOGNITION_DATASETS = tuple(SOURCES)
 def _check_files(name: str, root: Path) -> None:
     src = SOURCES[name]
     if src.folder is not None and not (root / src.folder).exists() and (root / src.archive).is_file():
+        from torchvision.datasets.utils import extract_archive
+
         try:
             extract_archive(str(root / src.archive), str(root))
         except Exception as e:  # a truncated or wrong archive: any of tarfile's many errors
@@ -84,10 +87,13 @@ def open_torchvision(name: str, root: str | Path, split: str) -> Any:
         raise SegpromptError(f"{name} has splits {', '.join(src.splits)}, not '{split}' (data.train_split / "
                              f"data.val_split)")
     _check_files(name, root)
+    from torchvision import datasets
+
+    cls = getattr(datasets, src.cls)
     try:
         if name == "cifar100":
-            return src.cls(str(root), train=split == "train", download=False)
-        return src.cls(str(root), split=split, download=False)
+            return cls(str(root), train=split == "train", download=False)
+        return cls(str(root), split=split, download=False)
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted" (its MD5 check)
         raise SegpromptError(f"{name} in '{root}': {e}. The files fail torchvision's integrity check; "
                              f"download {src.archive} again from {src.url}") from e
@@ -137,6 +143,8 @@ class RecognitionDataset(Dataset):
                 raise SegpromptError(f"data.train_subset {subset} is not in 1..{len(self.ds)} ({name} {split})")
             self.indices = np.sort(np.random.default_rng(subset_seed).choice(len(self.ds), subset, replace=False))
         self.labels = labels_of(name, self.ds)[self.indices]
+        from torchvision.transforms import v2
+
         if train:
             self.transform = v2.Compose([
                 v2.RandomResizedCrop(tuple(crop_size), scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),

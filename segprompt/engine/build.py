@@ -47,11 +47,41 @@ def recipe_key(key: str, name: str | None = None) -> Iterator[None]:
         raise SegpromptError(f"{what}: {' '.join(str(e).split())}; change it in the recipe or with --set") from None
 
 
+def trained_backbone(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The backbone tensors of a segprompt checkpoint (``model.pretrained`` may name one: a run's
+    trained backbone taken to a new task), or None when ``path`` is not a segprompt checkpoint."""
+    if Path(path).suffix.lower() == ".safetensors" or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a PyTorch file: the backbone's own reader says why
+        return None
+    if not (isinstance(state, dict) and isinstance(state.get("model"), dict) and "config" in state
+            and "frozen_source" in state):
+        return None
+    tensors = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
+    if any(".lora_" in k or ".base_layer." in k for k in tensors):
+        raise SegpromptError(f"model.pretrained '{path}' is a LoRA run's checkpoint: its backbone is LoRA factors on "
+                             f"frozen weights, not a backbone; use the frozen weights file it was trained on")
+    src = state.get("frozen_source") or {}
+    if not state.get("full_model") and src.get("type") == "file":
+        raise SegpromptError(f"model.pretrained '{path}' stores only what its run trained ({len(tensors)} backbone "
+                             f"tensors); the rest of its backbone is the frozen file '{src.get('path')}' (sha256 "
+                             f"{str(src.get('sha256'))[:12]}...). Take a run that tuned its whole backbone (full "
+                             f"tuning), or use --load-from {path} --load-from-partial to start from all of it")
+    return tensors
+
+
 def load_backbone_weights(backbone: nn.Module, path: str, backbone_name: str) -> None:
     """Load a local backbone checkpoint strictly: missing or unexpected keys are an error that lists
-    them. A backbone with a ``load_pretrained(path)`` method maps the file's key names to its own
-    (and drops the classifier it never runs); any other loads the file's names as they are."""
-    if hasattr(backbone, "load_pretrained"):
+    them. A segprompt checkpoint gives its trained backbone (:func:`trained_backbone`). A backbone
+    with a ``load_pretrained(path)`` method maps the file's key names to its own (and drops the
+    classifier it never runs); any other loads the file's names as they are."""
+    trained = trained_backbone(path)
+    if trained is not None:
+        load_strict(backbone, trained, path, backbone_name, " (a segprompt checkpoint: its run's backbone must be "
+                    "this recipe's model.backbone)")
+    elif hasattr(backbone, "load_pretrained"):
         backbone.load_pretrained(path, backbone_name)
     else:
         load_strict(backbone, read_state_dict(path, backbone_name, "its state dict"), path, backbone_name)

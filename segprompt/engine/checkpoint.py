@@ -17,6 +17,7 @@ train from scratch without a word.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,13 @@ def frozen_source(pretrained: str | None, seed: int, init: str | Path | None = N
     return src
 
 
+def travel_record(meta: Any) -> dict[str, Any]:
+    """What a checkpoint stores so that its run works away from its dataset and folder
+    (docs/runs.md, "Runs that travel"): the classes, palette and ignore index (``meta``) and the
+    folder training ran in (``cwd``, against which the recipe's relative paths resolve)."""
+    return {"meta": meta.portable(), "cwd": os.getcwd()}
+
+
 def init_tensors(state: Any, path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``--load-from`` file: segprompt's ``model``, MMSegmentation's ``state_dict``,
     or a bare state dict (timm, torchvision)."""
@@ -88,15 +96,25 @@ def init_tensors(state: Any, path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_init(model: nn.Module, path: str | Path, *, partial: bool = False) -> tuple[int, int, list[str]]:
+def load_init(model: nn.Module, path: str | Path, *, partial: bool = False
+              ) -> tuple[int, int, list[str], list[str]]:
     """Initialise ``model`` from a checkpoint's weights, as MMSegmentation's ``load_from`` does
-    (non-strict); shapes must agree. Unless ``partial``, the file must supply
-    :data:`LOAD_FROM_MIN_SHARE` of the model's tensors. Returns (tensors loaded, the model's
-    tensors, the file's tensors this model does not have), ``num_batches_tracked`` not counted."""
+    (non-strict). Unless ``partial``, the file must supply :data:`LOAD_FROM_MIN_SHARE` of the
+    model's tensors, each of the model's shape. With ``partial`` a tensor of another shape (a head
+    for other classes) keeps its initial value. Returns (tensors loaded, the model's tensors, the
+    file's tensors this model does not have, the model's tensors left at their initial value
+    because the file's have another shape), ``num_batches_tracked`` not counted."""
     state = init_tensors(load_checkpoint(path), path)
     own = model.state_dict()
     counted = [k for k in own if not k.endswith("num_batches_tracked")]
-    matched = [k for k in counted if k in state]
+    reshaped = [k for k in counted if k in state and state[k].shape != own[k].shape]
+    if reshaped and not partial:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:4])
+        raise SegpromptError(
+            f"--load-from '{path}' has {len(reshaped)} tensor(s) of other shapes than this model's (e.g. {shown}); "
+            f"a run on other classes has another head and other class-sized layers. Add --load-from-partial to load "
+            f"every tensor that matches and start these from their initial values")
+    matched = [k for k in counted if k in state and k not in reshaped]
     if not partial and len(matched) < LOAD_FROM_MIN_SHARE * len(counted):
         missing = [k for k in counted if k not in state]
         raise SegpromptError(
@@ -111,8 +129,9 @@ def load_init(model: nn.Module, path: str | Path, *, partial: bool = False) -> t
             f"{counted[:3]}, the file e.g. {sorted(state)[:3]}. Pass a checkpoint of this recipe's model, or drop "
             f"--load-from to train from scratch")
     dropped = sorted(k for k in state if k not in own)
-    load_model_state(model, {k: v for k, v in state.items() if k in own}, str(path), allow_partial=True)
-    return len(matched), len(counted), dropped
+    load_model_state(model, {k: v for k, v in state.items() if k in own and k not in reshaped}, str(path),
+                     allow_partial=True)
+    return len(matched), len(counted), dropped, reshaped
 
 
 def restore_frozen(model: nn.Module, ckpt: dict, where: str) -> None:

@@ -5,13 +5,13 @@ Two sources (``docs/deploy.md``, "Which model is exported"):
 * **A recipe alone** (:func:`random_model`): its network built without pretrained files (random
   weights), tuning applied, learned text prompts deployed into a fixed K x 1024 buffer, eval mode.
   ``segprompt bench`` times this model; ``segprompt export RECIPE`` exports it.
-* **A run directory, or a recipe with a checkpoint** (:func:`load_deployed`): the same network with
-  the checkpoint's weights, read the way ``segprompt eval`` reads them
-  (:func:`~segprompt.engine.evaluate.build_checkpoint_model`), then its text prompts deployed.
+* **A run directory, a checkpoint, a delta, or a recipe with a checkpoint** (:func:`load_deployed`):
+  the same network with the checkpoint's weights, read by the one loader
+  (:mod:`segprompt.engine.load`), then its text prompts deployed.
 
-The class names come from the dataset's ``meta.json`` when it exists, else ``data.num_classes``
-placeholder names (:func:`recipe_meta`), so a whole-model checkpoint (``deployed.pt``,
-``save_full_model``) deploys on a machine without the dataset.
+The class names of a trained model come from its checkpoint (older checkpoints: the dataset's
+``meta.json``); a recipe alone takes them from ``meta.json`` when it exists, else
+``data.num_classes`` placeholder names (:func:`recipe_meta`).
 """
 
 from __future__ import annotations
@@ -24,17 +24,12 @@ from torch import nn
 
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
-from segprompt.engine import checkpoint as ckpt
 from segprompt.engine.build import apply_tuning, build_segmentor, is_recognition
-from segprompt.engine.evaluate import build_checkpoint_model
-from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST
+from segprompt.engine.load import CHECKPOINT_NAMES, build_source_model, read_source
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
 from segprompt.models.text.guidance import TextGuidance, deploy_text
 from segprompt.tuning import TuningContext
-
-CHECKPOINTS = ("auto", "best", "last", "deployed")  # or a path
-
 
 def recipe_meta(cfg: Recipe) -> tuple[DatasetMeta, str]:
     """The classes: the prepared dataset's ``meta.json`` when it exists, else ``data.num_classes``
@@ -64,15 +59,6 @@ def random_model(cfg: Recipe, meta: DatasetMeta | None = None) -> nn.Module:
     return model.eval()
 
 
-def run_checkpoint(run_dir: Path, name: str) -> Path:
-    """``auto`` (``deployed.pt`` when the run wrote one, else ``best.pt``), ``best``, ``last``,
-    ``deployed``, or a path, for the run directory ``run_dir``."""
-    folder = run_dir / CKPT_DIR
-    if name == "auto":
-        return folder / DEPLOYED if (folder / DEPLOYED).is_file() else folder / BEST
-    return {"best": folder / BEST, "last": folder / LAST, "deployed": folder / DEPLOYED}.get(name, Path(name))
-
-
 @dataclass
 class Deployed:
     """A deployed model and where it came from (recorded beside an exported file)."""
@@ -80,36 +66,34 @@ class Deployed:
     cfg: Recipe
     model: nn.Module
     meta: DatasetMeta
-    class_names: str  # "meta.json" or "placeholder"
+    class_names: str  # where they came from: "checkpoint", "meta.json" or "placeholder"
     source: dict[str, Any] = field(default_factory=dict)
 
 
-def load_deployed(target: str | Path, checkpoint: str | None = None, overrides: list[str] = ()) -> Deployed:
-    """A run directory (its ``config.yaml`` and ``checkpoint``, default ``auto``), a recipe with
-    ``checkpoint`` = a path, or a recipe alone (random weights, as ``segprompt bench`` builds it).
+def load_deployed(target: str | Path, checkpoint: str | None = None, overrides: list[str] = (),
+                  weights: str | Path | None = None) -> Deployed:
+    """A run directory (``checkpoint``: default ``auto``), a checkpoint file or a delta, read by the one
+    loader (:func:`~segprompt.engine.load.read_source`: no training data needed); or a recipe with
+    ``checkpoint`` = a path; or a recipe alone (random weights, as ``segprompt bench`` builds it).
     The model is on the CPU, in eval mode, with its text prompts deployed."""
     target = Path(target)
-    if target.is_dir():
-        if not (target / CONFIG).is_file():
-            raise SegpromptError(f"'{target}' is a folder but not a run directory ('{target / CONFIG}' is missing); "
-                                 f"give a run directory, or a recipe (with --checkpoint PATH for trained weights)")
-        cfg = load_recipe(target / CONFIG, list(overrides))
-        path = run_checkpoint(target, checkpoint or "auto")
-    else:
+    is_recipe = not target.exists() or target.is_file() and target.suffix.lower() in (".yaml", ".yml")
+    if is_recipe:
         cfg = load_recipe(target, list(overrides))
-        if checkpoint in CHECKPOINTS[1:]:
+        if checkpoint in CHECKPOINT_NAMES[1:]:
             raise SegpromptError(f"--checkpoint {checkpoint} names a checkpoint of a run directory, but '{target}' "
                                  f"is a recipe; give the run directory, or --checkpoint PATH")
-        path = None if checkpoint in (None, "auto") else Path(checkpoint)
-    meta, names = recipe_meta(cfg)
-    if path is None:
-        model = random_model(cfg, meta)
-        return Deployed(cfg, model, meta, names, {"recipe": str(target), "weights": "random (no checkpoint)"})
-    state = ckpt.load_run_checkpoint(path)
-    ckpt.check_frozen_source(state, cfg.model.pretrained, str(path))
-    model = build_checkpoint_model(cfg, meta, state, str(path))
+        if checkpoint in (None, "auto"):
+            meta, names = recipe_meta(cfg)
+            model = random_model(cfg, meta)
+            return Deployed(cfg, model, meta, names, {"recipe": str(target), "weights": "random (no checkpoint)"})
+        src = read_source(checkpoint, overrides=overrides, weights=weights, recipe=cfg)
+    else:
+        src = read_source(target, checkpoint, overrides=overrides, weights=weights, default="auto")
+    model = build_source_model(src)
     deploy_text(model)  # learned prompts -> their embeddings (a deployed.pt holds them already)
     model.text_deployed = sum(isinstance(m, TextGuidance) and m.deployed for m in model.modules())
-    source = {"recipe": str(target), "weights": "checkpoint", "checkpoint": str(path),
-              "checkpoint_sha256": sha256_file(path), "iteration": state.get("iteration")}
-    return Deployed(cfg, model.eval(), meta, names, source)
+    names = "checkpoint" if isinstance(src.state.get("meta"), dict) else "meta.json"
+    source = {"recipe": str(target), "weights": "checkpoint", "checkpoint": str(src.path),
+              "checkpoint_sha256": sha256_file(src.path), "iteration": src.state.get("iteration")}
+    return Deployed(src.cfg, model.eval(), src.meta, names, source)

@@ -6,7 +6,6 @@ prediction is compared at the label's resolution, and only a KxK matrix per rank
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -17,61 +16,19 @@ from torch.utils.data import DataLoader
 
 from segprompt.config import Recipe
 from segprompt.data.dataset import SegDataset, collate, read_image, start_workers, worker_init
-from segprompt.data.meta import DatasetMeta
 from segprompt.data.sampler import eval_shard
 from segprompt.data.transforms import normalize
-from segprompt.engine import checkpoint as ckpt
 from segprompt.engine import distributed as dist_utils
-from segprompt.engine.build import (
-    apply_tuning,
-    build_eval_dataset,
-    build_model,
-    build_segmentor,
-    dataset_meta,
-    tuning_context,
-)
+from segprompt.config import load_recipe
+from segprompt.engine.build import build_eval_dataset
 from segprompt.engine.distributed import DistEnv, all_gather_object
-from segprompt.engine.inference import MODES, inference, save_prediction
+from segprompt.engine.inference import autocast, check_mode, save_prediction, segment_logits
 from segprompt.engine.metrics import ConfusionMatrix, compute_metrics
-from segprompt.engine.rundir import default_run_dir, load_run_or_recipe, run_checkpoint
+from segprompt.engine.load import CHECKPOINT_NAMES, build_source_model, read_source
+from segprompt.engine.rundir import default_run_dir
 from segprompt.errors import SegpromptError
 from segprompt.io import write_json_keeping_history
-from segprompt.models.text.guidance import deploy_text
 from segprompt.progress import progress_bar
-
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
-
-
-SLIDE_WINDOW = "--set evaluation.crop_size=[512,512] --set evaluation.stride=[341,341]"  # e.g.
-SLIDE_FIX = f"add e.g. {SLIDE_WINDOW}"
-
-
-def check_mode(cfg: Recipe, mode: str, *, where: str = "the recipe", fix: str = SLIDE_FIX) -> None:
-    """``--mode`` names an inference mode, and slide mode has its window in the recipe (``where``
-    names it in the error, ``fix`` says what to do)."""
-    if mode not in MODES:
-        raise SegpromptError(f"--mode '{mode}' is not one of: {', '.join(MODES)}")
-    if mode == "slide" and (cfg.evaluation.crop_size is None or cfg.evaluation.stride is None):
-        raise SegpromptError(f"--mode slide needs evaluation.crop_size and evaluation.stride in {where}; {fix}")
-
-
-def segment_logits(model: nn.Module, img: torch.Tensor, out_size: tuple[int, int], cfg: Recipe,
-                   device: torch.device, *, mode: str, tta: bool) -> torch.Tensor:
-    """B x K x ``out_size`` scores of normalised images ``img``, with the recipe's evaluation settings
-    (window, TTA scales and flip, align_corners, autocast): the one inference call of ``eval`` and
-    ``predict`` (docs/predict.md)."""
-    ev = cfg.evaluation
-    with autocast(device, cfg.runtime.amp):
-        return inference(model, img, out_size, mode=mode, crop_size=ev.crop_size, stride=ev.stride,
-                         batch_size=ev.slide_batch, scales=ev.tta_scales if tta else [1.0],
-                         flip=ev.tta_flip and tta, align_corners=cfg.model.align_corners)
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *, mode: str | None = None,
@@ -160,52 +117,29 @@ def _update_interim(model: nn.Module, chains: list[nn.Module], interim: dict[int
         chain.captured_maps = {}
 
 
-def build_checkpoint_model(cfg: Recipe, meta: Any, state: dict[str, Any], where: str) -> nn.Module:
-    """The recipe's model with a checkpoint's weights. A whole-model checkpoint (``save_full_model``,
-    or a deployed text-guided model) needs no pretrained file: it holds every tensor."""
-    if not state.get("full_model"):
-        model = build_model(cfg, meta)
-        ckpt.restore_frozen(model, state, where)
-        ckpt.load_model_state(model, state["model"], where)
-        return model
-    model = build_segmentor(cfg, meta, load_pretrained=False)
-    apply_tuning(model, cfg, tuning_context(cfg, meta))
-    if state.get("deployed"):
-        deploy_text(model)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise SegpromptError(f"checkpoint '{where}' does not fit this recipe's model: missing {missing[:6]}, "
-                             f"unexpected {unexpected[:6]}")
-    return model
-
-
-def load_checkpoint_model(cfg: Recipe, ckpt_path: Path, state: dict[str, Any] | None = None
-                          ) -> tuple[nn.Module, DatasetMeta, dict[str, Any]]:
-    """The recipe's model with the weights of ``ckpt_path`` (``state``: its contents, if already
-    read), its dataset's meta and the checkpoint's contents, as ``eval`` and ``predict`` load it."""
-    meta = dataset_meta(cfg)
-    if state is None:
-        state = ckpt.load_run_checkpoint(ckpt_path)
-    ckpt.check_frozen_source(state, cfg.model.pretrained, str(ckpt_path))
-    return build_checkpoint_model(cfg, meta, state, str(ckpt_path)), meta, state
-
-
-def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrides: list[str] = (),
+def evaluate_checkpoint(target: str | Path, *, checkpoint: str | None = None, overrides: list[str] = (),
                         mode: str | None = None, tta: bool | None = None, split: str | None = None,
-                        save_preds: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """``segprompt eval``: a run directory (its config and ``best``/``last`` checkpoint) or a recipe
-    with ``--checkpoint PATH``. Writes ``eval.json`` into the run directory; an earlier one is
-    moved to ``eval_history/`` first, never overwritten."""
+                        save_preds: str | Path | None = None, weights: str | Path | None = None
+                        ) -> tuple[Path, dict[str, Any]]:
+    """``segprompt eval``: a run directory (its config and ``best``/``last``/``deployed`` checkpoint), a
+    checkpoint file, a delta, or a recipe with ``--checkpoint PATH``. Writes ``eval.json`` into the
+    run directory (elsewhere: ``results/eval-<name>/<timestamp>/``); an earlier one is moved to
+    ``eval_history/`` first, never overwritten."""
     target = Path(target)
-    cfg, run_dir = load_run_or_recipe(target, overrides)
-    if run_dir is not None:
-        ckpt_path = run_checkpoint(target, checkpoint)
+    is_recipe = not target.exists() or target.is_file() and target.suffix.lower() in (".yaml", ".yml")
+    if is_recipe:  # a recipe file, or the name of a shipped recipe
+        recipe = load_recipe(target, list(overrides))
+        if checkpoint in (None, *CHECKPOINT_NAMES):
+            raise SegpromptError(f"evaluating recipe '{target}' needs --checkpoint PATH (best/last name checkpoints "
+                                 f"of a run directory)")
+        src = read_source(checkpoint, overrides=overrides, weights=weights, need_data=True, recipe=recipe)
     else:
-        if checkpoint in ("best", "last"):
-            raise SegpromptError(f"evaluating recipe '{target}' needs --checkpoint PATH "
-                                 f"(best/last only make sense for a run directory)")
-        ckpt_path = Path(checkpoint)
-        run_dir = default_run_dir(target).with_name("eval-" + default_run_dir(target).name)
+        src = read_source(target, checkpoint, overrides=overrides, weights=weights, need_data=True)
+    cfg = src.cfg
+    run_dir = None if is_recipe else src.run_dir
+    if run_dir is None:
+        name = target.stem if is_recipe else src.path.stem
+        run_dir = default_run_dir(name).with_name("eval-" + default_run_dir(name).name)
     if mode is not None:
         check_mode(cfg, mode)
     if save_preds is not None:
@@ -214,11 +148,10 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str = "best", overrid
             raise SegpromptError(f"--save-preds folder '{save_preds}' is not empty; choose a new folder")
     env = dist_utils.init_distributed(cfg.runtime.device)
     try:
-        model, meta, state = load_checkpoint_model(cfg, ckpt_path)
-        model.to(env.device)
-        dataset = build_eval_dataset(cfg, meta, split)
+        model = build_source_model(src).to(env.device)
+        dataset = build_eval_dataset(cfg, src.meta, split)
         result = evaluate(model, dataset, cfg, env, mode=mode, tta=tta, save_preds=save_preds)
-        result = {"checkpoint": str(ckpt_path), "iter": state.get("iteration"), "split": dataset.split, **result}
+        result = {"checkpoint": str(src.path), "iter": src.state.get("iteration"), "split": dataset.split, **result}
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json_keeping_history(run_dir / "eval.json", result, "eval_history")

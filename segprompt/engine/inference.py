@@ -15,6 +15,7 @@ rescaled pass the same box as unscaled). Models whose call takes no ``view`` key
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segprompt.config import Recipe
 from segprompt.data.view import identity_view, sub_view
+from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes
 
 __all__ = ["MODES", "FORMATS", "whole_inference", "slide_inference", "inference", "takes_view", "colorize",
@@ -261,3 +264,37 @@ def save_prediction(
         _write_png(path, image)
         paths.append(path)
     return paths
+
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+SLIDE_WINDOW = "--set evaluation.crop_size=[512,512] --set evaluation.stride=[341,341]"  # e.g.
+SLIDE_FIX = f"add e.g. {SLIDE_WINDOW}"
+
+
+def check_mode(cfg: Recipe, mode: str, *, where: str = "the recipe", fix: str = SLIDE_FIX) -> None:
+    """``--mode`` names an inference mode, and slide mode has its window in the recipe (``where``
+    names it in the error, ``fix`` says what to do)."""
+    if mode not in MODES:
+        raise SegpromptError(f"--mode '{mode}' is not one of: {', '.join(MODES)}")
+    if mode == "slide" and (cfg.evaluation.crop_size is None or cfg.evaluation.stride is None):
+        raise SegpromptError(f"--mode slide needs evaluation.crop_size and evaluation.stride in {where}; {fix}")
+
+
+def segment_logits(model: torch.nn.Module, img: torch.Tensor, out_size: tuple[int, int], cfg: Recipe,
+                   device: torch.device, *, mode: str, tta: bool) -> torch.Tensor:
+    """B x K x ``out_size`` scores of normalised images ``img``, with the recipe's evaluation settings
+    (window, TTA scales and flip, align_corners, autocast): the one inference call of ``eval`` and
+    ``predict`` (docs/predict.md)."""
+    ev = cfg.evaluation
+    with autocast(device, cfg.runtime.amp):
+        return inference(model, img, out_size, mode=mode, crop_size=ev.crop_size, stride=ev.stride,
+                         batch_size=ev.slide_batch, scales=ev.tta_scales if tta else [1.0],
+                         flip=ev.tta_flip and tta, align_corners=cfg.model.align_corners)

@@ -31,10 +31,10 @@ from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import DatasetMeta
 from segprompt.data.transforms import normalize, to_tensor
 from segprompt.engine import checkpoint as ckpt
-from segprompt.engine.build import apply_tuning, build_segmentor, build_test_transform, dataset_meta
+from segprompt.engine.build import apply_tuning, build_segmentor, build_test_transform
 from segprompt.engine.distributed import resolve_device
-from segprompt.engine.evaluate import load_checkpoint_model
-from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, LAST
+from segprompt.engine.load import load, read_source
+from segprompt.engine.rundir import CONFIG
 from segprompt.errors import SegpromptError
 from segprompt.tuning import TuningContext
 
@@ -201,38 +201,31 @@ def _tail(path: Path, depth: int) -> str:
 
 
 def _load_task(name: str, run_dir: Path, checkpoint: str) -> tuple[Task, dict[str, Any]]:
-    """The run's recipe, dataset meta and checkpoint; refuses what cannot share a backbone."""
+    """The run's recipe, classes and checkpoint (read as every loader reads them,
+    :func:`~segprompt.engine.load.read_source`); refuses what cannot share a backbone."""
     if not (run_dir / CONFIG).is_file():
         raise SegpromptError(f"task '{name}': '{run_dir}' is not a run directory ('{run_dir / CONFIG}' is missing); "
                              f"pass the folder `segprompt train` wrote")
-    cfg = load_recipe(run_dir / CONFIG)
-    path = _checkpoint_path(run_dir, checkpoint)
-    if cfg.model.backbone.get("text"):
+    if load_recipe(run_dir / CONFIG).model.backbone.get("text"):
         raise SegpromptError(f"task '{name}' ({run_dir}) has a text-guided backbone (model.backbone.text): its "
                              f"backbone depends on the task's class names, so it cannot be shared; serve it "
                              f"alone (docs/multitask.md)")
-    state = ckpt.load_run_checkpoint(path)
-    if state.get("full_model"):
-        raise SegpromptError(f"task '{name}': checkpoint '{path}' stores the whole model (checkpoint.save_full_model "
-                             f"or a deployed model), not what training changed, so nothing in it is known to be "
-                             f"the shared frozen backbone; pass a trainable-only checkpoint (best.pt or last.pt of "
-                             f"a run with checkpoint.save_full_model: false) or serve it alone")
-    task = Task(name=name, run_dir=run_dir, checkpoint=path, cfg=cfg, meta=dataset_meta(cfg),
-                iteration=state.get("iteration"))
-    return task, state
-
-
-def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    return run_dir / CKPT_DIR / {"best": BEST, "last": LAST}.get(checkpoint, checkpoint)
+    src = read_source(run_dir, checkpoint)
+    if src.state.get("full_model"):
+        raise SegpromptError(f"task '{name}': checkpoint '{src.path}' stores the whole model "
+                             f"(checkpoint.save_full_model or a deployed model), not what training changed, so "
+                             f"nothing in it is known to be the shared frozen backbone; pass a trainable-only "
+                             f"checkpoint (best.pt or last.pt of a run with checkpoint.save_full_model: false) or "
+                             f"serve it alone")
+    task = Task(name=name, run_dir=run_dir, checkpoint=src.path, cfg=src.cfg, meta=src.meta,
+                iteration=src.state.get("iteration"))
+    return task, src.state
 
 
 def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> nn.Module:
     """One run's model alone, built as `segprompt eval` builds it (pretrained file, checkpoint):
     what a task of :class:`MultiTaskModel` reproduces exactly, at the cost of its own backbone."""
-    run_dir = Path(run_dir)
-    model, _, _ = load_checkpoint_model(load_recipe(run_dir / CONFIG), _checkpoint_path(run_dir, checkpoint))
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    return model.to(dev).eval()
+    return load(run_dir, checkpoint, device=device).model
 
 
 def _identity(task: Task, state: dict[str, Any]) -> tuple[str, str, str]:
@@ -324,8 +317,8 @@ class _Builder:
             if not state.get("frozen_source"):
                 raise SegpromptError(f"task '{task.name}': checkpoint '{task.checkpoint}' records no frozen_source, "
                                      f"so its frozen weights are unknown; retrain it with this segprompt")
-            ckpt.check_frozen_source(state, task.cfg.model.pretrained, str(task.checkpoint))
-            backbone = build_segmentor(task.cfg, task.meta).backbone.to(self.device)  # reads model.pretrained
+            # model.pretrained is the frozen weights file read_source found and checked by its SHA-256
+            backbone = build_segmentor(task.cfg, task.meta).backbone.to(self.device)
             tensors = _named_tensors(backbone)
             for other in self.bases.values():  # another seed, same file: share what is equal
                 for name, t in tensors.items():

@@ -34,16 +34,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from segprompt.config import Recipe, load_recipe
+from segprompt.config import Recipe
 from segprompt.data.dataset import IMG_EXTS, BadImage, read_image, start_workers, worker_init
 from segprompt.data.transforms import TestTransform, normalize, to_tensor
-from segprompt.engine import checkpoint as ckpt
 from segprompt.engine.build import build_test_transform, is_recognition
 from segprompt.engine.distributed import resolve_device
-from segprompt.engine.evaluate import SLIDE_WINDOW, check_mode, load_checkpoint_model, segment_logits
+from segprompt.engine.inference import SLIDE_WINDOW, check_mode, segment_logits
+from segprompt.engine.load import build_source_model, read_source
 from segprompt.engine.inference import FORMATS, save_prediction
 from segprompt.engine.multitask import MultiTaskModel, task_names
-from segprompt.engine.rundir import CKPT_DIR, CONFIG, run_checkpoint
+from segprompt.engine.rundir import CONFIG
 from segprompt.errors import SegpromptError
 from segprompt.progress import progress_bar
 
@@ -271,36 +271,9 @@ def predict_images(items: Sequence[InputImage], jobs: Sequence[Job], out: Path, 
 
 # ---- the model ---------------------------------------------------------------------------------
 
-def resolve_target(target: Path, checkpoint: str | None, overrides: Sequence[str]
-                   ) -> tuple[Recipe, Path, dict[str, Any] | None]:
-    """(recipe, checkpoint path, the checkpoint's contents if already read) of ``predict TARGET``:
-    a run directory and ``--checkpoint best|last|deployed|PATH`` (default best), or a checkpoint
-    file whose run directory (``RUN/checkpoints/``) or own ``config`` holds the recipe."""
-    if target.is_dir():
-        if not (target / CONFIG).is_file():
-            raise SegpromptError(f"'{target}' is not a run directory: '{target / CONFIG}' is missing")
-        return load_recipe(target / CONFIG, list(overrides)), run_checkpoint(target, checkpoint or "best"), None
-    if not target.exists():
-        raise SegpromptError(f"'{target}' does not exist; pass a run directory or a checkpoint file")
-    if target.suffix.lower() in (".yaml", ".yml"):
-        raise SegpromptError(f"'{target}' is a recipe; predict needs trained weights: pass the run directory "
-                             f"`segprompt train` wrote (or one of its checkpoints)")
-    if checkpoint is not None:
-        raise SegpromptError(f"--checkpoint picks a checkpoint of a run directory, but '{target}' is a checkpoint "
-                             f"file already; drop --checkpoint, or pass the run directory")
-    run = target.parent.parent
-    if target.parent.name == CKPT_DIR and (run / CONFIG).is_file():
-        return load_recipe(run / CONFIG, list(overrides)), target, None
-    state = ckpt.load_run_checkpoint(target)
-    if not isinstance(state.get("config"), dict):
-        raise SegpromptError(f"checkpoint '{target}' holds no recipe and is not in a run directory; pass the run "
-                             f"directory it came from: `segprompt predict RUN_DIR --checkpoint {target} ...`")
-    return load_recipe(f"the recipe stored in '{target}'", list(overrides), tree=state["config"]), target, state
-
-
 def recipe_segmenter(model: nn.Module, cfg: Recipe, device: torch.device, *, mode: str, tta: bool) -> Segment:
     """:data:`Segment` of one recipe's model: normalise as the recipe says, then the recipe's
-    inference (``eval``'s own call, :func:`~segprompt.engine.evaluate.segment_logits`)."""
+    inference (``eval``'s own call, :func:`~segprompt.engine.inference.segment_logits`)."""
     def segment(img: Tensor, out_size: tuple[int, int]) -> Tensor:
         return segment_logits(model, normalize(img, cfg.data.mean, cfg.data.std), out_size, cfg, device,
                               mode=mode, tta=tta)
@@ -310,14 +283,16 @@ def recipe_segmenter(model: nn.Module, cfg: Recipe, device: torch.device, *, mod
 def predict(target: str | Path, inputs: Sequence[str | Path], out: str | Path, *, checkpoint: str | None = None,
             mode: str | None = None, tta: bool | None = None, formats: Sequence[str] = DEFAULT_FORMATS,
             batch: int = 1, device: str | None = None, strict: bool = False, force: bool = False,
-            overrides: Sequence[str] = (), show_progress: bool = True) -> PredictResult:
+            overrides: Sequence[str] = (), weights: str | Path | None = None,
+            show_progress: bool = True) -> PredictResult:
     """``segprompt predict``: inputs and outputs are checked first, then the model is loaded as
     ``eval`` loads it and every input segmented with the recipe's test pipeline and inference."""
     out, formats = Path(out), parse_formats(formats)
     check_batch(batch)
     items = discover(inputs, out)
     check_outputs(items, out, formats, force)
-    cfg, ckpt_path, state = resolve_target(Path(target), checkpoint, overrides)
+    src = read_source(target, checkpoint, overrides=overrides, weights=weights)
+    cfg = src.cfg
     if is_recognition(cfg):
         raise SegpromptError(f"the recipe of '{target}' trains an image classifier ({cfg.data.dataset}); "
                              f"predict writes segmentation maps")
@@ -327,13 +302,12 @@ def predict(target: str | Path, inputs: Sequence[str | Path], out: str | Path, *
     dev = resolve_device(device or cfg.runtime.device, key="--device" if device else "runtime.device")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    model, meta, state = load_checkpoint_model(cfg, ckpt_path, state)
-    model.to(dev).eval()
-    job = Job(recipe_segmenter(model, cfg, dev, mode=mode, tta=tta), build_test_transform(cfg), meta.palette,
-              meta.num_classes)
+    model = build_source_model(src).to(dev)
+    job = Job(recipe_segmenter(model, cfg, dev, mode=mode, tta=tta), build_test_transform(cfg), src.meta.palette,
+              src.meta.num_classes)
     result = predict_images(items, [job], out, formats=formats, device=dev, batch=batch,
                             num_workers=cfg.runtime.num_workers, strict=strict, show_progress=show_progress)
-    result.checkpoint, result.iteration = ckpt_path, state.get("iteration")
+    result.checkpoint, result.iteration = src.path, src.state.get("iteration")
     return result
 
 

@@ -28,7 +28,6 @@ import torch
 from rich.logging import RichHandler
 
 from segprompt import __version__
-from segprompt.config import Recipe, load_recipe
 from segprompt.engine.runlock import LOCK
 from segprompt.errors import SegpromptError, os_problem
 from segprompt.io import atomic_write_json, atomic_write_text, is_temporary
@@ -38,12 +37,6 @@ CKPT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 DEPLOYED = "deployed.pt"  # text-guided models: the best checkpoint with its text embeddings baked in
-
-
-def run_checkpoint(run: Path, name: str) -> Path:
-    """``best``, ``last`` or ``deployed``: that checkpoint of the run directory ``run``; else a path."""
-    named = {"best": BEST, "last": LAST, "deployed": DEPLOYED}
-    return run / CKPT_DIR / named[name] if name in named else Path(name)
 
 
 def default_run_dir(recipe: str | Path, results: str | Path = "results") -> Path:
@@ -103,18 +96,6 @@ def find_latest_run(recipe: str | Path, results: str | Path = "results") -> Path
     root = Path(results) / Path(recipe).stem
     runs = sorted((p for p in root.glob("*") if (p / CKPT_DIR / LAST).is_file()), key=lambda p: p.name)
     return runs[-1] if runs else None
-
-
-def load_run_or_recipe(target: str | Path, overrides: list[str] = ()) -> tuple[Recipe, Path | None]:
-    """What a command given "a run directory or a recipe" reads: a run directory's ``config.yaml``
-    (the directory is returned too), else the recipe ``target`` (and None)."""
-    target = Path(target)
-    if target.is_dir():
-        if not (target / CONFIG).is_file():
-            raise SegpromptError(f"'{target}' is a folder but not a run directory ('{target / CONFIG}' is missing); "
-                                 f"give a recipe file or a run directory")
-        return load_recipe(target / CONFIG, overrides), target
-    return load_recipe(target, overrides), None
 
 
 def git_commit() -> str | None:

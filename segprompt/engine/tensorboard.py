@@ -25,7 +25,7 @@ from torch import nn
 from segprompt.config import Recipe
 from segprompt.data.dataset import collate, read_image
 from segprompt.data.transforms import normalize
-from segprompt.engine.evaluate import segment_logits
+from segprompt.engine.inference import segment_logits
 from segprompt.engine.inference import overlay
 from segprompt.errors import SegpromptError
 

@@ -42,8 +42,10 @@ from segprompt.data.transforms import normalize
 from segprompt.engine import checkpoint as ckpt
 from segprompt.engine import distributed as dist_utils
 from segprompt.engine.build import build_eval_dataset, build_model, build_segmentor, build_train_dataset, dataset_meta
-from segprompt.engine.evaluate import autocast, evaluate
+from segprompt.engine.evaluate import evaluate
+from segprompt.engine.inference import autocast
 from segprompt.engine.interrupt import StopSignal
+from segprompt.engine.load import init_checkpoint
 from segprompt.engine.metrics import format_table, summary_line
 from segprompt.engine.optim import build_optimizer, build_scheduler
 from segprompt.engine.rundir import (
@@ -96,6 +98,8 @@ def train(recipe: str | Path, overrides: list[str] = (), *, out: str | Path | No
     Raises :class:`RunInterrupted` after a SIGINT/SIGTERM (``last.pt`` saved), :class:`SegpromptError`
     for bad input, and :class:`RunCrashed` (on rank 0) for anything unexpected."""
     pre = load_recipe(recipe, overrides)
+    if load_from is not None:
+        load_from = init_checkpoint(load_from)
     env = dist_utils.init_distributed(pre.runtime.device)
     lock = None
     try:
@@ -204,10 +208,12 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
 
     model = build_model(cfg, meta)
     if load_from:
-        loaded, total, dropped = ckpt.load_init(model, load_from, partial=load_from_partial)
-        log.info("loaded weights from %s: %d of the model's %d tensors (iteration counter starts at 0)%s",
+        loaded, total, dropped, reshaped = ckpt.load_init(model, load_from, partial=load_from_partial)
+        log.info("loaded weights from %s: %d of the model's %d tensors (iteration counter starts at 0)%s%s",
                  load_from, loaded, total,
-                 f"; skipped {len(dropped)} tensor(s) this model does not have: {dropped[:8]}" if dropped else "")
+                 f"; skipped {len(dropped)} tensor(s) this model does not have: {dropped[:8]}" if dropped else "",
+                 f"; {len(reshaped)} tensor(s) of other shapes start from their initial values (re-initialised): "
+                 f"{reshaped}" if reshaped else "")
     model.to(env.device)
     if env.distributed:
         model = dist_utils.convert_sync_batchnorm(model, env.device)
@@ -272,6 +278,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
     if frozen and plan.resume_from is not None and state.get("frozen_source", {}).get("init"):
         init_from = state["frozen_source"]["init"]["path"]
 
+    travel = ckpt.travel_record(meta)
     saved = {LAST: start_iter} if plan.resume_from is not None else {}  # name -> iteration on disk
     if best is not None:
         saved[BEST] = best["iter"]
@@ -286,7 +293,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
                     full_model=cfg.checkpoint.save_full_model,
                     frozen_source=ckpt.frozen_source(frozen_from, cfg.runtime.seed, init_from),
                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                    iteration=iteration, best=best, rng=states, config=cfg.to_dict())
+                    iteration=iteration, best=best, rng=states, config=cfg.to_dict(), **travel)
             except OSError as e:  # the write is atomic: the file on disk is the previous one
                 kept = (f"the previous '{name}' (iteration {saved[name]}) is intact"
                         if name in saved and path.is_file() else f"no earlier '{name}' was written")
@@ -395,7 +402,7 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
         log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), sorted(skipped)[:5])
         metrics_log.write(event="skipped_images", count=len(skipped), files=sorted(skipped))
     if env.is_main and start_iter < iters and has_learned_text(model):
-        deploy_best(model, run_dir, cfg)
+        deploy_best(model, run_dir, cfg, travel)
         log.info("deployed model (text embeddings computed once, no text encoder): %s",
                  run_dir / CKPT_DIR / DEPLOYED)
     log.info("%s", _summary(run_dir, best, iters))
@@ -411,7 +418,7 @@ def _summary(run_dir: Path, best: dict | None, iters: int) -> str:
     return f"done: {iters} iteration{'s' if iters != 1 else ''} in '{run_dir}'; {score}"
 
 
-def deploy_best(model: torch.nn.Module, run_dir: Path, cfg: Recipe) -> None:
+def deploy_best(model: torch.nn.Module, run_dir: Path, cfg: Recipe, travel: dict | None = None) -> None:
     """The deployed form of the best checkpoint (CLIP-distilled STDC-Seg, Sec. 3.3): the learned
     prompts' embeddings computed once and stored, the text encoder and context vectors dropped;
     the whole model in one file (``segprompt eval RUN --checkpoint deployed`` reads it)."""
@@ -420,7 +427,7 @@ def deploy_best(model: torch.nn.Module, run_dir: Path, cfg: Recipe) -> None:
         ckpt.load_model_state(model, ckpt.load_checkpoint(best_path)["model"], str(best_path))
     deploy_text(model)
     ckpt.save_checkpoint(run_dir / CKPT_DIR / DEPLOYED, model=ckpt.model_state(model, True), full_model=True,
-                         deployed=True, config=cfg.to_dict(),
+                         deployed=True, config=cfg.to_dict(), **(travel or {}),
                          source=str(best_path if best_path.is_file() else run_dir / CKPT_DIR / LAST))
 
 

@@ -46,7 +46,8 @@ from segprompt.engine.deployed import random_model as bench_model
 from segprompt.engine.deployed import recipe_meta as bench_meta
 from segprompt.engine.distributed import resolve_device
 from segprompt.engine.export import PROVIDERS
-from segprompt.engine.rundir import git_commit, load_run_or_recipe
+from segprompt.engine.load import run_recipe
+from segprompt.engine.rundir import git_commit
 from segprompt.errors import SegpromptError
 from segprompt.io import write_json_keeping_history
 from segprompt.measure.flops import mmcv_flops, torch_flops
@@ -301,8 +302,8 @@ def run_bench(target: str | Path, opts: BenchOptions, overrides: list[str] | Non
     provider = opts.provider or ("cuda" if device.type == "cuda" else "cpu")
     targets = [target] + ([vs] if vs is not None else [])
     # an ONNX file runs on onnxruntime (docs/deploy.md); a recipe or run directory is built in PyTorch
-    sources = [OrtModel(t, provider, opts.threads) if is_onnx(t) else load_run_or_recipe(t, overrides)[0] for t in targets]
-    sizes = [s.default_size() if isinstance(s, OrtModel) else default_size(s) for s in sources]
+    sources = [OrtModel(t, provider, opts.threads) if is_onnx(t) else run_recipe(t, overrides) for t in targets]
+    sizes = [s.default_size() if isinstance(s, OrtModel) else default_size(s[0]) for s in sources]
     size = opts.size or sizes[0]
     if size is None:
         raise SegpromptError(f"'{target}' has symbolic height and width and no record of its export size; "
@@ -317,10 +318,11 @@ def run_bench(target: str | Path, opts: BenchOptions, overrides: list[str] | Non
             models.append(src)
             entries.append(src.entry())
             continue
-        meta, names = bench_meta(src)
-        model = bench_model(src, meta)
+        cfg, meta = src
+        meta, names = (meta, "checkpoint") if meta is not None else bench_meta(cfg)
+        model = bench_model(cfg, meta)
         models.append(model)
-        entries.append(_model_entry(Path(t), src, model, meta, names, size))
+        entries.append(_model_entry(Path(t), cfg, model, meta, names, size))
     timings = time_models(models, size, opts)
     knobs = {k: v for k, v in asdict(opts).items() if k not in ("size", "device", "threads")}
     result = {

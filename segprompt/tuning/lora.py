@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import re
 
-from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import nn
 
 from segprompt.errors import SegpromptError
@@ -53,7 +52,6 @@ from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 ADAPTER = "default"  # peft's adapter name; it appears in the parameter names
 GROUPED_REASON = ("peft needs a rank that is a multiple of their groups, gives them an ungrouped k x k A, and "
                   "cannot merge them for export")
-_STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +59,15 @@ log = logging.getLogger(__name__)
 def eligible_layers(backbone: nn.Module) -> dict[str, nn.Module]:
     """Every Conv2d (ungrouped, not weight-standardising) and Linear layer of ``backbone`` that LoRA
     can adapt, by name."""
+    # here, not at the top: timm imports torchvision (seconds); peft, which LoRA runs on, does too
+    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+    standardised = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
     mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in backbone.named_modules()
                if isinstance(m, nn.MultiheadAttention)}
     out = {}
     for name, m in backbone.named_modules():
-        conv = isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m, _STANDARDISED)
+        conv = isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m, standardised)
         if conv or (isinstance(m, nn.Linear) and name not in mha_out):
             out[name] = m
     return out

@@ -27,28 +27,38 @@ from __future__ import annotations
 
 import math
 import re
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block as _TimmBlock
-from timm.models.vision_transformer import PatchEmbed
 from torch import nn
 
 from segprompt.models.backbones.base import TokenBackbone
 from segprompt.models.weights import load_strict, read_state_dict
 
 
-class Block(_TimmBlock):
-    """timm's pre-norm encoder layer (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``,
-    ``mlp.fc1``, ``mlp.fc2``) with an optional parallel ``adapter`` on the MLP branch
-    (AdaptFormer §3.2: x + drop_path(MLP(LN(x))) + adapter(x))."""
+class Block(nn.Module):
+    """timm's pre-norm encoder layer, built from timm's own ``Attention`` and ``Mlp`` under timm's
+    names (``norm1``, ``attn.qkv``, ``attn.proj``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp.fc1``,
+    ``mlp.fc2``, ``ls2``, ``drop_path2``: timm's state dicts load unchanged), with an optional
+    parallel ``adapter`` on the MLP branch (AdaptFormer §3.2: x + drop_path(MLP(LN(x))) + adapter(x)).
+
+    Composed rather than subclassed from timm's ``Block`` so that importing this module does not
+    import timm, which imports torchvision (seconds at every CLI start; docs/cli.md)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_rate: float, drop_path: float):
-        super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=drop_rate, drop_path=drop_path,
-                         norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        super().__init__()
+        from timm.layers import Attention, DropPath, Mlp
+
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True, proj_drop=drop_rate)
+        self.ls1 = nn.Identity()  # timm's LayerScale slot: off in ViT/SETR (no init_values)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
+        self.ls2 = nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.register_module("adapter", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +121,8 @@ class VisionTransformer(TokenBackbone):
         self.num_stages = num_stages
         self.out_indices = tuple(out_indices)
         self.interpolate_mode = interpolate_mode
+        from timm.layers import PatchEmbed
+
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_channels, embed_dim, output_fmt="NCHW",
                                       strict_img_size=False, dynamic_img_pad=True)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

@@ -1,7 +1,8 @@
 """CLIP's text tower and the CoOp-style prompt learner used by the text guidance of
-CLIP-distilled STDC-Seg (Sec. 3 of the paper; ``docs/stdc_clip.md``)."""
+CLIP-distilled STDC-Seg (Sec. 3 of the paper; ``docs/stdc_clip.md``).
 
-from segprompt.models.text.clip_text import CLIPTextEncoder
-from segprompt.models.text.prompt_learner import PromptLearner
+The submodules import open_clip, which takes seconds to import; this package imports nothing, so
+a ResNet or ViT run never pays for it (docs/cli.md, "Start-up time").
+"""
 
-__all__ = ["CLIPTextEncoder", "PromptLearner"]
+DEFAULT_WEIGHTS = "pretrained/clip/RN50.pt"  # where the CLIP RN50 file is looked for by default

@@ -26,9 +26,9 @@ from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
 from segprompt.errors import SegpromptError, torch_load_reason
+from segprompt.models.text import DEFAULT_WEIGHTS
 from segprompt.models.weights import load_strict, unwrap_state_dict
 
-DEFAULT_WEIGHTS = "pretrained/clip/RN50.pt"
 _PLAIN_TEXT_CFG = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
 

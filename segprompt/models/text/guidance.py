@@ -27,8 +27,10 @@ from torch import nn
 
 from segprompt.errors import SegpromptError, torch_load_reason
 from segprompt.io import atomic_torch_save, sha256_file
-from segprompt.models.text.clip_text import DEFAULT_WEIGHTS, CLIPTextEncoder, missing_weights_error, text_config
-from segprompt.models.text.prompt_learner import PromptLearner
+from segprompt.models.text import DEFAULT_WEIGHTS
+
+# clip_text and prompt_learner import open_clip (seconds): they are imported where a text
+# guidance is built or loaded, so importing this module (the training loop does) stays cheap.
 
 CLIP_ARCH = "RN50"  # the only CLIP whose text embedding (1024-d) has STDC's F4 width (docs/stdc_clip.md)
 PROMPTS = ("fixed", "learned")
@@ -65,6 +67,9 @@ class TextGuidance(nn.Module):
         if prompt not in PROMPTS:
             raise SegpromptError(f"prompt must be one of {list(PROMPTS)} ('fixed' = stage 1, 'learned' = "
                                  f"stage 2), got {prompt!r}")
+        from segprompt.models.text.clip_text import CLIPTextEncoder, text_config
+        from segprompt.models.text.prompt_learner import PromptLearner
+
         self.class_names = names
         self.num_classes = len(names)
         self.embed_dim = text_config(CLIP_ARCH)[0]
@@ -119,6 +124,8 @@ class TextGuidance(nn.Module):
             self.embeddings.copy_(emb)
 
     def _cached_embeddings(self) -> torch.Tensor:
+        from segprompt.models.text.clip_text import CLIPTextEncoder, missing_weights_error
+
         clip = Path(self.clip_weights)
         key = _names_key(self.class_names)
         if clip.is_file():
