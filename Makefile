@@ -16,11 +16,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/segprompt demo
 
+# two worker processes (pytest-xdist): the suite is mostly single-threaded tests
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/data_pipeline.py
