@@ -20,7 +20,7 @@ from conftest import REPO, TINY_RECIPE, run_cli
 from segprompt.data.synthetic import generate_synthetic
 from segprompt.engine.delta import read_delta
 from segprompt.engine.evaluate import evaluate_checkpoint
-from segprompt.engine.export import export_delta
+from segprompt.engine.share import export_delta
 from segprompt.engine.predict import predict
 from segprompt.engine.train import train
 from segprompt.errors import SegpromptError
@@ -183,3 +183,29 @@ def test_export_and_bench_work_on_a_copied_run_without_its_data(workspace, tmp_p
         assert result["num_classes"] == 4 and result["class_names"] == "checkpoint" and result["fps"] > 0
     finally:
         (ws / "data-away").rename(ws / "data")
+
+
+def test_a_lora_run_exports_a_plain_whole_checkpoint(workspace, tmp_path, monkeypatch):
+    from segprompt.engine.share import export_checkpoint
+
+    ws, _, _ = workspace
+    monkeypatch.chdir(ws)
+    short = ["schedule.iters=2", "evaluation.interval=2", "checkpoint.interval=2"]
+    lora = train("recipe.yaml", ["tuning={name: lora, rank: 2, target: layer4}", *short], out=tmp_path / "lora")
+    record = export_checkpoint(lora, tmp_path / "merged.pt")
+    assert record["lora_merged"] > 0
+    state = torch.load(tmp_path / "merged.pt", weights_only=True)
+    assert state["full_model"] and state["config"]["tuning"] == {"name": "full"}
+    assert not any(".lora_" in k or ".base_layer." in k for k in state["model"])
+    a, b = segprompt.load(lora), segprompt.load(tmp_path / "merged.pt")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(a.model(x), b.model(x), atol=1e-5)
+    # the plain network is another recipe's pretrained backbone
+    head = train("recipe.yaml", ["tuning={name: head}", f"model.pretrained={tmp_path / 'merged.pt'}", *short],
+                 out=tmp_path / "head")
+    got = segprompt.load(head).model.backbone.state_dict()
+    assert all(torch.equal(got[k.removeprefix("backbone.")], v) for k, v in state["model"].items()
+               if k.startswith("backbone."))
+    with pytest.raises(SegpromptError, match="a whole checkpoint is a .pt or .pth file"):
+        export_checkpoint(lora, tmp_path / "merged.onnx")

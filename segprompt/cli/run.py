@@ -134,7 +134,8 @@ def export_cmd(
     out: Annotated[Path, typer.Option(help="File to write (.onnx for ONNX, .safetensors for a delta); an ONNX or "
                                            "TorchScript file's record goes to FILE.json.")],
     format_: Annotated[str, typer.Option("--format", help="onnx | torchscript | delta (what training changed, to "
-                                                          "share: docs/api.md).")] = "onnx",
+                                                          "share) | checkpoint (the whole model, LoRA merged, "
+                                                          "as a plain .pt): docs/api.md.")] = "onnx",
     size: Annotated[Optional[str], typer.Option(help="HxW of the exported input (default: data.test.scale).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Batch, height and width left symbolic.")] = False,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 (weights and input).")] = "fp32",
@@ -152,18 +153,23 @@ def export_cmd(
     printed and stored in FILE.json (docs/deploy.md)."""
     import json
 
-    if format_ == "delta":
-        from segprompt.engine.export import delta_lines, export_delta
+    if format_ in ("delta", "checkpoint"):
+        from segprompt.engine.share import delta_lines, export_checkpoint, export_delta
 
         if size or dynamic or dtype != "fp32" or set_:
-            raise SegpromptError("--size, --dynamic, --dtype and --set shape an exported graph; a delta holds the "
-                                 "trained tensors as they are: drop them")
-        record = export_delta(target, out, checkpoint=checkpoint, weights=weights, force=force)
+            raise SegpromptError(f"--size, --dynamic, --dtype and --set shape an exported graph; a {format_} holds "
+                                 f"the trained tensors as they are: drop them")
+        export = export_delta if format_ == "delta" else export_checkpoint
+        record = export(target, out, checkpoint=checkpoint, weights=weights, force=force)
         if as_json:
             console.print_json(json.dumps(record))
-        else:
+        elif format_ == "delta":
             for line in delta_lines(record):
                 console.print(line, markup=False, highlight=False)
+        else:
+            console.print(f"the whole model: {record['tensors']} tensors, {record['file_bytes'] / 1e6:.2f} MB, "
+                          f"{record['lora_merged']} LoRA layer(s) merged; it needs no frozen weights file",
+                          markup=False, highlight=False)
         err_console.print(f"wrote {out}", highlight=False)
         return
     from segprompt.engine.export import ExportOptions, export_model, sidecar, summary_lines

@@ -37,15 +37,12 @@ from torch import nn
 
 from segprompt import __version__
 from segprompt.config import Recipe
-from segprompt.engine import delta as delta_file
-from segprompt.engine.build import build_segmentor
 from segprompt.engine.deployed import Deployed, load_deployed
-from segprompt.engine.load import read_source
 from segprompt.engine.rundir import git_commit
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes, atomic_write_json, sha256_file
 
-FORMATS = ("onnx", "torchscript")  # and "delta" (export_delta): the trained tensors, not a graph
+FORMATS = ("onnx", "torchscript")  # graphs; "delta" and "checkpoint" (engine/share.py) are trained tensors
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 INPUT, OUTPUT = "image", "logits"
 # dtype -> (largest max |ORT - PyTorch| as a share of max(1, max |logit|), least argmax agreement)
@@ -326,51 +323,3 @@ def _weights(record: dict[str, Any]) -> str:
         it = f" (iteration {record['iteration']})" if record.get("iteration") is not None else ""
         return f"weights of {record['checkpoint']}{it}"
     return f"weights: {record['weights']}"
-
-
-# ---- deltas (docs/api.md, "Deltas") -----------------------------------------------------------
-def export_delta(target: str | Path, out: str | Path, *, checkpoint: str | None = None,
-                 weights: str | Path | None = None, force: bool = False) -> dict[str, Any]:
-    """Write what a run's checkpoint changed on top of its frozen backbone to ``out``
-    (``.safetensors``): the checkpoint's tensors, and its recipe, classes, palette and the frozen
-    weights' SHA-256 as metadata (:mod:`segprompt.engine.delta`). Returns the sizes."""
-    out = Path(out)
-    if not delta_file.is_delta(out):
-        raise SegpromptError(f"--out '{out}': a delta is a safetensors file, e.g. {out.with_suffix(delta_file.SUFFIX)}")
-    if out.is_dir() or out.exists() and not force:
-        raise SegpromptError(f"'{out}' already exists; choose another --out, or add --force to replace it")
-    src = read_source(target, checkpoint, weights=weights)
-    state = src.state
-    if state.get("full_model") or state.get("delta"):
-        what = "is a delta already" if state.get("delta") else "stores the whole model (a deployed model or " \
-                                                                  "checkpoint.save_full_model)"
-        raise SegpromptError(f"'{src.path}' {what}; a delta is made from a trainable-only checkpoint: the run's "
-                             f"best.pt or last.pt (--checkpoint best|last)")
-    init = (state.get("frozen_source") or {}).get("init")
-    if init:
-        raise SegpromptError(f"'{src.path}' was trained on frozen weights partly taken from the --load-from "
-                             f"checkpoint '{init['path']}', which a delta cannot carry; share the run directory "
-                             f"(with that checkpoint) instead")
-    with torch.device("meta"), torch.random.fork_rng(devices=[]):
-        full = build_segmentor(src.cfg, src.meta, load_pretrained=False)
-    full_bytes = sum(t.numel() * t.element_size() for t in full.state_dict().values())
-    tensors = state["model"]
-    delta_file.write_delta(out, tensors, config=state.get("config") or src.cfg.to_dict(),
-                           meta=state.get("meta") or src.meta.portable(), frozen_source=state.get("frozen_source"),
-                           iteration=state.get("iteration"), cwd=state.get("cwd"), segprompt=__version__,
-                           source=str(src.path), source_sha256=sha256_file(src.path))
-    return {"delta": str(out), "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
-            "file_bytes": out.stat().st_size, "full_model_bytes": full_bytes, "checkpoint": str(src.path),
-            "frozen_sha256": (state.get("frozen_source") or {}).get("sha256")}
-
-
-def delta_lines(record: dict[str, Any]) -> list[str]:
-    """What ``segprompt export --format delta`` prints: what the delta holds and its size against
-    the whole model's."""
-    share = 100 * record["file_bytes"] / max(record["full_model_bytes"], 1)
-    frozen = (f"the frozen backbone with sha256 {record['frozen_sha256'][:12]}... (pass its file with --weights)"
-              if record["frozen_sha256"] else "the frozen backbone rebuilt from the recipe's seed (no file)")
-    return [f"delta: {record['tensors']} tensors, {record['parameters']:,} parameters, "
-            f"{record['file_bytes'] / 1e6:.2f} MB; the whole model is {record['full_model_bytes'] / 1e6:.2f} MB "
-            f"(the delta is {share:.2f} % of it)",
-            f"it loads onto {frozen}: segprompt predict {record['delta']} IMAGES --out DIR"]
