@@ -70,7 +70,7 @@ def prepare(work: Path, iters: int) -> list[Path]:
     import yaml
 
     from segprompt.data.synthetic import generate_synthetic
-    from segprompt.engine.train import train
+    from segprompt.training.loop import train
     from segprompt.models import BACKBONES
 
     work.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def load(kind: str, runs: list[Path], device: str):
     ``(images, task names) -> logits`` that runs each image under its task, and the tensor bytes."""
     import torch
 
-    from segprompt.engine.multitask import MultiTaskModel, load_run_model
+    from segprompt.serve.multitask import MultiTaskModel, load_run_model
 
     if kind == "shared":
         mt = MultiTaskModel.from_runs({r.name: r for r in runs}, device=device)

@@ -32,9 +32,9 @@ def measure(method: str, size: int, batch: int, steps: int, device: str) -> dict
 
     from segprompt.config import OptimizerConfig, load_recipe
     from segprompt.data.meta import DatasetMeta
-    from segprompt.engine.build import apply_tuning, build_segmentor
-    from segprompt.engine.checkpoint import changed_state_dict
-    from segprompt.engine.optim import build_optimizer
+    from segprompt.build import apply_tuning, build_segmentor
+    from segprompt.runs.checkpoint import changed_state_dict
+    from segprompt.training.optim import build_optimizer
     from segprompt.tuning import TuningContext
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ def __getattr__(name: str):
     # lazily: the API imports torch, which `segprompt --help` and the CLI's argument errors do not
     # need (PEP 562 module __getattr__)
     if name == "MultiTaskModel":
-        from segprompt.engine.multitask import MultiTaskModel
+        from segprompt.serve.multitask import MultiTaskModel
 
         return MultiTaskModel
     if name in ("Segmenter", "evaluate", "load", "train"):

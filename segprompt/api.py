@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from segprompt.engine.load import Segmenter
-from segprompt.engine.load import load as _load
+from segprompt.serve.segmenter import Segmenter
+from segprompt.serve.segmenter import load as _load
 
 
 def load(target: str | Path, checkpoint: str | None = None, *, weights: str | Path | None = None,
@@ -37,7 +37,7 @@ def train(recipe: str | Path, overrides: Sequence[str] = (), *, out: str | Path 
     """Train ``recipe`` (a file or a shipped recipe's name) with ``--set``-style ``overrides``
     (``"optimizer.lr=0.01"``) into ``out`` (default ``results/<recipe>/<timestamp>/``); returns the
     run directory. ``resume`` and ``load_from`` are the CLI's ``--resume`` and ``--load-from``."""
-    from segprompt.engine.train import train as _train
+    from segprompt.training.loop import train as _train
 
     return _train(recipe, list(overrides), out=out, resume=resume, load_from=load_from,
                   load_from_partial=load_from_partial)
@@ -48,7 +48,7 @@ def evaluate(target: str | Path, *, checkpoint: str | None = None, split: str | 
              overrides: Sequence[str] = ()) -> dict[str, Any]:
     """``segprompt eval``: the metrics of a run directory, checkpoint or delta on its dataset's
     ``split`` (default the validation split), also written to the run's ``eval.json``."""
-    from segprompt.engine.evaluate import evaluate_checkpoint
+    from segprompt.evaluation.evaluate import evaluate_checkpoint
 
     _, result = evaluate_checkpoint(target, checkpoint=checkpoint, overrides=list(overrides), mode=mode, tta=tta,
                                     split=split, weights=weights)

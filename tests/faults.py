@@ -117,7 +117,7 @@ FAULT_ENV = "SEGPROMPT_TEST_FAULT"
 
 def fault(call: str, sig: int = signal.SIGKILL, nth: int = 1, match: str | None = None, times: int = 1,
           rank: int | None = None, error: str | None = None) -> dict:
-    """``call`` is ``module:attr`` (``os:replace``, ``segprompt.engine.train:evaluate``); ``times``
+    """``call`` is ``module:attr`` (``os:replace``, ``segprompt.training.loop:evaluate``); ``times``
     sends the signal that often in a row (two SIGINTs: a second Ctrl-C); ``rank`` arms one DDP rank."""
     return {"call": call, "signal": int(sig), "nth": nth, "match": match, "times": times, "rank": rank,
             "error": error}

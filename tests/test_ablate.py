@@ -145,7 +145,7 @@ def test_run_skips_finished_runs_and_resumes_interrupted_ones(table, tmp_path):
 
 
 def test_a_cell_running_elsewhere_is_not_run_twice(table, tmp_path):
-    from segprompt.engine import runlock
+    from segprompt.runs import runlock
 
     plan = ab.build_plan(table, root=tmp_path / "ab", rows=["head"], seeds=1)
     run = plan.runs[0]

@@ -18,7 +18,7 @@ from torch import nn
 
 from conftest import recipe_from_dict
 from segprompt.data.meta import DatasetMeta
-from segprompt.engine.build import apply_tuning, build_segmentor
+from segprompt.build import apply_tuning, build_segmentor
 from segprompt.errors import SegpromptError
 from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.backbones.vit import VisionTransformer, resize_pos_embed

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli, write_recipe
-from segprompt.engine.train import train
+from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
 
 

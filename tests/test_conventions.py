@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from segprompt.config import load_recipe
 from segprompt.data.meta import DatasetMeta
-from segprompt.engine.build import build_segmentor
+from segprompt.build import build_segmentor
 from segprompt.models import BACKBONES
 from segprompt.models.backbones.vit import VisionTransformer, load_vit_checkpoint, resize_pos_embed
 from segprompt.models.heads.fcn import FCNHead

@@ -19,12 +19,12 @@ from segprompt.cli import main
 from segprompt.config import dump_recipe, load_recipe
 from segprompt.data.dataset import read_image
 from segprompt.data.transforms import normalize
-from segprompt.engine import checkpoint as ckpt
-from segprompt.engine import export as export_mod
-from segprompt.engine.build import apply_tuning, build_segmentor, dataset_meta, tuning_context
-from segprompt.engine.load import build_source_model, read_source
-from segprompt.engine.export import ExportOptions, export_model, sidecar
-from segprompt.engine.train import deploy_best, train
+from segprompt.runs import checkpoint as ckpt
+from segprompt.serve import export as export_mod
+from segprompt.build import apply_tuning, build_segmentor, dataset_meta, tuning_context
+from segprompt.runs.load import build_source_model, read_source
+from segprompt.serve.export import ExportOptions, export_model, sidecar
+from segprompt.training.loop import deploy_best, train
 from segprompt.errors import SegpromptError
 from segprompt.measure.bench import BenchOptions, run_bench
 

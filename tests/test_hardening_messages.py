@@ -15,7 +15,7 @@ from conftest import run_cli, write_recipe
 from faults import fail_atomic_writes, forbid_dir
 
 from segprompt.cli import main
-from segprompt.engine.train import train
+from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
 
 

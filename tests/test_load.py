@@ -18,11 +18,11 @@ import yaml
 import segprompt
 from conftest import REPO, TINY_RECIPE, run_cli
 from segprompt.data.synthetic import generate_synthetic
-from segprompt.engine.delta import read_delta
-from segprompt.engine.evaluate import evaluate_checkpoint
-from segprompt.engine.share import export_delta
-from segprompt.engine.predict import predict
-from segprompt.engine.train import train
+from segprompt.runs.delta import read_delta
+from segprompt.evaluation.evaluate import evaluate_checkpoint
+from segprompt.serve.share import export_delta
+from segprompt.serve.predict import predict
+from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
 
 
@@ -167,7 +167,7 @@ def test_the_api_example_in_the_docs_runs(tmp_path, monkeypatch):
 
 
 def test_export_and_bench_work_on_a_copied_run_without_its_data(workspace, tmp_path, monkeypatch):
-    from segprompt.engine.export import ExportOptions, export_model
+    from segprompt.serve.export import ExportOptions, export_model
     from segprompt.measure.bench import BenchOptions, run_bench
 
     ws, run, _ = workspace
@@ -186,7 +186,7 @@ def test_export_and_bench_work_on_a_copied_run_without_its_data(workspace, tmp_p
 
 
 def test_a_lora_run_exports_a_plain_whole_checkpoint(workspace, tmp_path, monkeypatch):
-    from segprompt.engine.share import export_checkpoint
+    from segprompt.serve.share import export_checkpoint
 
     ws, _, _ = workspace
     monkeypatch.chdir(ws)

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import REPO, run_cli
 from segprompt.config import load_recipe
-from segprompt.engine.checkpoint import changed_state_dict, load_model_state
+from segprompt.runs.checkpoint import changed_state_dict, load_model_state
 from segprompt.errors import SegpromptError
 from segprompt.models import EncoderDecoder
 from segprompt.models.backbones.resnet import ResNet
@@ -219,7 +219,7 @@ def test_bad_options_are_clear_errors():
 
 @pytest.mark.slow
 def test_train_then_eval_reproduces_the_stored_miou(tmp_path, synthetic_root):
-    from segprompt.engine.train import train
+    from segprompt.training.loop import train
 
     run = train(REPO / "recipes/smoke.yaml",
                 ["tuning.name=lora", "tuning.rank=4", f"data.root={synthetic_root}", "data.batch_size=4",

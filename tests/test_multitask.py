@@ -1,4 +1,4 @@
-"""Many tasks on one frozen backbone (segprompt.engine.multitask, docs/multitask.md): each task's
+"""Many tasks on one frozen backbone (segprompt.serve.multitask, docs/multitask.md): each task's
 output is exactly its own run's, in mixed batches too; the frozen backbone is held once; runs on
 other frozen weights, and checkpoints that cannot share, are refused."""
 
@@ -16,11 +16,11 @@ from segprompt.config import dump_recipe, load_recipe
 from segprompt.data.dataset import read_image
 from segprompt.data.synthetic import generate_synthetic
 from segprompt.data.transforms import normalize
-from segprompt.engine import checkpoint as ck
-from segprompt.engine.build import build_eval_dataset, build_model, dataset_meta
-from segprompt.engine.multitask import MultiTaskModel, load_run_model, task_names
-from segprompt.engine.predict import predict
-from segprompt.engine.train import train
+from segprompt.runs import checkpoint as ck
+from segprompt.build import build_eval_dataset, build_model, dataset_meta
+from segprompt.serve.multitask import MultiTaskModel, load_run_model, task_names
+from segprompt.serve.predict import predict
+from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_text
 from segprompt.models import BACKBONES

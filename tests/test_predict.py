@@ -13,11 +13,11 @@ import torch
 
 from conftest import write_recipe
 from segprompt.cli import main
-from segprompt.engine.distributed import resolve_device
-from segprompt.engine.evaluate import evaluate_checkpoint
-from segprompt.engine.inference import save_prediction
-from segprompt.engine.predict import discover, predict
-from segprompt.engine.train import train
+from segprompt.distributed import resolve_device
+from segprompt.evaluation.evaluate import evaluate_checkpoint
+from segprompt.evaluation.inference import save_prediction
+from segprompt.serve.predict import discover, predict
+from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
 
 

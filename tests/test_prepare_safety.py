@@ -253,8 +253,8 @@ def test_cli_prepare_check_and_errors(tmp_path):
 
 def test_prepared_output_feeds_train_unchanged(tmp_path):
     from segprompt.config import load_recipe
-    from segprompt.engine.build import tuning_context
-    from segprompt.engine.train import train
+    from segprompt.build import tuning_context
+    from segprompt.training.loop import train
 
     make_vaihingen(tmp_path / "src")
     root = tmp_path / "vaihingen"

@@ -10,7 +10,7 @@ import torch
 
 from segprompt.data.transforms import TrainTransform
 from segprompt.data.view import identity_view, sub_view
-from segprompt.engine.inference import inference, slide_inference, takes_view
+from segprompt.evaluation.inference import inference, slide_inference, takes_view
 from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.losses import CrossEntropyLoss
@@ -252,7 +252,7 @@ def test_recognition_vector_prior_ignores_the_view():
 
 
 def test_spm_training_run_feeds_crop_views(tmp_path, synthetic_root, monkeypatch):
-    from segprompt.engine.train import train
+    from segprompt.training.loop import train
 
     views: list[torch.Tensor] = []
     set_view = SPMChain.set_view

@@ -16,9 +16,9 @@ import yaml
 
 from segprompt.config import load_recipe
 from segprompt.data.recognition import RecognitionDataset, class_frequency, open_torchvision, recognition_meta
-from segprompt.engine.build import build_model, dataset_meta
+from segprompt.build import build_model, dataset_meta
 from segprompt.measure.params import breakdown
-from segprompt.engine.train import train
+from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
 from segprompt.tuning.spm_layers import SPMVector
 

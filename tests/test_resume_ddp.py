@@ -145,7 +145,7 @@ def test_sigint_saves_at_the_iteration_boundary_and_resumes_exactly(uninterrupte
     run = tmp_path / "run"
     # Ctrl-C while iteration 6 evaluates: 6 is no checkpoint.interval (4) iteration, so last.pt is the interrupt's
     rc = faults.run(*_train_args(recipe, run), log=tmp_path / "console.log",
-                    fault_spec=faults.fault("segprompt.engine.train:evaluate", signal.SIGINT))
+                    fault_spec=faults.fault("segprompt.training.loop:evaluate", signal.SIGINT))
     console = (tmp_path / "console.log").read_text()
     assert rc == 130, console
     line = f"interrupted at iteration 6; resume with `segprompt train {recipe} --set runtime.deterministic=true"
@@ -180,7 +180,7 @@ def test_second_ctrl_c_quits_at_once_without_saving(uninterrupted, tmp_path):
     recipe, _ = uninterrupted
     run = tmp_path / "run"
     rc = faults.run(*_train_args(recipe, run), log=tmp_path / "console.log",
-                    fault_spec=faults.fault("segprompt.engine.train:evaluate", signal.SIGINT, times=2))
+                    fault_spec=faults.fault("segprompt.training.loop:evaluate", signal.SIGINT, times=2))
     assert rc == -signal.SIGINT  # killed by the signal, as the shell reports with 130
     assert "Ctrl-C again quits at once" in (tmp_path / "console.log").read_text()
     assert _last(run)["iteration"] == 4  # the interval checkpoint before; nothing saved at 6

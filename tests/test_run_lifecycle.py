@@ -20,8 +20,8 @@ import torch
 
 import faults
 from conftest import write_recipe
-from segprompt.engine import runlock
-from segprompt.engine.train import train
+from segprompt.runs import runlock
+from segprompt.training.loop import train
 from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
 from segprompt.io import remove_stale_temporaries, temp_prefix
 
@@ -63,7 +63,7 @@ def test_failed_start_is_recorded_and_does_not_block_its_out(recipe, tmp_path):
 
 
 def test_unexpected_exception_traceback_goes_to_train_log(recipe, tmp_path, monkeypatch):
-    import segprompt.engine.train as engine
+    import segprompt.training.loop as engine
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom in evaluate")
@@ -83,7 +83,7 @@ def test_unexpected_exception_traceback_goes_to_train_log(recipe, tmp_path, monk
 def test_cli_prints_one_line_for_a_crash_and_exits_1(recipe, tmp_path):
     run = tmp_path / "run"
     rc = faults.run("train", str(recipe), "--out", str(run), log=tmp_path / "console.log",
-                    fault_spec=faults.fault("segprompt.engine.train:evaluate", error="boom in evaluate"))
+                    fault_spec=faults.fault("segprompt.training.loop:evaluate", error="boom in evaluate"))
     console = (tmp_path / "console.log").read_text()
     assert rc == 1, console
     assert "Traceback" not in console
@@ -93,7 +93,7 @@ def test_cli_prints_one_line_for_a_crash_and_exits_1(recipe, tmp_path):
 
 
 def test_signal_before_the_first_iteration_saves_nothing_and_says_how_to_start_again(recipe, tmp_path, monkeypatch):
-    import segprompt.engine.train as engine
+    import segprompt.training.loop as engine
 
     build = engine.build_model
 
@@ -211,7 +211,7 @@ def test_default_run_dirs_of_one_second_do_not_collide(tmp_path, synthetic_root,
     monkeypatch.chdir(tmp_path)
     recipe = write_recipe(tmp_path / "exp.yaml", synthetic_root)
     second = Path("results/exp/20250101-000000")
-    monkeypatch.setattr("segprompt.engine.runplan.default_run_dir", lambda recipe: second)
+    monkeypatch.setattr("segprompt.runs.runplan.default_run_dir", lambda recipe: second)
     held = runlock.lock_run_dir(second)  # a run of this recipe that started in the same second
     try:
         run = train(recipe, ["schedule.iters=1", "evaluation.interval=0"])

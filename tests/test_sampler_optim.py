@@ -11,7 +11,7 @@ from torch import nn
 
 from segprompt.config import OptimizerConfig, ParamGroupConfig, ScheduleConfig
 from segprompt.data.sampler import TrainBatchSampler, eval_shard
-from segprompt.engine.optim import build_optimizer, build_scheduler, poly_factor
+from segprompt.training.optim import build_optimizer, build_scheduler, poly_factor
 
 
 def _global_batches(n, G, world, accum, steps, start=0, seed=3):

@@ -106,7 +106,7 @@ def test_only_spm_and_heads_train_and_frozen_parts_stay():
     SPMTuning(stages=[1, 3, 5], channels=16).apply(model, TuningContext(K, class_prior=_prior))
     frozen = {k: v.clone() for k, v in model.backbone.state_dict().items() if "stage_hook" not in k}
     from segprompt.config import OptimizerConfig
-    from segprompt.engine.optim import build_optimizer
+    from segprompt.training.optim import build_optimizer
 
     opt = build_optimizer(model, OptimizerConfig(lr=0.1, weight_decay=1e-3))
     model.train()
@@ -121,7 +121,7 @@ def test_only_spm_and_heads_train_and_frozen_parts_stay():
         if "stage_hook" not in k:
             assert torch.equal(v, frozen[k]), k
     # M0 travels with the checkpoint; frozen BN statistics do not
-    from segprompt.engine.checkpoint import changed_state_dict
+    from segprompt.runs.checkpoint import changed_state_dict
 
     state = changed_state_dict(model)
     assert "backbone.stage_hook.prior" in state and not any("running_mean" in k and "stage_hook" not in k
@@ -159,7 +159,7 @@ def test_vaihingen_spm_recipe_runs_end_to_end_on_vaihingen_shaped_synthetic_data
     from pathlib import Path
 
     from segprompt.data.synthetic import generate_synthetic
-    from segprompt.engine.train import train
+    from segprompt.training.loop import train
 
     root = tmp_path / "vaihingen_like"
     generate_synthetic(root, seed=3, num_classes=6, image_size=(64, 64), counts={"train": 4, "val": 2, "test": 1})
@@ -192,7 +192,7 @@ def test_spm_model_at_initialisation_is_exactly_the_frozen_model():
 
 def test_one_training_step_changes_the_prompt_output():
     from segprompt.config import OptimizerConfig
-    from segprompt.engine.optim import build_optimizer
+    from segprompt.training.optim import build_optimizer
 
     model = _model()
     SPMTuning(stages=[1, 3], recurrent=1, channels=16).apply(model, TuningContext(K, class_prior=_prior))
@@ -232,7 +232,7 @@ def test_training_records_spm_diagnostics(tmp_path):
     from pathlib import Path
 
     from segprompt.data.synthetic import generate_synthetic
-    from segprompt.engine.train import train
+    from segprompt.training.loop import train
 
     root = tmp_path / "d"
     generate_synthetic(root, seed=1, num_classes=K, image_size=(48, 48), counts={"train": 4, "val": 2})

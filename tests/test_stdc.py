@@ -19,7 +19,7 @@ from torch import nn
 
 from conftest import recipe_from_dict
 from segprompt.data.meta import DatasetMeta
-from segprompt.engine.build import build_segmentor, load_backbone_weights
+from segprompt.build import build_segmentor, load_backbone_weights
 from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.errors import SegpromptError
 from segprompt.models.backbones.stdc import STDCContextPath, STDCNet

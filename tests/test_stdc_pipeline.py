@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from segprompt.config import load_recipe
-from segprompt.engine import checkpoint as ckpt
-from segprompt.engine.build import build_model, dataset_meta
-from segprompt.engine.evaluate import evaluate_checkpoint
-from segprompt.engine.train import train
+from segprompt.runs import checkpoint as ckpt
+from segprompt.build import build_model, dataset_meta
+from segprompt.evaluation.evaluate import evaluate_checkpoint
+from segprompt.training.loop import train
 from segprompt.models.text.clip_text import CLIPTextEncoder
 from segprompt.models.text.guidance import TextGuidance, deploy_text
 

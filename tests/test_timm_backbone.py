@@ -26,13 +26,13 @@ from conftest import run_cli, write_recipe
 from segprompt.cli import main
 from segprompt.config import OptimizerConfig, load_recipe
 from segprompt.data.dataset import read_image
-from segprompt.engine import checkpoint as ck
-from segprompt.engine import train as train_mod
-from segprompt.engine.build import build_model, dataset_meta
-from segprompt.engine.evaluate import evaluate_checkpoint
-from segprompt.engine.multitask import load_run_model
-from segprompt.engine.optim import build_optimizer
-from segprompt.engine.predict import predict
+from segprompt.runs import checkpoint as ck
+from segprompt.training import loop as train_mod
+from segprompt.build import build_model, dataset_meta
+from segprompt.evaluation.evaluate import evaluate_checkpoint
+from segprompt.serve.multitask import load_run_model
+from segprompt.training.optim import build_optimizer
+from segprompt.serve.predict import predict
 from segprompt.errors import SegpromptError
 from segprompt.models import EncoderDecoder
 from segprompt.models.backbones.timm_backbone import timm_backbone, timm_state_dict
@@ -369,7 +369,7 @@ def test_predict_writes_what_eval_saves_for_a_timm_run(trained, data, tmp_path):
 @pytest.mark.parametrize("kind,method", [("cnn", "lora"), pytest.param("vit", "adaptformer", marks=pytest.mark.slow)])
 def test_onnx_export_reproduces_a_timm_run(trained, kind, method, tmp_path):
     pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'segprompt[deploy]')")
-    from segprompt.engine.export import ExportOptions, export_model, ort_session
+    from segprompt.serve.export import ExportOptions, export_model, ort_session
 
     run, _ = trained[kind, method]
     out = tmp_path / f"{kind}.onnx"

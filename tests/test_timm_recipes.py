@@ -165,7 +165,7 @@ def tiny_root(tmp_path_factory):
 @pytest.mark.parametrize("name, file", [("spm/ade20k_convnext-t_spm", "convnext_tiny.safetensors"),
                                         ("spm/ade20k_dinov2-vits14_spm", "dinov2_vits14.pth")])
 def test_shipped_timm_recipe_trains_from_a_local_weights_file(name, file, tmp_path, tiny_root):
-    from segprompt.engine.build import build_segmentor, dataset_meta
+    from segprompt.build import build_segmentor, dataset_meta
 
     cfg = load_recipe(name)
     weights = tmp_path / file

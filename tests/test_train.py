@@ -10,8 +10,8 @@ import yaml
 
 from conftest import write_recipe
 from segprompt.config import load_recipe
-from segprompt.engine.evaluate import evaluate_checkpoint
-from segprompt.engine.train import train
+from segprompt.evaluation.evaluate import evaluate_checkpoint
+from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
 
@@ -112,7 +112,7 @@ def test_head_tuning_stores_only_what_training_changed(tmp_path, synthetic_root)
             [k for k in state["model"] if "running" not in k and "num_batches" not in k])
 
     # the frozen backbone (weights and BN statistics) is bit-for-bit the file's after training
-    from segprompt.engine.build import build_model, dataset_meta
+    from segprompt.build import build_model, dataset_meta
 
     cfg = load_recipe(run / "config.yaml")
     model = build_model(cfg, dataset_meta(cfg))
@@ -134,7 +134,7 @@ def test_full_model_option_and_load_from(tmp_path, synthetic_root):
     recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
     run = train(recipe, ["schedule.iters=2", "checkpoint.save_full_model=true"], out=tmp_path / "a")
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    from segprompt.engine.build import build_model, dataset_meta
+    from segprompt.build import build_model, dataset_meta
 
     cfg = load_recipe(run / "config.yaml")
     assert set(state["model"]) == set(build_model(cfg, dataset_meta(cfg)).state_dict())
@@ -183,7 +183,7 @@ def test_default_run_dir_and_resume_auto_finds_latest_run(tmp_path, synthetic_ro
 
 
 def test_one_shot_training_subset(tmp_path, synthetic_root):
-    from segprompt.engine.build import build_train_dataset, dataset_meta
+    from segprompt.build import build_train_dataset, dataset_meta
 
     recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
     picks = set()

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from segprompt.config import OptimizerConfig
-from segprompt.engine.checkpoint import changed_state_dict, load_model_state
-from segprompt.engine.optim import build_optimizer
+from segprompt.runs.checkpoint import changed_state_dict, load_model_state
+from segprompt.training.optim import build_optimizer
 from segprompt.models import EncoderDecoder
 from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.heads.fcn import FCNHead

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import write_recipe
-from segprompt.engine.train import train
+from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
 from segprompt.experiments.plot import plot_runs, read_curves
 

@@ -1,7 +1,7 @@
 """`segprompt` command line (typer + rich): one module per group of commands (data, run, measure,
 experiments) on one app (``cli/app.py``); :func:`main` turns errors into one line and an exit status.
 
-The CLI only parses arguments and prints; all work happens in :mod:`segprompt.engine` and
+The CLI only parses arguments and prints; all work happens in the layers below (:mod:`segprompt.training`, :mod:`segprompt.serve`, ...) and
 :mod:`segprompt.data`. User errors (:class:`SegpromptError`, and the OS errors of
 ``USER_OS_ERRORS``: a full disk, no permission, a file in the way) print one clear message and
 exit 2. Off a terminal (a log file, a pipe) nothing is wrapped at 80 columns.

@@ -39,7 +39,7 @@ def demo(
 
     from rich.table import Table
 
-    from segprompt.engine.rundir import new_run_dir
+    from segprompt.runs.rundir import new_run_dir
     from segprompt.experiments.demo import SCALES, check_methods, run_demo
     from segprompt.experiments.demo_report import edge_note, rows_from_report, source_line, table_lines
 

@@ -41,7 +41,7 @@ def count_params_cmd(
     cfg = load_recipe(recipe, set_ or [])
     k = num_classes or cfg.data.num_classes
     if k is None:
-        from segprompt.engine.build import dataset_meta
+        from segprompt.build import dataset_meta
 
         k = dataset_meta(cfg).num_classes
     if convention not in CONVENTIONS:

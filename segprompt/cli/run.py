@@ -43,7 +43,7 @@ def train_cmd(
         raise SegpromptError("--resume continues a run; --load-from starts a new one from weights: use one")
     if load_from_partial and not load_from:
         raise SegpromptError("--load-from-partial goes with --load-from PATH")
-    from segprompt.engine.train import train
+    from segprompt.training.loop import train
 
     train(recipe, overrides, out=out, resume=resume, load_from=load_from, load_from_partial=load_from_partial)
 
@@ -64,8 +64,8 @@ def eval_cmd(
     """Evaluate a checkpoint: aAcc, mIoU, mAcc, mDice, mFscore and a per-class table."""
     if mode is not None and mode not in ("whole", "slide"):
         raise SegpromptError(f"--mode '{mode}' is not one of: whole, slide")
-    from segprompt.engine.evaluate import evaluate_checkpoint
-    from segprompt.engine.metrics import format_table, summary_line
+    from segprompt.evaluation.evaluate import evaluate_checkpoint
+    from segprompt.evaluation.metrics import format_table, summary_line
 
     run_dir, result = evaluate_checkpoint(target, checkpoint=checkpoint, overrides=set_ or [], mode=mode, tta=tta,
                                           split=split, save_preds=save_preds, weights=weights)
@@ -109,7 +109,7 @@ def predict_cmd(
     """Segment your own images with a trained run, or several on one backbone (--tasks).
 
     The recipe's test pipeline and inference, as eval (docs/predict.md)."""
-    from segprompt.engine.predict import parse_formats, predict, predict_tasks, summary
+    from segprompt.serve.predict import parse_formats, predict, predict_tasks, summary
 
     common = dict(checkpoint=checkpoint, mode=mode, tta=tta, formats=parse_formats(format_), batch=batch,
                   device=device, strict=strict, force=force)
@@ -154,7 +154,7 @@ def export_cmd(
     import json
 
     if format_ in ("delta", "checkpoint"):
-        from segprompt.engine.share import delta_lines, export_checkpoint, export_delta
+        from segprompt.serve.share import delta_lines, export_checkpoint, export_delta
 
         if size or dynamic or dtype != "fp32" or set_:
             raise SegpromptError(f"--size, --dynamic, --dtype and --set shape an exported graph; a {format_} holds "
@@ -172,7 +172,7 @@ def export_cmd(
                           markup=False, highlight=False)
         err_console.print(f"wrote {out}", highlight=False)
         return
-    from segprompt.engine.export import ExportOptions, export_model, sidecar, summary_lines
+    from segprompt.serve.export import ExportOptions, export_model, sidecar, summary_lines
     from segprompt.measure.bench import parse_size
 
     opts = ExportOptions(format=format_, size=parse_size(size) if size else None, dynamic=dynamic, dtype=dtype,

@@ -62,7 +62,7 @@ Fraction = typing.Annotated[float, Range(0, 1)]
 Beta = typing.Annotated[float, Range(0, 1, hi_open=True)]
 
 
-# Constructor arguments the builder (segprompt/engine/build.py) passes itself, per component kind:
+# Constructor arguments the builder (segprompt/build.py) passes itself, per component kind:
 # a recipe may not set them, and build passes nothing else
 SUPPLIED = {
     "backbone": frozenset({"in_channels", "class_names"}),

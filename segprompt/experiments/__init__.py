@@ -1,2 +1,2 @@
-"""Paper reproduction on top of the engine: the papers' tables (``tables``, ``paper_counts``),
+"""Paper reproduction on top of training, evaluation and the builder: the papers' tables (``tables``, ``paper_counts``),
 their grids of runs (``ablate``) and the synthetic miniature of the SPM claim (``demo``)."""

@@ -41,13 +41,13 @@ from segprompt import __version__
 from segprompt.config import Recipe
 from segprompt.data.meta import DatasetMeta
 
-# the deployed model of a recipe (random weights) lives in the engine, which `segprompt export` shares
-from segprompt.engine.deployed import random_model as bench_model
-from segprompt.engine.deployed import recipe_meta as bench_meta
-from segprompt.engine.distributed import resolve_device
-from segprompt.engine.export import PROVIDERS
-from segprompt.engine.load import run_recipe
-from segprompt.engine.rundir import git_commit
+# the deployed model of a recipe (random weights) lives in serve/deployed.py, which `segprompt export` shares
+from segprompt.serve.deployed import random_model as bench_model
+from segprompt.serve.deployed import recipe_meta as bench_meta
+from segprompt.distributed import resolve_device
+from segprompt.serve.export import PROVIDERS
+from segprompt.runs.load import run_recipe
+from segprompt.runs.rundir import git_commit
 from segprompt.errors import SegpromptError
 from segprompt.io import write_json_keeping_history
 from segprompt.measure.flops import mmcv_flops, torch_flops

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segprompt.engine.export import INPUT, OUTPUT, ort_session, require, sidecar
+from segprompt.serve.export import INPUT, OUTPUT, ort_session, require, sidecar
 from segprompt.errors import SegpromptError
 
 # onnxruntime's input type -> (the bench's --dtype, the torch dtype of the input)

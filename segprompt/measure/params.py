@@ -34,7 +34,7 @@ from torch import nn
 
 from segprompt.config import Recipe
 from segprompt.data.meta import DatasetMeta
-from segprompt.engine.build import apply_tuning, build_segmentor
+from segprompt.build import apply_tuning, build_segmentor
 from segprompt.tuning import TuningContext
 from segprompt.tuning.base import FullShare, full_share, oversize_warning, percent_of_full
 

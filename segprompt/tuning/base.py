@@ -20,7 +20,7 @@ from segprompt.models.backbones.base import TokenBackbone
 
 @dataclass
 class TuningContext:
-    """What a method may need to know about the task (filled in by the engine)."""
+    """What a method may need to know about the task (filled in by the builder, segprompt/build.py)."""
 
     num_classes: int
     ignore_index: int = 255
@@ -30,7 +30,7 @@ class TuningContext:
 
 # "% of full" and the oversize warning, for every tuning method (docs/measurement.md, "% of full").
 # Here, not in segprompt/measure/params.py (which re-exports them), because the training log
-# (segprompt/engine) must not import segprompt.measure (tests/test_layout.py).
+# (segprompt/training) must not import segprompt.measure (tests/test_layout.py).
 def percent_of_full(trainable: int, full: int) -> float:
     """THE "% of full" of count-params, the training log and the demo: 100 x the parameters a run
     trains / the parameters full tuning trains, i.e. those of the same network as built, before a

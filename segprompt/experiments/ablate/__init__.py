@@ -7,7 +7,7 @@ the SHA-256 of its resolved config (overrides, seed and smoke transform applied)
 skips finished runs (``eval.json`` present), resumes interrupted ones (``checkpoints/last.pt``
 without ``eval.json``) and never mixes runs of different configs; a finished run of the same config
 in another table's folder is reused. A cell whose directory another process holds locked (a run
-in progress, see ``segprompt/engine/runlock.py``) is left to it, so two ``ablate`` never run one cell twice.
+in progress, see ``segprompt/runs/runlock.py``) is left to it, so two ``ablate`` never run one cell twice.
 
 Runs are launched sequentially in this process (``local``), each under ``torchrun`` (``torchrun``)
 or as Slurm jobs through submitit (``slurm``). Collection reads the run directories and gives, per

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from segprompt.config import Recipe
-from segprompt.engine.build import dataset_meta
-from segprompt.engine.metrics import category_iou
+from segprompt.build import dataset_meta
+from segprompt.evaluation.metrics import category_iou
 from segprompt.errors import SegpromptError
 from segprompt.experiments.ablate.plan import Plan, recipe_key, refresh_state
 from segprompt.experiments.tables import Table

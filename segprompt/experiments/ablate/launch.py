@@ -19,9 +19,9 @@ from typing import Any
 import submitit
 
 from segprompt.config import resolve_recipe, shipped_name, shipped_recipes
-from segprompt.engine import runlock
-from segprompt.engine.rundir import CKPT_DIR, LAST
-from segprompt.engine.train import train
+from segprompt.runs import runlock
+from segprompt.runs.rundir import CKPT_DIR, LAST
+from segprompt.training.loop import train
 from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
 from segprompt.experiments.ablate.plan import Plan, Run, recipe_key, refresh_state
 from segprompt.experiments.ablate.smoke import load_smoke_profile, prepare_smoke_data

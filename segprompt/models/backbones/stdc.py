@@ -235,7 +235,7 @@ class STDCContextPath(nn.Module):
     ``segprompt.models.text.guidance.TextGuidance(class_names, **text)`` maps feat32 (the paper's
     F4) to the cosine score map S (K channels), and concat(feat32, S) feeds both ``arm32`` and the
     global context ``conv_avg`` (their inputs grow from 1024 to 1024 + K channels; ``docs/stdc_clip.md``, "Text guidance").
-    ``class_names`` are the dataset's classes (meta.json), given by the engine.
+    ``class_names`` are the dataset's classes (meta.json), given by the builder.
     """
 
     def __init__(self, variant: Literal["stdc1", "stdc2"] = "stdc1", context_channels: int = 128,

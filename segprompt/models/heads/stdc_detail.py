@@ -68,7 +68,7 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
 class DetailHead(DecodeHead):
     """Detail head on feat8 (``in_index`` 0 of the ``stdc`` backbone); an auxiliary head of the recipe.
 
-    The engine gives every head ``num_classes`` and the recipe's segmentation ``loss``; this head
+    The builder gives every head ``num_classes`` and the recipe's segmentation ``loss``; this head
     predicts one boundary channel and brings its own loss, so it accepts and ignores both.
     ``loss(logits, label)`` upsamples the logits bilinearly to the label (``align_corners`` from the
     model; the original and the reference fork use True) and returns

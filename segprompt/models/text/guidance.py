@@ -52,8 +52,8 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 class TextGuidance(nn.Module):
     """``forward(f4: [B, C, h, w]) -> S: [B, K, h, w]`` with C = 1024 (CLIP RN50's embedding width).
 
-    Building it reads no weights or cache file (the engine builds models on the ``meta`` device; only
-    the learned mode tokenises the names with open_clip's packaged vocabulary); the engine calls
+    Building it reads no weights or cache file (the builder makes models on the ``meta`` device; only
+    the learned mode tokenises the names with open_clip's packaged vocabulary); the builder calls
     :meth:`load_pretrained` when weights are wanted. Until then the embeddings are random, like
     any other weight of a model built without pretrained files.
     """
@@ -184,7 +184,7 @@ class TextGuidance(nn.Module):
 
 def load_text_pretrained(model: nn.Module) -> int:
     """Call :meth:`TextGuidance.load_pretrained` on every text guidance inside ``model`` (what the
-    engine does when weights are wanted); returns how many there were."""
+    builder does when weights are wanted); returns how many there were."""
     found = [m for m in model.modules() if isinstance(m, TextGuidance)]
     for m in found:
         m.load_pretrained()

@@ -9,12 +9,12 @@
   the recipe's test pipeline in DataLoader workers; images of the same size are batched; a
   progress bar counts images per second; an unreadable image (truncated ones too) is reported
   and skipped, or stops the run with ``strict``.
-- **Writers**: :func:`~segprompt.engine.inference.save_prediction`, the one ``eval --save-preds``
+- **Writers**: :func:`~segprompt.evaluation.inference.save_prediction`, the one ``eval --save-preds``
   uses, so predicting the val images reproduces its files byte for byte.
 
 The loop runs one or more :class:`Job` on every image, each a :data:`Segment` callable (a batch
 of images -> per-pixel scores) with its own test pipeline, palette and output folder: one run's
-checkpoint, or each task of a :class:`~segprompt.engine.multitask.MultiTaskModel` (``predict
+checkpoint, or each task of a :class:`~segprompt.serve.multitask.MultiTaskModel` (``predict
 --tasks``: the frozen backbone loaded once, every image decoded once and segmented under every
 task). docs/predict.md has the colour-layout rules and the design.
 """
@@ -37,13 +37,13 @@ from torch.utils.data import DataLoader, Dataset
 from segprompt.config import Recipe
 from segprompt.data.dataset import IMG_EXTS, BadImage, read_image, start_workers, worker_init
 from segprompt.data.transforms import TestTransform, normalize, to_tensor
-from segprompt.engine.build import build_test_transform, is_recognition
-from segprompt.engine.distributed import resolve_device
-from segprompt.engine.inference import SLIDE_WINDOW, check_mode, segment_logits
-from segprompt.engine.load import build_source_model, read_source
-from segprompt.engine.inference import FORMATS, save_prediction
-from segprompt.engine.multitask import MultiTaskModel, task_names
-from segprompt.engine.rundir import CONFIG
+from segprompt.build import build_test_transform, is_recognition
+from segprompt.distributed import resolve_device
+from segprompt.evaluation.inference import SLIDE_WINDOW, check_mode, segment_logits
+from segprompt.runs.load import build_source_model, read_source
+from segprompt.evaluation.inference import FORMATS, save_prediction
+from segprompt.serve.multitask import MultiTaskModel, task_names
+from segprompt.runs.rundir import CONFIG
 from segprompt.errors import SegpromptError
 from segprompt.progress import progress_bar
 
@@ -273,7 +273,7 @@ def predict_images(items: Sequence[InputImage], jobs: Sequence[Job], out: Path, 
 
 def recipe_segmenter(model: nn.Module, cfg: Recipe, device: torch.device, *, mode: str, tta: bool) -> Segment:
     """:data:`Segment` of one recipe's model: normalise as the recipe says, then the recipe's
-    inference (``eval``'s own call, :func:`~segprompt.engine.inference.segment_logits`)."""
+    inference (``eval``'s own call, :func:`~segprompt.evaluation.inference.segment_logits`)."""
     def segment(img: Tensor, out_size: tuple[int, int]) -> Tensor:
         return segment_logits(model, normalize(img, cfg.data.mean, cfg.data.std), out_size, cfg, device,
                               mode=mode, tta=tta)

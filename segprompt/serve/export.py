@@ -2,7 +2,7 @@
 against PyTorch (``docs/deploy.md``).
 
 * **What is exported** (:class:`InferenceGraph`): ``image -> logits``, the whole-image eval forward
-  of the deployed model (:mod:`segprompt.engine.deployed`): backbone, inserted tuning modules, decode
+  of the deployed model (:mod:`segprompt.serve.deployed`): backbone, inserted tuning modules, decode
   head, the logits resized to the input. LoRA deltas are merged into their layers first with peft's
   own ``merge`` (:func:`merge_lora`), so a LoRA model exports as the plain network; text-guided
   models carry their K x 1024 embeddings as a constant, no text encoder. Normalisation, sliding
@@ -37,12 +37,12 @@ from torch import nn
 
 from segprompt import __version__
 from segprompt.config import Recipe
-from segprompt.engine.deployed import Deployed, load_deployed
-from segprompt.engine.rundir import git_commit
+from segprompt.serve.deployed import Deployed, load_deployed
+from segprompt.runs.rundir import git_commit
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes, atomic_write_json, sha256_file
 
-FORMATS = ("onnx", "torchscript")  # graphs; "delta" and "checkpoint" (engine/share.py) are trained tensors
+FORMATS = ("onnx", "torchscript")  # graphs; "delta" and "checkpoint" (serve/share.py) are trained tensors
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 INPUT, OUTPUT = "image", "logits"
 # dtype -> (largest max |ORT - PyTorch| as a share of max(1, max |logit|), least argmax agreement)

@@ -18,14 +18,14 @@ from segprompt.config import Recipe
 from segprompt.data.dataset import SegDataset, collate, read_image, start_workers, worker_init
 from segprompt.data.sampler import eval_shard
 from segprompt.data.transforms import normalize
-from segprompt.engine import distributed as dist_utils
+from segprompt import distributed as dist_utils
 from segprompt.config import load_recipe
-from segprompt.engine.build import build_eval_dataset
-from segprompt.engine.distributed import DistEnv, all_gather_object
-from segprompt.engine.inference import autocast, check_mode, save_prediction, segment_logits
-from segprompt.engine.metrics import ConfusionMatrix, compute_metrics
-from segprompt.engine.load import CHECKPOINT_NAMES, build_source_model, read_source
-from segprompt.engine.rundir import default_run_dir
+from segprompt.build import build_eval_dataset
+from segprompt.distributed import DistEnv, all_gather_object
+from segprompt.evaluation.inference import autocast, check_mode, save_prediction, segment_logits
+from segprompt.evaluation.metrics import ConfusionMatrix, compute_metrics
+from segprompt.runs.load import CHECKPOINT_NAMES, build_source_model, read_source
+from segprompt.runs.rundir import default_run_dir
 from segprompt.errors import SegpromptError
 from segprompt.io import write_json_keeping_history
 from segprompt.progress import progress_bar

@@ -1,4 +1,4 @@
-"""Process-group setup under `torchrun` and the few collectives the engine needs.
+"""Process-group setup under `torchrun` and the few collectives training and evaluation need.
 
 One code path for every launch: a plain ``segprompt train`` is world size 1 with no process
 group; under ``torchrun`` (one node or ``--nnodes`` many) the environment variables it sets

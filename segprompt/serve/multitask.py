@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import DatasetMeta
 from segprompt.data.transforms import normalize, to_tensor
-from segprompt.engine import checkpoint as ckpt
-from segprompt.engine.build import apply_tuning, build_segmentor, build_test_transform
-from segprompt.engine.distributed import resolve_device
-from segprompt.engine.load import load, read_source
-from segprompt.engine.rundir import CONFIG
+from segprompt.runs import checkpoint as ckpt
+from segprompt.build import apply_tuning, build_segmentor, build_test_transform
+from segprompt.distributed import resolve_device
+from segprompt.runs.load import read_source
+from segprompt.serve.segmenter import load
+from segprompt.runs.rundir import CONFIG
 from segprompt.errors import SegpromptError
 from segprompt.tuning import TuningContext
 
@@ -85,7 +86,7 @@ class MultiTaskModel:
     (3, H, W) tensors of any sizes, and one task name per image (or one name for all). It returns
     a list of B logits, ``(K_task, H, W)`` at each image's size (``(K_task,)`` for a classifier),
     since tasks may differ in their number of classes. ``model.model(name)`` is that task's own
-    ``nn.Module`` (for sliding-window or TTA inference, :func:`segprompt.engine.inference.inference`).
+    ``nn.Module`` (for sliding-window or TTA inference, :func:`segprompt.evaluation.inference.inference`).
     """
 
     def __init__(self, tasks: dict[str, Task], models: dict[str, nn.Module], device: torch.device):
@@ -202,7 +203,7 @@ def _tail(path: Path, depth: int) -> str:
 
 def _load_task(name: str, run_dir: Path, checkpoint: str) -> tuple[Task, dict[str, Any]]:
     """The run's recipe, classes and checkpoint (read as every loader reads them,
-    :func:`~segprompt.engine.load.read_source`); refuses what cannot share a backbone."""
+    :func:`~segprompt.runs.load.read_source`); refuses what cannot share a backbone."""
     if not (run_dir / CONFIG).is_file():
         raise SegpromptError(f"task '{name}': '{run_dir}' is not a run directory ('{run_dir / CONFIG}' is missing); "
                              f"pass the folder `segprompt train` wrote")
@@ -286,7 +287,7 @@ class _Builder:
 
     def _load_init(self, model: nn.Module, state: dict[str, Any], delta: dict[str, Tensor], where: str) -> set[str]:
         """A ``--load-from`` run's frozen tensors come from its initial checkpoint, as in
-        :func:`segprompt.engine.checkpoint.restore_frozen`: every tensor of the tuned model named
+        :func:`segprompt.runs.checkpoint.restore_frozen`: every tensor of the tuned model named
         in that file, unless the run's own checkpoint holds it. Loaded once, shared by the tasks."""
         path = ckpt.frozen_init(state, where)
         if path is None:

@@ -39,16 +39,16 @@ from segprompt.config import Recipe, dump_recipe, load_recipe
 from segprompt.data.dataset import collate, start_workers, worker_init
 from segprompt.data.sampler import TrainBatchSampler
 from segprompt.data.transforms import normalize
-from segprompt.engine import checkpoint as ckpt
-from segprompt.engine import distributed as dist_utils
-from segprompt.engine.build import build_eval_dataset, build_model, build_segmentor, build_train_dataset, dataset_meta
-from segprompt.engine.evaluate import evaluate
-from segprompt.engine.inference import autocast
-from segprompt.engine.interrupt import StopSignal
-from segprompt.engine.load import init_checkpoint
-from segprompt.engine.metrics import format_table, summary_line
-from segprompt.engine.optim import build_optimizer, build_scheduler
-from segprompt.engine.rundir import (
+from segprompt.runs import checkpoint as ckpt
+from segprompt import distributed as dist_utils
+from segprompt.build import build_eval_dataset, build_model, build_segmentor, build_train_dataset, dataset_meta
+from segprompt.evaluation.evaluate import evaluate
+from segprompt.evaluation.inference import autocast
+from segprompt.training.interrupt import StopSignal
+from segprompt.runs.load import init_checkpoint
+from segprompt.evaluation.metrics import format_table, summary_line
+from segprompt.training.optim import build_optimizer, build_scheduler
+from segprompt.runs.rundir import (
     BEST,
     CKPT_DIR,
     DEPLOYED,
@@ -59,8 +59,8 @@ from segprompt.engine.rundir import (
     setup_logging,
     write_run_files,
 )
-from segprompt.engine.runplan import RunPlan, plan_run
-from segprompt.engine.tensorboard import TensorBoardLog
+from segprompt.runs.runplan import RunPlan, plan_run
+from segprompt.training.tensorboard import TensorBoardLog
 from segprompt.errors import USER_OS_ERRORS, NonFiniteLoss, RunCrashed, RunInterrupted, SegpromptError, os_problem
 from segprompt.io import atomic_write_json, remove_stale_temporaries
 from segprompt.models.text.guidance import deploy_text, has_learned_text

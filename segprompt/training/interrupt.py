@@ -2,7 +2,7 @@
 
 The handler only records the signal; it never touches the model or a file. The training loop asks
 :meth:`StopSignal.received` at the top of every iteration, saves ``last.pt`` there and stops
-(segprompt/engine/train.py). Under DDP every rank asks at every iteration and the answer is
+(segprompt/training/loop.py). Under DDP every rank asks at every iteration and the answer is
 reduced over ranks, so all of them stop at the same iteration even when one alone got the signal,
 and rank 0's save finds every rank in its collectives. After the first signal SIGINT has its
 default action again: a second Ctrl-C ends the process at once, without saving (docs/runs.md).
@@ -17,7 +17,7 @@ from types import FrameType
 
 import torch
 
-from segprompt.engine import distributed as dist_utils
+from segprompt import distributed as dist_utils
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

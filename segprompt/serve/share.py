@@ -3,7 +3,7 @@ docs/api.md, "Deltas").
 
 - **A delta** (:func:`export_delta`): what training changed on top of the frozen backbone, as a
   ``.safetensors`` file with the recipe, classes and the backbone's SHA-256
-  (:mod:`segprompt.engine.delta`). Small; loads only onto that backbone.
+  (:mod:`segprompt.runs.delta`). Small; loads only onto that backbone.
 - **A whole checkpoint** (:func:`export_checkpoint`): every tensor of the trained model in one
   plain ``.pt`` file that needs no frozen weights file, with LoRA factors merged into their layers
   (peft's own merge), so it is the plain network: loadable by ``segprompt.load``, usable as another
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from segprompt import __version__
-from segprompt.engine import delta as delta_file
-from segprompt.engine.build import build_segmentor
-from segprompt.engine.export import merge_lora
-from segprompt.engine.load import Source, build_source_model, read_source
+from segprompt.runs import delta as delta_file
+from segprompt.build import build_segmentor
+from segprompt.serve.export import merge_lora
+from segprompt.runs.load import Source, build_source_model, read_source
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_torch_save, sha256_file
 
@@ -44,7 +44,7 @@ def export_delta(target: str | Path, out: str | Path, *, checkpoint: str | None 
                  weights: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """Write what a run's checkpoint changed on top of its frozen backbone to ``out``
     (``.safetensors``): the checkpoint's tensors, and its recipe, classes, palette and the frozen
-    weights' SHA-256 as metadata (:mod:`segprompt.engine.delta`). Returns the sizes."""
+    weights' SHA-256 as metadata (:mod:`segprompt.runs.delta`). Returns the sizes."""
     out = Path(out)
     _check_out(out, (delta_file.SUFFIX,), "a delta", force)
     src = read_source(target, checkpoint, weights=weights)

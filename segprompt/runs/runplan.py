@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from segprompt.config import Recipe, config_diff, load_recipe
-from segprompt.engine.rundir import (
+from segprompt.runs.rundir import (
     CKPT_DIR,
     CONFIG,
     LAST,
@@ -19,7 +19,7 @@ from segprompt.engine.rundir import (
     find_latest_run,
     new_run_dir,
 )
-from segprompt.engine.runlock import LOCK, RunDirInUse, RunLock, lock_run_dir
+from segprompt.runs.runlock import LOCK, RunDirInUse, RunLock, lock_run_dir
 from segprompt.errors import SegpromptError
 
 

@@ -7,7 +7,7 @@ Two sources (``docs/deploy.md``, "Which model is exported"):
   ``segprompt bench`` times this model; ``segprompt export RECIPE`` exports it.
 * **A run directory, a checkpoint, a delta, or a recipe with a checkpoint** (:func:`load_deployed`):
   the same network with the checkpoint's weights, read by the one loader
-  (:mod:`segprompt.engine.load`), then its text prompts deployed.
+  (:mod:`segprompt.runs.load`), then its text prompts deployed.
 
 The class names of a trained model come from its checkpoint (older checkpoints: the dataset's
 ``meta.json``); a recipe alone takes them from ``meta.json`` when it exists, else
@@ -24,8 +24,8 @@ from torch import nn
 
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
-from segprompt.engine.build import apply_tuning, build_segmentor, is_recognition
-from segprompt.engine.load import CHECKPOINT_NAMES, build_source_model, read_source
+from segprompt.build import apply_tuning, build_segmentor, is_recognition
+from segprompt.runs.load import CHECKPOINT_NAMES, build_source_model, read_source
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
 from segprompt.models.text.guidance import TextGuidance, deploy_text
@@ -73,7 +73,7 @@ class Deployed:
 def load_deployed(target: str | Path, checkpoint: str | None = None, overrides: list[str] = (),
                   weights: str | Path | None = None) -> Deployed:
     """A run directory (``checkpoint``: default ``auto``), a checkpoint file or a delta, read by the one
-    loader (:func:`~segprompt.engine.load.read_source`: no training data needed); or a recipe with
+    loader (:func:`~segprompt.runs.load.read_source`: no training data needed); or a recipe with
     ``checkpoint`` = a path; or a recipe alone (random weights, as ``segprompt bench`` builds it).
     The model is on the CPU, in eval mode, with its text prompts deployed."""
     target = Path(target)

@@ -5,7 +5,7 @@ name), a checkpoint file anywhere (its run directory, or the recipe it stores, g
 delta (``segprompt export --format delta``, which stores its recipe). :func:`read_source` reads
 what the path names without building anything; :func:`build_source_model` builds the model;
 :func:`load` does both and returns a :class:`Segmenter`. ``eval``, ``predict``, ``predict --tasks``,
-``export``, ``bench`` and :class:`~segprompt.engine.multitask.MultiTaskModel` all read through here.
+``export``, ``bench`` and :class:`~segprompt.serve.multitask.MultiTaskModel` all read through here.
 
 What makes a run travel:
 
@@ -27,20 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from segprompt.config import Recipe, load_recipe
-from segprompt.data.dataset import read_image
 from segprompt.data.meta import DatasetMeta
-from segprompt.data.transforms import normalize, to_tensor
-from segprompt.engine import checkpoint as ckpt
-from segprompt.engine import delta as delta_file
-from segprompt.engine.build import apply_tuning, build_segmentor, build_test_transform, dataset_meta
-from segprompt.engine.distributed import resolve_device
-from segprompt.engine.inference import check_mode, segment_logits
-from segprompt.engine.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST
+from segprompt.runs import checkpoint as ckpt
+from segprompt.runs import delta as delta_file
+from segprompt.build import apply_tuning, build_segmentor, dataset_meta
+from segprompt.runs.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
 from segprompt.models.text.guidance import deploy_text
@@ -225,68 +219,5 @@ def build_source_model(src: Source) -> nn.Module:
     return model.eval()
 
 
-ImageLike = str | Path | np.ndarray
-
-
-class Segmenter:
-    """A trained model ready to segment images, with what it was trained on: its recipe (``cfg``),
-    class names, palette, the file it came from and the training iteration.
-
-    ``segmenter.predict(images)`` runs the recipe's test pipeline and inference (as ``segprompt
-    predict`` does) and returns a label map (H x W, int64 class ids) per image."""
-
-    def __init__(self, src: Source, model: nn.Module, device: torch.device):
-        self.cfg, self.meta, self.model, self.device = src.cfg, src.meta, model, device
-        self.checkpoint, self.run_dir = src.path, src.run_dir
-        self.iteration = src.state.get("iteration")
-        self._transform = build_test_transform(src.cfg)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta.classes)
-
-    @property
-    def palette(self) -> list[list[int]]:
-        return [list(c) for c in self.meta.palette]
-
-    def __repr__(self) -> str:
-        return (f"Segmenter({self.cfg.tuning['name']} on {self.cfg.model.backbone['name']}, "
-                f"{len(self.classes)} classes, '{self.checkpoint}', iteration {self.iteration}, {self.device})")
-
-    @torch.no_grad()
-    def predict(self, images: ImageLike | Sequence[ImageLike], *, mode: str | None = None,
-                tta: bool | None = None) -> np.ndarray | list[np.ndarray]:
-        """Label maps of ``images``: file paths or RGB uint8 arrays (H x W x 3). One image gives one
-        map; a list gives a list."""
-        single = isinstance(images, (str, Path, np.ndarray))
-        mode = mode or self.cfg.evaluation.mode
-        check_mode(self.cfg, mode)
-        tta = self.cfg.evaluation.tta if tta is None else tta
-        out = []
-        for image in [images] if single else list(images):
-            rgb = read_image(Path(image)) if isinstance(image, (str, Path)) else _rgb(image)
-            img = to_tensor(self._transform(rgb))[None].to(self.device)
-            img = normalize(img, self.cfg.data.mean, self.cfg.data.std)
-            logits = segment_logits(self.model, img, rgb.shape[:2], self.cfg, self.device, mode=mode, tta=tta)
-            out.append(logits.argmax(1)[0].cpu().numpy())
-        return out[0] if single else out
-
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise SegpromptError(f"an image array must be RGB uint8 of shape H x W x 3, got {image.dtype} "
-                             f"{tuple(image.shape)}")
-    return np.ascontiguousarray(image)
-
-
-def load(target: str | Path, checkpoint: str | None = None, *, weights: str | Path | None = None,
-         overrides: Sequence[str] = (), device: str | torch.device = "cpu") -> Segmenter:
-    """A trained model from a run directory, a checkpoint file or a delta (docs/api.md)."""
-    src = read_source(target, checkpoint, overrides=overrides, weights=weights)
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    model = build_source_model(src).to(dev)
-    return Segmenter(src, model, dev)
-
-
-__all__ = ["CHECKPOINT_NAMES", "Segmenter", "Source", "build_source_model", "checkpoint_path", "load",
-           "read_source"]
+__all__ = ["CHECKPOINT_NAMES", "Source", "build_source_model", "checkpoint_path", "init_checkpoint", "read_source",
+           "run_recipe"]

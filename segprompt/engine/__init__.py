@@ -1,1 +1,0 @@
-"""The engine: one training loop, evaluation, inference, metrics, checkpoints and run directories."""
