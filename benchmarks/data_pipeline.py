@@ -33,7 +33,12 @@ try:
 except Exception as e:  # noqa: BLE001 - any import failure means no baseline
     raise SystemExit(f"the baseline needs a working torchvision (import failed: {e})") from None
 
-from segprompt.data.transforms import TrainTransform, label_to_tensor, normalize, to_tensor
+from segprompt.data.transforms import (
+    TrainTransform,
+    label_to_tensor,
+    normalize,
+    to_tensor,
+)
 
 SCALE = (2048, 512)
 RATIO_RANGE = (0.5, 2.0)

@@ -70,8 +70,8 @@ def prepare(work: Path, iters: int) -> list[Path]:
     import yaml
 
     from segprompt.data.synthetic import generate_synthetic
-    from segprompt.training.loop import train
     from segprompt.models import BACKBONES
+    from segprompt.training.launch import train
 
     work.mkdir(parents=True, exist_ok=True)
     weights = work / "backbone.pth"

@@ -42,8 +42,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from segprompt.measure.bench import BenchOptions, run_bench
     from segprompt.io import atomic_write_json
+    from segprompt.measure.bench import BenchOptions, run_bench
 
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     unknown = [p for p in pairs if p not in PAIRS]

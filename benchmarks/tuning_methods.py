@@ -30,9 +30,9 @@ def measure(method: str, size: int, batch: int, steps: int, device: str) -> dict
     sys.path.insert(0, str(REPO))
     import torch
 
+    from segprompt.build import apply_tuning, build_segmentor
     from segprompt.config import OptimizerConfig, load_recipe
     from segprompt.data.meta import DatasetMeta
-    from segprompt.build import apply_tuning, build_segmentor
     from segprompt.runs.checkpoint import changed_state_dict
     from segprompt.training.optim import build_optimizer
     from segprompt.tuning import TuningContext

@@ -37,7 +37,7 @@ def train(recipe: str | Path, overrides: Sequence[str] = (), *, out: str | Path 
     """Train ``recipe`` (a file or a shipped recipe's name) with ``--set``-style ``overrides``
     (``"optimizer.lr=0.01"``) into ``out`` (default ``results/<recipe>/<timestamp>/``); returns the
     run directory. ``resume`` and ``load_from`` are the CLI's ``--resume`` and ``--load-from``."""
-    from segprompt.training.loop import train as _train
+    from segprompt.training.launch import train as _train
 
     return _train(recipe, list(overrides), out=out, resume=resume, load_from=load_from,
                   load_from_partial=load_from_partial)

@@ -20,7 +20,12 @@ from segprompt.config import SUPPLIED, Recipe
 from segprompt.data.class_prior import cached_class_prior
 from segprompt.data.dataset import SegDataset
 from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
-from segprompt.data.recognition import RECOGNITION_DATASETS, RecognitionDataset, class_frequency, recognition_meta
+from segprompt.data.recognition import (
+    RECOGNITION_DATASETS,
+    RecognitionDataset,
+    class_frequency,
+    recognition_meta,
+)
 from segprompt.data.transforms import TestTransform, TrainTransform
 from segprompt.errors import SegpromptError
 from segprompt.models import BACKBONES, HEADS, LOSSES, EncoderDecoder, ImageClassifier

@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import run_cli, write_recipe
+
 from segprompt.config import dump_recipe, load_recipe, shipped_name, shipped_recipes
-from segprompt.experiments import ablate as ab
 from segprompt.errors import SegpromptError
+from segprompt.experiments import ablate as ab
 from segprompt.experiments.tables import load_table
 
 TINY = {"schedule": {"iters": 6, "warmup_iters": 2}, "checkpoint": {"interval": 3, "keep": 2},

@@ -13,12 +13,12 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import recipe_from_dict
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from conftest import recipe_from_dict
-from segprompt.data.meta import DatasetMeta
 from segprompt.build import apply_tuning, build_segmentor
+from segprompt.data.meta import DatasetMeta
 from segprompt.errors import SegpromptError
 from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.backbones.vit import VisionTransformer, resize_pos_embed

@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, write_recipe
-from segprompt.training.loop import train
+
 from segprompt.errors import SegpromptError
+from segprompt.training.launch import train
 
 
 def _first(root, kind="ann_dir", split="train"):

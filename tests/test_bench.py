@@ -6,11 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO, run_cli
+
 from segprompt.config import dump_recipe, load_recipe
 from segprompt.measure import bench as bench_mod
-from segprompt.measure.bench import BenchOptions, bench_model, format_table, model_costs, run_bench
+from segprompt.measure.bench import (
+    BenchOptions,
+    bench_model,
+    format_table,
+    model_costs,
+    run_bench,
+)
 
 BASELINE = REPO / "recipes/stdc/cityscapes_stdc1_baseline.yaml"
 STAGE2 = REPO / "recipes/stdc/cityscapes_stdc1_stage2.yaml"

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import recipe_from_dict
-from segprompt.config import dump_recipe, load_recipe, resolve_recipe, shipped_name, shipped_recipes
+
+from segprompt.config import (
+    dump_recipe,
+    load_recipe,
+    resolve_recipe,
+    shipped_name,
+    shipped_recipes,
+)
 from segprompt.errors import SegpromptError
 from segprompt.experiments.tables import all_tables
 

@@ -15,11 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segprompt.build import build_segmentor
 from segprompt.config import load_recipe
 from segprompt.data.meta import DatasetMeta
-from segprompt.build import build_segmentor
 from segprompt.models import BACKBONES
-from segprompt.models.backbones.vit import VisionTransformer, load_vit_checkpoint, resize_pos_embed
+from segprompt.models.backbones.vit import (
+    VisionTransformer,
+    load_vit_checkpoint,
+    resize_pos_embed,
+)
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.heads.stdc_detail import DetailHead, detail_target, dice_loss
 from segprompt.models.losses import CrossEntropyLoss

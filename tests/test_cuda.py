@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
-from segprompt.training import loop as train_module
+
 from segprompt.evaluation.evaluate import evaluate_checkpoint
-from segprompt.training.loop import train
+from segprompt.training import launch as train_module
+from segprompt.training.launch import train
 
 DEVICE = os.environ.get("SEGPROMPT_TEST_DEVICE", "cuda")
 needs_device = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")

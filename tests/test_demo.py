@@ -9,9 +9,9 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
+from segprompt.errors import SegpromptError
 from segprompt.experiments.demo import SCALES, run_demo
 from segprompt.experiments.demo_report import Row, gap_recovered, table_lines, verdict
-from segprompt.errors import SegpromptError
 
 
 def _row(method, scores, trainable, label=None):

@@ -13,20 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, run_cli, write_recipe
+
+from segprompt.build import apply_tuning, build_segmentor, dataset_meta, tuning_context
 from segprompt.cli import main
 from segprompt.config import dump_recipe, load_recipe
 from segprompt.data.dataset import read_image
 from segprompt.data.transforms import normalize
-from segprompt.runs import checkpoint as ckpt
-from segprompt.serve import export as export_mod
-from segprompt.build import apply_tuning, build_segmentor, dataset_meta, tuning_context
-from segprompt.runs.load import build_source_model, read_source
-from segprompt.serve.export import ExportOptions, export_model, sidecar
-from segprompt.training.loop import deploy_best, train
 from segprompt.errors import SegpromptError
 from segprompt.measure.bench import BenchOptions, run_bench
+from segprompt.runs import checkpoint as ckpt
+from segprompt.runs.load import build_source_model, read_source
+from segprompt.serve import export as export_mod
+from segprompt.serve.export import ExportOptions, export_model, sidecar
+from segprompt.training.launch import train
+from segprompt.training.loop import deploy_best
 
 ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'segprompt[deploy]')")
 onnx = pytest.importorskip("onnx", reason="the deploy extra (pip install 'segprompt[deploy]')")

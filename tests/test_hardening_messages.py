@@ -15,8 +15,8 @@ from conftest import run_cli, write_recipe
 from faults import fail_atomic_writes, forbid_dir
 
 from segprompt.cli import main
-from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
+from segprompt.training.launch import train
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

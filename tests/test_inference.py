@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from segprompt.evaluation.inference import colorize, inference, save_prediction, slide_inference, whole_inference
+from segprompt.evaluation.inference import (
+    colorize,
+    inference,
+    save_prediction,
+    slide_inference,
+    whole_inference,
+)
 
 K = 4
 

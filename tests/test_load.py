@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO, TINY_RECIPE, run_cli
 
 import segprompt
-from conftest import REPO, TINY_RECIPE, run_cli
 from segprompt.data.synthetic import generate_synthetic
-from segprompt.runs.delta import read_delta
-from segprompt.evaluation.evaluate import evaluate_checkpoint
-from segprompt.serve.share import export_delta
-from segprompt.serve.predict import predict
-from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
+from segprompt.evaluation.evaluate import evaluate_checkpoint
+from segprompt.runs.delta import read_delta
+from segprompt.serve.predict import predict
+from segprompt.serve.share import export_delta
+from segprompt.training.launch import train
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -167,8 +167,8 @@ def test_the_api_example_in_the_docs_runs(tmp_path, monkeypatch):
 
 
 def test_export_and_bench_work_on_a_copied_run_without_its_data(workspace, tmp_path, monkeypatch):
-    from segprompt.serve.export import ExportOptions, export_model
     from segprompt.measure.bench import BenchOptions, run_bench
+    from segprompt.serve.export import ExportOptions, export_model
 
     ws, run, _ = workspace
     copy = tmp_path / "copied"

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_cli
 from torch import nn
 
-from conftest import REPO, run_cli
 from segprompt.config import load_recipe
-from segprompt.runs.checkpoint import changed_state_dict, load_model_state
 from segprompt.errors import SegpromptError
 from segprompt.models import EncoderDecoder
 from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.backbones.vit import VisionTransformer
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.losses import CrossEntropyLoss
+from segprompt.runs.checkpoint import changed_state_dict, load_model_state
 from segprompt.tuning import METHODS, TuningContext
 from segprompt.tuning.lora import LoRA
 
@@ -219,7 +219,7 @@ def test_bad_options_are_clear_errors():
 
 @pytest.mark.slow
 def test_train_then_eval_reproduces_the_stored_miou(tmp_path, synthetic_root):
-    from segprompt.training.loop import train
+    from segprompt.training.launch import train
 
     run = train(REPO / "recipes/smoke.yaml",
                 ["tuning.name=lora", "tuning.rank=4", f"data.root={synthetic_root}", "data.batch_size=4",

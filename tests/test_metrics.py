@@ -14,7 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from rich.console import Console
 
-from segprompt.evaluation.metrics import ConfusionMatrix, compute_metrics, format_table, summary_line
+from segprompt.evaluation.metrics import (
+    ConfusionMatrix,
+    compute_metrics,
+    format_table,
+    summary_line,
+)
 
 IGNORE = 255
 

@@ -9,21 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_recipe
+
+from segprompt.build import build_eval_dataset, build_model, dataset_meta
 from segprompt.cli import main
 from segprompt.config import dump_recipe, load_recipe
 from segprompt.data.dataset import read_image
 from segprompt.data.synthetic import generate_synthetic
 from segprompt.data.transforms import normalize
-from segprompt.runs import checkpoint as ck
-from segprompt.build import build_eval_dataset, build_model, dataset_meta
-from segprompt.serve.multitask import MultiTaskModel, load_run_model, task_names
-from segprompt.serve.predict import predict
-from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_text
 from segprompt.models import BACKBONES
+from segprompt.runs import checkpoint as ck
+from segprompt.serve.multitask import MultiTaskModel, load_run_model, task_names
+from segprompt.serve.predict import predict
+from segprompt.training.launch import train
 
 TUNINGS = {
     "head": {"name": "head"},

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from segprompt.config import load_recipe
 from segprompt.measure.params import breakdown
 from segprompt.tuning.spm_layers import spm_param_count

@@ -10,15 +10,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_recipe
+
 from segprompt.cli import main
 from segprompt.distributed import resolve_device
+from segprompt.errors import SegpromptError
 from segprompt.evaluation.evaluate import evaluate_checkpoint
 from segprompt.evaluation.inference import save_prediction
 from segprompt.serve.predict import discover, predict
-from segprompt.training.loop import train
-from segprompt.errors import SegpromptError
+from segprompt.training.launch import train
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +219,9 @@ def test_devices_and_cli(run, synthetic_root, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_deployed_text_guided_run_predicts_without_the_clip_file(tmp_path, synthetic_root):
-    from segprompt.models.text.clip_text import CLIPTextEncoder
     from test_stdc_pipeline import SMALL
+
+    from segprompt.models.text.clip_text import CLIPTextEncoder
 
     torch.manual_seed(0)
     clip = tmp_path / "RN50.pt"

@@ -10,15 +10,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import run_cli, write_recipe
 from faults import dead_pid
+from test_prepare import (
+    make_ade20k,
+    make_chase_db1,
+    make_cityscapes,
+    make_vaihingen,
+    png,
+    vaihingen_counts,
+    write_tar,
+    write_zip,
+)
+
 from segprompt.data.meta import read_meta
 from segprompt.data.prepare import check, prepare
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file, temp_prefix
-from test_prepare import (make_ade20k, make_chase_db1, make_cityscapes, make_vaihingen, png, vaihingen_counts,
-                          write_tar, write_zip)
 
 CHASE_COUNTS = {"train": 2, "val": 1}
 
@@ -252,9 +260,9 @@ def test_cli_prepare_check_and_errors(tmp_path):
 
 
 def test_prepared_output_feeds_train_unchanged(tmp_path):
-    from segprompt.config import load_recipe
     from segprompt.build import tuning_context
-    from segprompt.training.loop import train
+    from segprompt.config import load_recipe
+    from segprompt.training.launch import train
 
     make_vaihingen(tmp_path / "src")
     root = tmp_path / "vaihingen"

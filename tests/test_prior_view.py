@@ -252,7 +252,7 @@ def test_recognition_vector_prior_ignores_the_view():
 
 
 def test_spm_training_run_feeds_crop_views(tmp_path, synthetic_root, monkeypatch):
-    from segprompt.training.loop import train
+    from segprompt.training.launch import train
 
     views: list[torch.Tensor] = []
     set_view = SPMChain.set_view

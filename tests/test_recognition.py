@@ -14,12 +14,17 @@ import torch
 import torchvision
 import yaml
 
-from segprompt.config import load_recipe
-from segprompt.data.recognition import RecognitionDataset, class_frequency, open_torchvision, recognition_meta
 from segprompt.build import build_model, dataset_meta
-from segprompt.measure.params import breakdown
-from segprompt.training.loop import train
+from segprompt.config import load_recipe
+from segprompt.data.recognition import (
+    RecognitionDataset,
+    class_frequency,
+    open_torchvision,
+    recognition_meta,
+)
 from segprompt.errors import SegpromptError
+from segprompt.measure.params import breakdown
+from segprompt.training.launch import train
 from segprompt.tuning.spm_layers import SPMVector
 
 K = 5
@@ -90,7 +95,6 @@ def test_cifar_archive_is_extracted_and_read_by_torchvision(tmp_path, no_md5):
 
 def test_svhn_and_food101_read_from_local_files(tmp_path, no_md5):
     import scipy.io
-
     from PIL import Image
 
     svhn = tmp_path / "svhn"

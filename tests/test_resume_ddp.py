@@ -12,10 +12,9 @@ import subprocess
 import sys
 import time
 
+import faults
 import pytest
 import torch
-
-import faults
 from conftest import REPO, run_cli, write_recipe
 
 DETERMINISTIC = ["runtime.deterministic=true", "schedule.iters=12", "checkpoint.interval=4",

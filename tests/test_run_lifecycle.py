@@ -15,15 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
-
-import faults
 from conftest import write_recipe
-from segprompt.runs import runlock
-from segprompt.training.loop import train
+
 from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
 from segprompt.io import remove_stale_temporaries, temp_prefix
+from segprompt.runs import runlock
+from segprompt.training.launch import train
 
 
 def _events(run):

@@ -12,9 +12,9 @@ from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.losses import CrossEntropyLoss
 from segprompt.models.segmentor import EncoderDecoder
-from segprompt.tuning.spm_layers import SPM, spm_param_count
 from segprompt.tuning import TuningContext
 from segprompt.tuning.spm import SPMTuning
+from segprompt.tuning.spm_layers import SPM, spm_param_count
 
 K = 5
 
@@ -159,7 +159,7 @@ def test_vaihingen_spm_recipe_runs_end_to_end_on_vaihingen_shaped_synthetic_data
     from pathlib import Path
 
     from segprompt.data.synthetic import generate_synthetic
-    from segprompt.training.loop import train
+    from segprompt.training.launch import train
 
     root = tmp_path / "vaihingen_like"
     generate_synthetic(root, seed=3, num_classes=6, image_size=(64, 64), counts={"train": 4, "val": 2, "test": 1})
@@ -232,7 +232,7 @@ def test_training_records_spm_diagnostics(tmp_path):
     from pathlib import Path
 
     from segprompt.data.synthetic import generate_synthetic
-    from segprompt.training.loop import train
+    from segprompt.training.launch import train
 
     root = tmp_path / "d"
     generate_synthetic(root, seed=1, num_classes=K, image_size=(48, 48), counts={"train": 4, "val": 2})

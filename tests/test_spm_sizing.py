@@ -49,8 +49,8 @@ def _records(name: str, level: int = logging.INFO):
 def _build_log(overrides: list[str], k: int = 6) -> list[logging.LogRecord]:
     """What building the smoke model with ``overrides`` logs (INFO and up), as the logger a training
     run sets up (``segprompt``) receives it; built on the meta device."""
-    from segprompt.data.meta import DatasetMeta
     from segprompt.build import apply_tuning, build_segmentor
+    from segprompt.data.meta import DatasetMeta
     from segprompt.tuning import TuningContext
 
     cfg = load_recipe(SMOKE, overrides)
@@ -142,7 +142,7 @@ def test_count_params_and_training_log_print_the_same_percent(tmp_path, syntheti
     from typer.testing import CliRunner
 
     from segprompt.cli import app
-    from segprompt.training.loop import train
+    from segprompt.training.launch import train
 
     sets = [f"data.root={synthetic_root}", "tuning.name=spm", f"tuning.channels={channels}"]
     res = CliRunner().invoke(app, ["count-params", str(SMOKE), *(x for s in sets for x in ("--set", s))])

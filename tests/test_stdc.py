@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import recipe_from_dict
 from torch import nn
 
-from conftest import recipe_from_dict
-from segprompt.data.meta import DatasetMeta
 from segprompt.build import build_segmentor, load_backbone_weights
-from segprompt.measure.flops import mmcv_flops, torch_flops
+from segprompt.data.meta import DatasetMeta
 from segprompt.errors import SegpromptError
+from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.models.backbones.stdc import STDCContextPath, STDCNet
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.heads.stdc_detail import DetailHead, detail_target

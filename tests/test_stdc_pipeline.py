@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from segprompt.config import load_recipe
-from segprompt.runs import checkpoint as ckpt
 from segprompt.build import build_model, dataset_meta
+from segprompt.config import load_recipe
 from segprompt.evaluation.evaluate import evaluate_checkpoint
-from segprompt.training.loop import train
 from segprompt.models.text.clip_text import CLIPTextEncoder
 from segprompt.models.text.guidance import TextGuidance, deploy_text
+from segprompt.runs import checkpoint as ckpt
+from segprompt.training.launch import train
 
 SMALL = [
     "data.batch_size=2", "data.train.scales=null", "data.train.scale=[64,64]", "data.train.ratio_range=[0.75,1.25]",

@@ -19,8 +19,12 @@ from segprompt.errors import SegpromptError
 from segprompt.models import HEADS
 from segprompt.models.heads.text_score import TextScoreHead
 from segprompt.models.text.clip_text import CLIPTextEncoder
+from segprompt.models.text.guidance import (
+    TextGuidance,
+    deploy_text,
+    load_text_pretrained,
+)
 from segprompt.models.text.prompt_learner import PromptLearner
-from segprompt.models.text.guidance import TextGuidance, deploy_text, load_text_pretrained
 
 NAMES = ["road", "Column_Pole", "traffic light"]
 CAMVID = ["Bicyclist", "Building", "Car", "Column_Pole", "Fence", "Pedestrian", "Road", "Sidewalk",

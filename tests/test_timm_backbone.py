@@ -18,27 +18,28 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import run_cli, write_recipe
 from timm.layers import StdConv2d
 from timm.models.vision_transformer import ResPostBlock
 from torch import nn
 
-from conftest import run_cli, write_recipe
+from segprompt.build import build_model, dataset_meta
 from segprompt.cli import main
 from segprompt.config import OptimizerConfig, load_recipe
 from segprompt.data.dataset import read_image
-from segprompt.runs import checkpoint as ck
-from segprompt.training import loop as train_mod
-from segprompt.build import build_model, dataset_meta
-from segprompt.evaluation.evaluate import evaluate_checkpoint
-from segprompt.serve.multitask import load_run_model
-from segprompt.training.optim import build_optimizer
-from segprompt.serve.predict import predict
 from segprompt.errors import SegpromptError
+from segprompt.evaluation.evaluate import evaluate_checkpoint
 from segprompt.models import EncoderDecoder
 from segprompt.models.backbones.timm_backbone import timm_backbone, timm_state_dict
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.losses import CrossEntropyLoss
 from segprompt.models.weights import load_strict
+from segprompt.runs import checkpoint as ck
+from segprompt.serve.multitask import load_run_model
+from segprompt.serve.predict import predict
+from segprompt.training import loop as train_loop
+from segprompt.training.launch import train
+from segprompt.training.optim import build_optimizer
 from segprompt.tuning import METHODS, TuningContext
 from segprompt.tuning.lora import eligible_layers
 
@@ -317,9 +318,9 @@ def trained(tmp_path_factory, data):
     tmp = tmp_path_factory.mktemp("timm_runs")
     files, out, built = pretrained_files(tmp), {}, []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "build_model", lambda cfg, meta: built.append(build_model(cfg, meta)) or built[-1])
+        mp.setattr(train_loop, "build_model", lambda cfg, meta: built.append(build_model(cfg, meta)) or built[-1])
         for kind, method in CASES:
-            run = train_mod.train(run_recipe(tmp, data, kind, method, files[kind]), out=tmp / f"{kind}_{method}")
+            run = train(run_recipe(tmp, data, kind, method, files[kind]), out=tmp / f"{kind}_{method}")
             out[kind, method] = run, built[-1]
     return out
 

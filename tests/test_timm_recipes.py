@@ -14,9 +14,9 @@ import re
 import pytest
 import timm
 import torch
+from conftest import run_cli
 from torch import nn
 
-from conftest import run_cli
 from segprompt.cli import main
 from segprompt.config import load_recipe, shipped_name, shipped_recipes
 from segprompt.models import BACKBONES

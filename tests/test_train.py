@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import write_recipe
+
 from segprompt.config import load_recipe
-from segprompt.evaluation.evaluate import evaluate_checkpoint
-from segprompt.training.loop import train
 from segprompt.errors import SegpromptError
+from segprompt.evaluation.evaluate import evaluate_checkpoint
 from segprompt.io import sha256_file
+from segprompt.training.launch import train
 
 
 @pytest.fixture(scope="module")

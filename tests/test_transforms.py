@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from segprompt.data import transforms  # TestTransform via the module: pytest would collect the name
-from segprompt.data.transforms import TrainTransform, label_to_tensor, normalize, to_tensor
+from segprompt.data import (
+    transforms,  # TestTransform via the module: pytest would collect the name
+)
+from segprompt.data.transforms import (
+    TrainTransform,
+    label_to_tensor,
+    normalize,
+    to_tensor,
+)
 
 # Colours far apart, so the class of a pixel can be read back from its colour.
 PALETTE = np.array([[0, 0, 255], [255, 0, 0], [0, 255, 0], [255, 255, 0], [255, 0, 255], [0, 255, 255],

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from segprompt.config import OptimizerConfig
-from segprompt.runs.checkpoint import changed_state_dict, load_model_state
-from segprompt.training.optim import build_optimizer
 from segprompt.models import EncoderDecoder
 from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.losses import CrossEntropyLoss
+from segprompt.runs.checkpoint import changed_state_dict, load_model_state
+from segprompt.training.optim import build_optimizer
 from segprompt.tuning import METHODS, TuningContext
 
 K = 3

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_recipe
-from segprompt.training.loop import train
+
 from segprompt.errors import SegpromptError
 from segprompt.experiments.plot import plot_runs, read_curves
+from segprompt.training.launch import train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -15,9 +15,15 @@ from __future__ import annotations
 import sys
 
 # each module registers its commands on app; this order is the order of `segprompt --help`
-from segprompt.cli import data, run, measure, experiments  # noqa: F401, I001
+from segprompt.cli import data, experiments, measure, run  # noqa: F401, I001
 from segprompt.cli.app import app, console, err_console, is_main
-from segprompt.errors import USER_OS_ERRORS, RunCrashed, RunInterrupted, SegpromptError, os_problem
+from segprompt.errors import (
+    USER_OS_ERRORS,
+    RunCrashed,
+    RunInterrupted,
+    SegpromptError,
+    os_problem,
+)
 
 
 def _user_message(e: SegpromptError) -> str:

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 import typer.core
-from segprompt.cli.app import app, console
 
+from segprompt.cli.app import app, console
 from segprompt.data.prepare import DATASETS
 from segprompt.errors import SegpromptError
 from segprompt.progress import progress_bar  # rich only: keeps the CLI's start light

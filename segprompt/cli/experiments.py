@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 import typer.core
-from segprompt.cli.app import app, console, err_console
 
+from segprompt.cli.app import app, console, err_console
 from segprompt.errors import SegpromptError
 
 
@@ -39,9 +39,14 @@ def demo(
 
     from rich.table import Table
 
-    from segprompt.runs.rundir import new_run_dir
     from segprompt.experiments.demo import SCALES, check_methods, run_demo
-    from segprompt.experiments.demo_report import edge_note, rows_from_report, source_line, table_lines
+    from segprompt.experiments.demo_report import (
+        edge_note,
+        rows_from_report,
+        source_line,
+        table_lines,
+    )
+    from segprompt.runs.rundir import new_run_dir
 
     if scale is not None and scale not in SCALES:
         raise SegpromptError(f"--scale {scale!r}: choose one of {', '.join(SCALES)}")

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 import typer.core
-from segprompt.cli.app import app, console, err_console
 
+from segprompt.cli.app import app, console, err_console
 from segprompt.errors import SegpromptError
 
 if TYPE_CHECKING:
@@ -144,7 +144,14 @@ def bench(
     import json
 
     from segprompt.io import atomic_write_json
-    from segprompt.measure.bench import BenchOptions, check_out, format_table, parse_size, run_bench, save_run_bench
+    from segprompt.measure.bench import (
+        BenchOptions,
+        check_out,
+        format_table,
+        parse_size,
+        run_bench,
+        save_run_bench,
+    )
 
     check_out(out, force)
     opts = BenchOptions(size=parse_size(size) if size else None, dtype=dtype, channels_last=channels_last,

@@ -43,7 +43,7 @@ def train_cmd(
         raise SegpromptError("--resume continues a run; --load-from starts a new one from weights: use one")
     if load_from_partial and not load_from:
         raise SegpromptError("--load-from-partial goes with --load-from PATH")
-    from segprompt.training.loop import train
+    from segprompt.training.launch import train
 
     train(recipe, overrides, out=out, resume=resume, load_from=load_from, load_from_partial=load_from_partial)
 
@@ -172,8 +172,13 @@ def export_cmd(
                           markup=False, highlight=False)
         err_console.print(f"wrote {out}", highlight=False)
         return
-    from segprompt.serve.export import ExportOptions, export_model, sidecar, summary_lines
     from segprompt.measure.bench import parse_size
+    from segprompt.serve.export import (
+        ExportOptions,
+        export_model,
+        sidecar,
+        summary_lines,
+    )
 
     opts = ExportOptions(format=format_, size=parse_size(size) if size else None, dynamic=dynamic, dtype=dtype,
                          checkpoint=checkpoint, force=force)

@@ -22,7 +22,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta
-from segprompt.data.transforms import TestTransform, TrainTransform, label_to_tensor, to_tensor
+from segprompt.data.transforms import (
+    TestTransform,
+    TrainTransform,
+    label_to_tensor,
+    to_tensor,
+)
 from segprompt.data.truncation import truncated_file
 from segprompt.data.view import identity_view
 from segprompt.errors import SegpromptError

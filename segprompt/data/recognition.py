@@ -27,7 +27,6 @@ from segprompt.data.meta import DatasetMeta
 from segprompt.data.transforms import to_tensor
 from segprompt.errors import SegpromptError
 
-
 # torchvision is imported inside the functions that read or augment: importing it pulls in
 # torch._dynamo (seconds), and only the recognition appendix needs it (docs/cli.md, start-up time).
 

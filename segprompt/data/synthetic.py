@@ -33,7 +33,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from segprompt.data.meta import ANN_DIR, IMG_DIR, META_FILE, DatasetMeta, golden_palette, read_meta, write_meta
+from segprompt.data.meta import (
+    ANN_DIR,
+    IMG_DIR,
+    META_FILE,
+    DatasetMeta,
+    golden_palette,
+    read_meta,
+    write_meta,
+)
 from segprompt.errors import SegpromptError, os_problem
 from segprompt.io import move_aside, remove_stale_temporaries, temp_prefix
 

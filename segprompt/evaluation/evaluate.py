@@ -14,21 +14,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from segprompt.config import Recipe
-from segprompt.data.dataset import SegDataset, collate, read_image, start_workers, worker_init
+from segprompt import distributed as dist_utils
+from segprompt.build import build_eval_dataset
+from segprompt.config import Recipe, load_recipe
+from segprompt.data.dataset import (
+    SegDataset,
+    collate,
+    read_image,
+    start_workers,
+    worker_init,
+)
 from segprompt.data.sampler import eval_shard
 from segprompt.data.transforms import normalize
-from segprompt import distributed as dist_utils
-from segprompt.config import load_recipe
-from segprompt.build import build_eval_dataset
 from segprompt.distributed import DistEnv, all_gather_object
-from segprompt.evaluation.inference import autocast, check_mode, save_prediction, segment_logits
-from segprompt.evaluation.metrics import ConfusionMatrix, compute_metrics
-from segprompt.runs.load import CHECKPOINT_NAMES, build_source_model, read_source
-from segprompt.runs.rundir import default_run_dir
 from segprompt.errors import SegpromptError
+from segprompt.evaluation.inference import (
+    autocast,
+    check_mode,
+    save_prediction,
+    segment_logits,
+)
+from segprompt.evaluation.metrics import ConfusionMatrix, compute_metrics
 from segprompt.io import write_json_keeping_history
 from segprompt.progress import progress_bar
+from segprompt.runs.load import CHECKPOINT_NAMES, build_source_model, read_source
+from segprompt.runs.rundir import default_run_dir
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *, mode: str | None = None,

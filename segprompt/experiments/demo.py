@@ -41,13 +41,20 @@ import torch
 from segprompt.config import dump_recipe, load_recipe, shipped_recipes
 from segprompt.data.meta import read_meta
 from segprompt.data.synthetic import generate_synthetic
-from segprompt.evaluation.evaluate import evaluate_checkpoint
-from segprompt.runs.rundir import CKPT_DIR, LAST
-from segprompt.training.loop import train
 from segprompt.errors import NonFiniteLoss, SegpromptError
-from segprompt.experiments.demo_report import LABELS, Row, rank_score, row_json, verdict, write_report
+from segprompt.evaluation.evaluate import evaluate_checkpoint
+from segprompt.experiments.demo_report import (
+    LABELS,
+    Row,
+    rank_score,
+    row_json,
+    verdict,
+    write_report,
+)
 from segprompt.io import atomic_torch_save, atomic_write_json
 from segprompt.measure.params import breakdown
+from segprompt.runs.rundir import CKPT_DIR, LAST
+from segprompt.training.launch import train
 
 
 @dataclass(frozen=True)

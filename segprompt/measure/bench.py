@@ -40,18 +40,18 @@ from torch.utils import _pytree as pytree
 from segprompt import __version__
 from segprompt.config import Recipe
 from segprompt.data.meta import DatasetMeta
-
-# the deployed model of a recipe (random weights) lives in serve/deployed.py, which `segprompt export` shares
-from segprompt.serve.deployed import random_model as bench_model
-from segprompt.serve.deployed import recipe_meta as bench_meta
 from segprompt.distributed import resolve_device
-from segprompt.serve.export import PROVIDERS
-from segprompt.runs.load import run_recipe
-from segprompt.runs.rundir import git_commit
 from segprompt.errors import SegpromptError
 from segprompt.io import write_json_keeping_history
 from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.measure.ort_bench import OrtModel, is_onnx
+from segprompt.runs.load import run_recipe
+from segprompt.runs.rundir import git_commit
+
+# the deployed model of a recipe (random weights) lives in serve/deployed.py, which `segprompt export` shares
+from segprompt.serve.deployed import random_model as bench_model
+from segprompt.serve.deployed import recipe_meta as bench_meta
+from segprompt.serve.export import PROVIDERS
 
 # the paper's measuring sizes (H, W): Cityscapes at half resolution, CamVid at full (Tables 1-2)
 DEFAULT_SIZES = {"cityscapes": (512, 1024), "camvid": (720, 960)}

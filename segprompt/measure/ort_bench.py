@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from segprompt.serve.export import INPUT, OUTPUT, ort_session, require, sidecar
 from segprompt.errors import SegpromptError
+from segprompt.serve.export import INPUT, OUTPUT, ort_session, require, sidecar
 
 # onnxruntime's input type -> (the bench's --dtype, the torch dtype of the input)
 INPUT_TYPES = {"tensor(float)": ("fp32", torch.float32), "tensor(float16)": ("fp16", torch.float16)}

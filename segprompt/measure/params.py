@@ -32,11 +32,16 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from segprompt.build import apply_tuning, build_segmentor
 from segprompt.config import Recipe
 from segprompt.data.meta import DatasetMeta
-from segprompt.build import apply_tuning, build_segmentor
 from segprompt.tuning import TuningContext
-from segprompt.tuning.base import FullShare, full_share, oversize_warning, percent_of_full
+from segprompt.tuning.base import (
+    FullShare,
+    full_share,
+    oversize_warning,
+    percent_of_full,
+)
 
 CONVENTIONS = ("paper", "all")
 __all__ = ["CONVENTIONS", "Breakdown", "FullShare", "breakdown", "build_counted", "count", "full_share",

@@ -29,15 +29,15 @@ from typing import Any
 
 from torch import nn
 
+from segprompt.build import apply_tuning, build_segmentor, dataset_meta
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import DatasetMeta
-from segprompt.runs import checkpoint as ckpt
-from segprompt.runs import delta as delta_file
-from segprompt.build import apply_tuning, build_segmentor, dataset_meta
-from segprompt.runs.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
 from segprompt.models.text.guidance import deploy_text
+from segprompt.runs import checkpoint as ckpt
+from segprompt.runs import delta as delta_file
+from segprompt.runs.rundir import BEST, CKPT_DIR, CONFIG, DEPLOYED, LAST
 from segprompt.tuning import TuningContext
 
 CHECKPOINT_NAMES = ("auto", "best", "last", "deployed")  # or a path

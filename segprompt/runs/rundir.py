@@ -28,9 +28,9 @@ import torch
 from rich.logging import RichHandler
 
 from segprompt import __version__
-from segprompt.runs.runlock import LOCK
 from segprompt.errors import SegpromptError, os_problem
 from segprompt.io import atomic_write_json, atomic_write_text, is_temporary
+from segprompt.runs.runlock import LOCK
 
 CONFIG = "config.yaml"
 CKPT_DIR = "checkpoints"

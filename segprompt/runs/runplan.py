@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from segprompt.config import Recipe, config_diff, load_recipe
+from segprompt.errors import SegpromptError
 from segprompt.runs.rundir import (
     CKPT_DIR,
     CONFIG,
@@ -20,7 +21,6 @@ from segprompt.runs.rundir import (
     new_run_dir,
 )
 from segprompt.runs.runlock import LOCK, RunDirInUse, RunLock, lock_run_dir
-from segprompt.errors import SegpromptError
 
 
 @dataclass

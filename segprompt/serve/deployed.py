@@ -22,14 +22,15 @@ from typing import Any
 
 from torch import nn
 
+from segprompt.build import apply_tuning, build_segmentor, is_recognition
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
-from segprompt.build import apply_tuning, build_segmentor, is_recognition
-from segprompt.runs.load import CHECKPOINT_NAMES, build_source_model, read_source
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
 from segprompt.models.text.guidance import TextGuidance, deploy_text
+from segprompt.runs.load import CHECKPOINT_NAMES, build_source_model, read_source
 from segprompt.tuning import TuningContext
+
 
 def recipe_meta(cfg: Recipe) -> tuple[DatasetMeta, str]:
     """The classes: the prepared dataset's ``meta.json`` when it exists, else ``data.num_classes``

@@ -37,10 +37,10 @@ from torch import nn
 
 from segprompt import __version__
 from segprompt.config import Recipe
-from segprompt.serve.deployed import Deployed, load_deployed
-from segprompt.runs.rundir import git_commit
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes, atomic_write_json, sha256_file
+from segprompt.runs.rundir import git_commit
+from segprompt.serve.deployed import Deployed, load_deployed
 
 FORMATS = ("onnx", "torchscript")  # graphs; "delta" and "checkpoint" (serve/share.py) are trained tensors
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

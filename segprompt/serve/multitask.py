@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from segprompt.build import apply_tuning, build_segmentor, build_test_transform
 from segprompt.config import Recipe, load_recipe
 from segprompt.data.meta import DatasetMeta
 from segprompt.data.transforms import normalize, to_tensor
-from segprompt.runs import checkpoint as ckpt
-from segprompt.build import apply_tuning, build_segmentor, build_test_transform
 from segprompt.distributed import resolve_device
-from segprompt.runs.load import read_source
-from segprompt.serve.segmenter import load
-from segprompt.runs.rundir import CONFIG
 from segprompt.errors import SegpromptError
+from segprompt.runs import checkpoint as ckpt
+from segprompt.runs.load import read_source
+from segprompt.runs.rundir import CONFIG
+from segprompt.serve.segmenter import load
 from segprompt.tuning import TuningContext
 
 __all__ = ["MultiTaskModel", "Task", "load_run_model"]

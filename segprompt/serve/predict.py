@@ -34,18 +34,29 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from segprompt.config import Recipe
-from segprompt.data.dataset import IMG_EXTS, BadImage, read_image, start_workers, worker_init
-from segprompt.data.transforms import TestTransform, normalize, to_tensor
 from segprompt.build import build_test_transform, is_recognition
+from segprompt.config import Recipe
+from segprompt.data.dataset import (
+    IMG_EXTS,
+    BadImage,
+    read_image,
+    start_workers,
+    worker_init,
+)
+from segprompt.data.transforms import TestTransform, normalize, to_tensor
 from segprompt.distributed import resolve_device
-from segprompt.evaluation.inference import SLIDE_WINDOW, check_mode, segment_logits
-from segprompt.runs.load import build_source_model, read_source
-from segprompt.evaluation.inference import FORMATS, save_prediction
-from segprompt.serve.multitask import MultiTaskModel, task_names
-from segprompt.runs.rundir import CONFIG
 from segprompt.errors import SegpromptError
+from segprompt.evaluation.inference import (
+    FORMATS,
+    SLIDE_WINDOW,
+    check_mode,
+    save_prediction,
+    segment_logits,
+)
 from segprompt.progress import progress_bar
+from segprompt.runs.load import build_source_model, read_source
+from segprompt.runs.rundir import CONFIG
+from segprompt.serve.multitask import MultiTaskModel, task_names
 
 DEFAULT_FORMATS = ("index", "overlay")  # what `eval --save-preds` writes
 

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from segprompt import __version__
-from segprompt.runs import delta as delta_file
 from segprompt.build import build_segmentor
-from segprompt.serve.export import merge_lora
-from segprompt.runs.load import Source, build_source_model, read_source
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_torch_save, sha256_file
+from segprompt.runs import delta as delta_file
+from segprompt.runs.load import Source, build_source_model, read_source
+from segprompt.serve.export import merge_lora
 
 
 def _check_out(out: Path, suffixes: tuple[str, ...], what: str, force: bool) -> None:

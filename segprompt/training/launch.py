@@ -19,7 +19,14 @@ from pathlib import Path
 
 from segprompt import distributed as dist_utils
 from segprompt.config import load_recipe
-from segprompt.errors import USER_OS_ERRORS, NonFiniteLoss, RunCrashed, RunInterrupted, SegpromptError, os_problem
+from segprompt.errors import (
+    USER_OS_ERRORS,
+    NonFiniteLoss,
+    RunCrashed,
+    RunInterrupted,
+    SegpromptError,
+    os_problem,
+)
 from segprompt.io import remove_stale_temporaries
 from segprompt.runs.load import init_checkpoint
 from segprompt.runs.rundir import CKPT_DIR, FILE_ONLY, MetricsLog, setup_logging

@@ -1,53 +1,58 @@
 """The training loop: iteration-based, one code path for CPU, one GPU and DDP under torchrun.
 
-Read top to bottom: set up the process group and the run directory, build the model (tuning
-method applied, so frozen parameters are frozen before DDP wraps it), the optimizer, the poly
-schedule and the resumable sampler, restore a checkpoint if resuming, then loop: accumulate
-gradients over micro-batches, check the loss is finite on every rank, clip, step, log, evaluate
-every ``evaluation.interval`` iterations (keeping the best checkpoint) and write
-``checkpoints/last.pt`` every ``checkpoint.interval`` iterations.
+:func:`run_loop` reads top to bottom: :func:`setup` builds the model (tuning method applied, so
+frozen parameters are frozen before DDP wraps it), the optimizer, the poly schedule and the
+resumable sampler, and restores a checkpoint when resuming; then each iteration stops cleanly if a
+signal came (:func:`stop_if_asked`), takes one optimiser step (:func:`train_step`: gradients
+accumulated over micro-batches, the loss checked finite on every rank, clipped, stepped), logs,
+evaluates every ``evaluation.interval`` iterations keeping the best checkpoint (:func:`validate`) and
+writes ``checkpoints/last.pt`` every ``checkpoint.interval`` iterations (:class:`Checkpoints`).
 
 Resuming restores the model, optimizer, scheduler, grad scaler, iteration, data order (the
 sampler restarts at the saved step) and every RNG state of every rank, so on CPU in
-deterministic mode a resumed run ends bitwise identical to an uninterrupted one.
-
-The run's lifecycle (docs/runs.md): rank 0 locks the run directory for the whole run and removes
-temporaries that killed processes left in it; SIGINT/SIGTERM stop the loop at the next iteration
-boundary with ``last.pt`` saved; ``train.log`` ends with one line saying how the run ended.
+deterministic mode a resumed run ends bitwise identical to an uninterrupted one. How a run starts
+and ends (lock, plan, end states) is :mod:`segprompt.training.launch`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import random
-import shlex
-import signal
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from segprompt.config import Recipe, dump_recipe, load_recipe
+from segprompt import distributed as dist_utils
+from segprompt.build import (
+    build_eval_dataset,
+    build_model,
+    build_segmentor,
+    build_train_dataset,
+    dataset_meta,
+)
+from segprompt.config import Recipe, dump_recipe
 from segprompt.data.dataset import collate, start_workers, worker_init
 from segprompt.data.sampler import TrainBatchSampler
 from segprompt.data.transforms import normalize
-from segprompt.runs import checkpoint as ckpt
-from segprompt import distributed as dist_utils
-from segprompt.build import build_eval_dataset, build_model, build_segmentor, build_train_dataset, dataset_meta
+from segprompt.errors import NonFiniteLoss, RunInterrupted, SegpromptError, os_problem
 from segprompt.evaluation.evaluate import evaluate
 from segprompt.evaluation.inference import autocast
-from segprompt.training.interrupt import StopSignal
-from segprompt.runs.load import init_checkpoint
 from segprompt.evaluation.metrics import format_table, summary_line
-from segprompt.training.optim import build_optimizer, build_scheduler
+from segprompt.io import atomic_write_json
+from segprompt.models.text.guidance import deploy_text, has_learned_text
+from segprompt.progress import progress_bar
+from segprompt.runs import checkpoint as ckpt
 from segprompt.runs.rundir import (
     BEST,
     CKPT_DIR,
@@ -56,15 +61,12 @@ from segprompt.runs.rundir import (
     LAST,
     MetricsLog,
     environment,
-    setup_logging,
     write_run_files,
 )
-from segprompt.runs.runplan import RunPlan, plan_run
+from segprompt.runs.runplan import RunPlan
+from segprompt.training.interrupt import StopSignal
+from segprompt.training.optim import build_optimizer, build_scheduler
 from segprompt.training.tensorboard import TensorBoardLog
-from segprompt.errors import USER_OS_ERRORS, NonFiniteLoss, RunCrashed, RunInterrupted, SegpromptError, os_problem
-from segprompt.io import atomic_write_json, remove_stale_temporaries
-from segprompt.models.text.guidance import deploy_text, has_learned_text
-from segprompt.progress import progress_bar
 from segprompt.tuning.base import full_share
 
 
@@ -90,122 +92,36 @@ def _micro_batch(cfg: Recipe, world: int) -> int:
     return g // (world * acc)
 
 
-def train(recipe: str | Path, overrides: list[str] = (), *, out: str | Path | None = None,
-          resume: str | None = None, load_from: str | Path | None = None, load_from_partial: bool = False) -> Path:
-    """Run (or resume) one training run; returns its run directory. ``load_from_partial`` lets
-    ``load_from`` supply less than ``checkpoint.LOAD_FROM_MIN_SHARE`` of the model's tensors.
-
-    Raises :class:`RunInterrupted` after a SIGINT/SIGTERM (``last.pt`` saved), :class:`SegpromptError`
-    for bad input, and :class:`RunCrashed` (on rank 0) for anything unexpected."""
-    pre = load_recipe(recipe, overrides)
-    if load_from is not None:
-        load_from = init_checkpoint(load_from)
-    env = dist_utils.init_distributed(pre.runtime.device)
-    lock = None
-    try:
-        with StopSignal(env.rank, env.world_size) as stop:
-            plan = None
-            error = None
-            if env.is_main:
-                try:
-                    plan, lock = plan_run(recipe, overrides, out, resume)
-                except SegpromptError as e:
-                    error = e
-            plan, message = dist_utils.broadcast_object((plan, str(error) if error else None))
-            if error:
-                raise error
-            if message:
-                raise SegpromptError(message)
-
-            def command(resume_auto: bool) -> str:
-                return _command(recipe, overrides, plan.run_dir, env, resume_auto, load_from)
-            return _train_and_record(plan, env, load_from, load_from_partial, stop, command)
-    finally:
-        if lock is not None:
-            lock.release()
-        dist_utils.cleanup()
-
-
-def _command(recipe: str | Path, overrides: list[str], run_dir: Path, env: dist_utils.DistEnv, resume_auto: bool,
-             load_from: str | Path | None) -> str:
-    """The command line that continues this run (or starts it again, when it has no checkpoint)."""
-    args = [str(recipe), *(x for o in overrides for x in ("--set", o)), "--out", str(run_dir)]
-    args += ["--resume", "auto"] if resume_auto else (["--load-from", str(load_from)] if load_from else [])
-    prefix = ["segprompt"]
-    if env.distributed:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-        nodes = [f"--nnodes={env.world_size // local}"] if env.world_size > local else []
-        prefix = ["torchrun", *nodes, f"--nproc-per-node={local}", "-m", "segprompt"]
-    return shlex.join([*prefix, "train", *args])
-
-
 @dataclass
-class _Progress:
+class Progress:
     iteration: int | None = None  # None until the loop starts
 
 
-def _train_and_record(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, load_from_partial: bool,
-                      stop: StopSignal, command) -> Path:
-    """Set up the run's log, train, and write to train.log (file only: the CLI prints the console line)
-    and metrics.jsonl why the run ended: finished, error, diverged, interrupted or crashed."""
-    run_dir = plan.run_dir
-    log = setup_logging(run_dir if env.is_main else None, env.is_main)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
-    if env.is_main:
-        if plan.lock_note:
-            log.warning(plan.lock_note)
-        if plan.note:
-            log.info("%s", plan.note)
-        removed = remove_stale_temporaries(run_dir) + remove_stale_temporaries(run_dir / CKPT_DIR)
-        if removed:
-            log.info("removed %d temporary file(s) that killed processes left: %s", len(removed),
-                     ", ".join(p.name for p in removed))
-    at = _Progress()
+@dataclass
+class Run:
+    """What the loop works on (:func:`setup`)."""
 
-    def ended(status: str, message: str, level: int = logging.ERROR, sig: str | None = None) -> None:
-        if not env.is_main:
-            return
-        where = "before training started" if at.iteration is None else f"after {at.iteration} iteration(s)"
-        log.log(level, "run ended: %s%s %s: %s", status, f" by {sig}" if sig else "", where, message,
-                extra=FILE_ONLY, exc_info=status == "crashed")
-        with contextlib.suppress(OSError):
-            metrics_log.write(event="end", status=status, iter=at.iteration, **({"signal": sig} if sig else {}))
-
-    try:
-        return _train(plan, env, load_from, load_from_partial, log, metrics_log, stop, command, at)
-    except RunInterrupted as e:
-        ended("interrupted", str(e), logging.WARNING, signal.Signals(e.signum).name)
-        raise
-    except NonFiniteLoss as e:
-        ended("diverged", str(e))
-        raise
-    except SegpromptError as e:
-        # a DataLoader worker re-raises with its traceback in the text: keep the message
-        ended("error", str(e).rsplit("SegpromptError: ", 1)[-1].strip())
-        raise
-    except Exception as e:
-        if isinstance(e, OSError) and e.errno in USER_OS_ERRORS:  # a full disk, a permission: not a bug
-            ended("error", os_problem(e))
-            raise
-        ended("crashed", f"{type(e).__name__}: {e}")
-        if not env.is_main:  # no train.log on this rank: let the traceback reach the console
-            raise
-        raise RunCrashed(f"unexpected {type(e).__name__}: {e} (a bug; the traceback is in "
-                         f"'{run_dir / 'train.log'}')") from e
-    except BaseException as e:  # KeyboardInterrupt outside the main thread, SystemExit
-        ended("stopped", type(e).__name__)
-        raise
+    cfg: Recipe
+    meta: Any  # the dataset's DatasetMeta
+    model: nn.Module  # what is saved and evaluated
+    net: nn.Module  # what trains: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    batches: Iterator[dict[str, Any]]
+    val_set: Any
+    trainable: list[nn.Parameter]
+    start_iter: int
+    best: dict | None  # {"metric", "value", "iter"} of the best evaluation so far
+    resumed: dict[str, Any] | None  # the checkpoint resumed from
 
 
-def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, load_from_partial: bool, log,
-           metrics_log: MetricsLog, stop: StopSignal, command, at: _Progress) -> Path:
+def setup(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, load_from_partial: bool, log,
+          metrics_log: MetricsLog) -> Run:
+    """Model, optimizer, schedule, scaler and data of a run, restored from ``plan.resume_from``."""
     cfg, run_dir = plan.cfg, plan.run_dir
-    seed_everything(cfg.runtime.seed + env.rank, cfg.runtime.deterministic, cfg.runtime.cudnn_benchmark)
-    if env.is_main:
-        write_run_files(run_dir, dump_recipe(cfg), environment(env.world_size, cfg.runtime.seed, env.device))
     meta = dataset_meta(cfg)
     micro = _micro_batch(cfg, env.world_size)
-
     model = build_model(cfg, meta)
     if load_from:
         loaded, total, dropped, reshaped = ckpt.load_init(model, load_from, partial=load_from_partial)
@@ -219,13 +135,11 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
         model = dist_utils.convert_sync_batchnorm(model, env.device)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule)
-    amp = cfg.runtime.amp
-    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == "fp16")
-    if amp == "bf16" and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.runtime.amp == "fp16")
+    if cfg.runtime.amp == "bf16" and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SegpromptError("runtime.amp is 'bf16' but this GPU does not support bfloat16; use fp16")
 
-    start_iter, best = 0, None
-    rng_states = None
+    start_iter, best, rng_states, state = 0, None, None, None
     if plan.resume_from is not None:
         state = ckpt.load_run_checkpoint(plan.resume_from, resume=True)
         ckpt.check_frozen_source(state, cfg.model.pretrained, str(plan.resume_from))
@@ -237,7 +151,6 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
         start_iter, best, rng_states = state["iteration"], state["best"], state["rng"]
         log.info("resumed %s at iteration %d", plan.resume_from, start_iter)
         metrics_log.write(event="resume", iter=start_iter, checkpoint=str(plan.resume_from))
-    tb = TensorBoardLog(run_dir, cfg, write=env.is_main, first_iter=start_iter)  # runtime.tensorboard
 
     net = model
     if env.distributed:
@@ -258,9 +171,6 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
         else:
             log.warning("checkpoint holds RNG states of %d ranks, this run has %d: data order is exact, "
                         "random layers (dropout) are not", len(rng_states), env.world_size)
-
-    iters, ev = cfg.schedule.iters, cfg.evaluation
-    trainable = [p for p in model.parameters() if p.requires_grad]
     # "% of full" as count-params and the demo compute it (docs/measurement.md): against full tuning's
     # network, built again on the meta device (no memory) with nothing inserted or frozen
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -269,131 +179,198 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
              "trainable %s parameters = %.2f%% of full tuning's %s", run_dir, env.world_size, env.device,
              cfg.data.batch_size, env.world_size, micro, cfg.optimizer.accum_steps, f"{share.trainable:,}",
              share.percent, f"{share.full:,}")
+    return Run(cfg, meta, model, net, optimizer, scheduler, scaler, batches, val_set,
+               [p for p in model.parameters() if p.requires_grad], start_iter, best, state)
 
-    # a model with nothing frozen (full tuning, learn-from-scratch) needs no frozen-weights file
-    frozen = any(not p.requires_grad for p in model.parameters())
-    frozen_from = cfg.model.pretrained if frozen else None
-    # frozen weights initialised from another run's checkpoint come from that file (kept on resume)
-    init_from = load_from if frozen and load_from else None
-    if frozen and plan.resume_from is not None and state.get("frozen_source", {}).get("init"):
-        init_from = state["frozen_source"]["init"]["path"]
 
-    travel = ckpt.travel_record(meta)
-    saved = {LAST: start_iter} if plan.resume_from is not None else {}  # name -> iteration on disk
-    if best is not None:
-        saved[BEST] = best["iter"]
+class Checkpoints:
+    """Writes ``last.pt`` / ``best.pt`` of a run: what training changed (or the whole model), where the
+    frozen weights come from, the optimizer, schedule, scaler and every rank's RNG state, and what
+    lets the run travel (classes, palette, working folder). A failed write names what is intact."""
 
-    def save(name: str, iteration: int) -> None:
+    def __init__(self, plan: RunPlan, env: dist_utils.DistEnv, run: Run, load_from: str | Path | None,
+                 command: Callable[[bool], str]):
+        self.run_dir, self.env, self.run, self.command = plan.run_dir, env, run, command
+        cfg = run.cfg
+        # a model with nothing frozen (full tuning, learn-from-scratch) needs no frozen-weights file
+        frozen = any(not p.requires_grad for p in run.model.parameters())
+        # frozen weights initialised from another run's checkpoint come from that file (kept on resume)
+        init_from = load_from if frozen and load_from else None
+        if frozen and run.resumed is not None and run.resumed.get("frozen_source", {}).get("init"):
+            init_from = run.resumed["frozen_source"]["init"]["path"]
+        self.fixed = {"full_model": cfg.checkpoint.save_full_model, "config": cfg.to_dict(),
+                      "frozen_source": ckpt.frozen_source(cfg.model.pretrained if frozen else None, cfg.runtime.seed,
+                                                          init_from)}
+        self.saved = {LAST: run.start_iter} if plan.resume_from is not None else {}  # name -> iteration on disk
+        if run.best is not None:
+            self.saved[BEST] = run.best["iter"]
+
+    def save(self, name: str, iteration: int, travel: dict[str, Any]) -> None:
+        run = self.run
         states = dist_utils.all_gather_object(ckpt.rng_state())
-        if env.is_main:
-            path = run_dir / CKPT_DIR / name
+        if self.env.is_main:
+            path = self.run_dir / CKPT_DIR / name
             try:
                 ckpt.save_checkpoint(
-                    path, model=ckpt.model_state(model, cfg.checkpoint.save_full_model),
-                    full_model=cfg.checkpoint.save_full_model,
-                    frozen_source=ckpt.frozen_source(frozen_from, cfg.runtime.seed, init_from),
-                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                    iteration=iteration, best=best, rng=states, config=cfg.to_dict(), **travel)
+                    path, model=ckpt.model_state(run.model, run.cfg.checkpoint.save_full_model),
+                    optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                    scaler=run.scaler.state_dict(), iteration=iteration, best=run.best, rng=states, **self.fixed,
+                    **travel)
             except OSError as e:  # the write is atomic: the file on disk is the previous one
-                kept = (f"the previous '{name}' (iteration {saved[name]}) is intact"
-                        if name in saved and path.is_file() else f"no earlier '{name}' was written")
+                kept = (f"the previous '{name}' (iteration {self.saved[name]}) is intact"
+                        if name in self.saved and path.is_file() else f"no earlier '{name}' was written")
                 raise SegpromptError(f"checkpoint of iteration {iteration} not saved: "
                                      f"{os_problem(e, path, hint=False)}; {kept}. Free space (or fix what the error "
-                                     f"names), then continue with `{command(True)}`"
-                                     ) from None
-            saved[name] = iteration
+                                     f"names), then continue with `{self.command(True)}`") from None
+            self.saved[name] = iteration
         dist_utils.barrier()
 
-    skipped: set[str] = set()
-    net.train()
+
+def stop_if_asked(stop: StopSignal, env: dist_utils.DistEnv, step: int, run: Run, plan: RunPlan, save,
+                  load_from: str | Path | None, command: Callable[[bool], str]) -> None:
+    """At an iteration boundary, on every rank: after SIGINT/SIGTERM, save ``last.pt`` (unless this
+    iteration's is on disk) and raise :class:`RunInterrupted` with the command that continues."""
+    signum = stop.received(env.device)  # every rank, every iteration (interrupt.py)
+    if not signum:
+        return
+    if step > run.start_iter and step % run.cfg.checkpoint.interval:
+        save(LAST, step)  # not saved at this iteration yet
+    saved = step > run.start_iter or plan.resume_from is not None
+    where = f"interrupted at iteration {step}"
+    where += "" if saved else ", before training started (nothing to save)"
+    if saved or not load_from:  # --resume auto also restarts a run that has no checkpoint
+        raise RunInterrupted(f"{where}; resume with `{command(True)}`", signum)
+    raise RunInterrupted(f"{where}; start it again with `{command(False)}`", signum)  # with --load-from
+
+
+def train_step(run: Run, env: dist_utils.DistEnv, skipped: set[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step: gradients accumulated over ``optimizer.accum_steps`` micro-batches. Returns
+    the loss and its parts averaged over ranks (before the step is taken: :func:`take_step`)."""
+    cfg, net = run.cfg, run.net
+    run.optimizer.zero_grad(set_to_none=True)
+    parts: dict[str, torch.Tensor] = {}
+    for k in range(cfg.optimizer.accum_steps):
+        batch = next(run.batches)
+        skipped.update(batch["skipped"])
+        img = normalize(batch["img"].to(env.device, non_blocking=True), cfg.data.mean, cfg.data.std)
+        label = batch["label"].to(env.device, non_blocking=True)
+        # the part of the original image each crop covers, so SPM's M0 follows the crop (docs/spm.md)
+        view = batch["view"].to(env.device, non_blocking=True) if "view" in batch else None
+        last_micro = k == cfg.optimizer.accum_steps - 1
+        sync = net.no_sync() if (env.distributed and not last_micro) else contextlib.nullcontext()
+        with sync:
+            with autocast(env.device, cfg.runtime.amp):
+                losses = net(img, label, view=view)
+            loss = sum(losses.values()) / cfg.optimizer.accum_steps
+            run.scaler.scale(loss).backward()
+        for name, v in losses.items():
+            parts[name] = parts.get(name, 0.0) + v.detach().float() / cfg.optimizer.accum_steps
+    values = dist_utils.all_reduce_mean(torch.stack([sum(parts.values()), *parts.values()]))
+    return values, parts
+
+
+def check_finite(values: torch.Tensor, parts: dict[str, torch.Tensor], step: int, run_dir: Path,
+                 metrics_log: MetricsLog) -> None:
+    """A non-finite loss on any rank stops every rank before the step, naming the last good checkpoint."""
+    if torch.isfinite(values).all():
+        return
+    named = dict(zip(["loss", *parts], values.tolist()))
+    last = run_dir / CKPT_DIR / LAST
+    metrics_log.write(event="non_finite_loss", iter=step + 1, **{n: float(v) for n, v in named.items()})
+    raise NonFiniteLoss(
+        f"non-finite loss at iteration {step + 1} ({', '.join(f'{n}={v:.4g}' for n, v in named.items())}); "
+        f"training stopped without saving. "
+        + (f"The last good checkpoint is '{last}' (iteration {ckpt.load_checkpoint(last)['iteration']})"
+           if last.is_file() else "No checkpoint was saved before it")
+        + ". Lower optimizer.lr, set optimizer.grad_clip, or check the data")
+
+
+def take_step(run: Run) -> None:
+    """Clip (``optimizer.grad_clip``), step the optimizer through the grad scaler, step the schedule."""
+    if run.cfg.optimizer.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.optimizer.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+
+
+def validate(run: Run, env: dist_utils.DistEnv, done: int, save, tb: TensorBoardLog, metrics_log: MetricsLog,
+             log, run_dir: Path) -> None:
+    """Evaluate on the validation split, log it, and keep ``best.pt`` when ``evaluation.metric``
+    improved; at the last iteration also write ``eval.json`` and print the per-class table."""
+    cfg, ev = run.cfg, run.cfg.evaluation
+    result = evaluate(run.model, run.val_set, cfg, env, show_progress=False)
+    value = result.get(ev.metric)
+    if value is None:
+        raise SegpromptError(f"evaluation.metric '{ev.metric}' is not one of "
+                             f"{[k for k, v in result.items() if isinstance(v, float)]}")
+    metrics_log.write(iter=done, split=cfg.data.val_split,
+                      **{k: v for k, v in result.items() if k not in ("per_class", "confusion_matrix")})
+    tb.evaluation(done, result, run.model, run.val_set, env.device)
+    log.info("iter %d eval: %s", done, "  ".join(
+        f"{k} {result[k]:.2f}" for k in ("aAcc", "mIoU", "mAcc", "mDice") if result[k] is not None))
+    if run.best is None or value > run.best["value"]:
+        run.best = {"metric": ev.metric, "value": value, "iter": done}
+        save(BEST, done)
+    if done == cfg.schedule.iters and env.is_main:
+        atomic_write_json(run_dir / "eval.json", {"checkpoint": "last", "iter": done, **result})
+        _print_table(result)
+
+
+def log_step(run: Run, done: int, values: torch.Tensor, parts: dict[str, torch.Tensor], seconds: float, info: str,
+             tb: TensorBoardLog, metrics_log: MetricsLog, log) -> None:
+    """One ``metrics.jsonl`` record (loss, its parts, lr, time, the inserted modules' diagnostics),
+    TensorBoard scalars and a log line."""
+    record = {"iter": done, "lr": run.optimizer.param_groups[0]["lr"], "loss": float(values[0]),
+              **{n: float(v) for n, v in zip(parts, values[1:].tolist())}, "time": seconds}
+    for provider in run.model.loss_providers:  # e.g. the SPMs' prompt sizes and gradient norms
+        if hasattr(provider, "diagnostics"):
+            record.update(provider.diagnostics())
+    metrics_log.write(**record)
+    tb.scalars(done, record)
+    log.info("iter %d/%d %s", done, run.cfg.schedule.iters, info)
+
+
+def run_loop(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, load_from_partial: bool, log,
+             metrics_log: MetricsLog, stop: StopSignal, command: Callable[[bool], str], at: Progress) -> Path:
+    """Train ``plan``'s run from its first (or resumed) iteration to ``schedule.iters``."""
+    cfg, run_dir = plan.cfg, plan.run_dir
+    seed_everything(cfg.runtime.seed + env.rank, cfg.runtime.deterministic, cfg.runtime.cudnn_benchmark)
+    if env.is_main:
+        write_run_files(run_dir, dump_recipe(cfg), environment(env.world_size, cfg.runtime.seed, env.device))
+    run = setup(plan, env, load_from, load_from_partial, log, metrics_log)
+    tb = TensorBoardLog(run_dir, cfg, write=env.is_main, first_iter=run.start_iter)  # runtime.tensorboard
+    travel = ckpt.travel_record(run.meta)
+    checkpoints = Checkpoints(plan, env, run, load_from, command)
+
+    def save(name: str, iteration: int) -> None:
+        checkpoints.save(name, iteration, travel)
+
+    iters, skipped = cfg.schedule.iters, set()
+    run.net.train()
     t_log = time.perf_counter()
     with progress_bar(env.is_main) as bar, tb, warnings.catch_warnings():
         # fp16: a step the scaler skipped (overflowing gradients) makes torch warn that the schedule
         # stepped without the optimizer; the schedule follows iterations, as intended (docs/gpu.md). Set
         # once for the loop: a catch_warnings per iteration would reset every warning's "shown once" state
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-        task = bar.add_task("train", total=iters, completed=start_iter, info="")
-        for step in range(start_iter, iters):
+        task = bar.add_task("train", total=iters, completed=run.start_iter, info="")
+        for step in range(run.start_iter, iters):
             at.iteration = step
-            signum = stop.received(env.device)  # every rank, every iteration (interrupt.py)
-            if signum:
-                if step > start_iter and step % cfg.checkpoint.interval:
-                    save(LAST, step)  # not saved at this iteration yet
-                saved = step > start_iter or plan.resume_from is not None
-                where = f"interrupted at iteration {step}"
-                where += "" if saved else ", before training started (nothing to save)"
-                if saved or not load_from:  # --resume auto also restarts a run that has no checkpoint
-                    raise RunInterrupted(f"{where}; resume with `{command(True)}`", signum)
-                raise RunInterrupted(f"{where}; start it again with `{command(False)}`", signum)  # with --load-from
-            optimizer.zero_grad(set_to_none=True)
-            parts: dict[str, torch.Tensor] = {}
-            for k in range(cfg.optimizer.accum_steps):
-                batch = next(batches)
-                skipped.update(batch["skipped"])
-                img = normalize(batch["img"].to(env.device, non_blocking=True), cfg.data.mean, cfg.data.std)
-                label = batch["label"].to(env.device, non_blocking=True)
-                # the part of the original image each crop covers, so SPM's M0 follows the crop (docs/spm.md)
-                view = batch["view"].to(env.device, non_blocking=True) if "view" in batch else None
-                last_micro = k == cfg.optimizer.accum_steps - 1
-                sync = net.no_sync() if (env.distributed and not last_micro) else contextlib.nullcontext()
-                with sync:
-                    with autocast(env.device, amp):
-                        losses = net(img, label, view=view)
-                    loss = sum(losses.values()) / cfg.optimizer.accum_steps
-                    scaler.scale(loss).backward()
-                for name, v in losses.items():
-                    parts[name] = parts.get(name, 0.0) + v.detach().float() / cfg.optimizer.accum_steps
-            values = dist_utils.all_reduce_mean(torch.stack([sum(parts.values()), *parts.values()]))
-            if not torch.isfinite(values).all():
-                last = run_dir / CKPT_DIR / LAST
-                metrics_log.write(event="non_finite_loss", iter=step + 1,
-                                  **{n: float(v) for n, v in zip(["loss", *parts], values.tolist())})
-                raise NonFiniteLoss(
-                    f"non-finite loss at iteration {step + 1} ({', '.join(f'{n}={v:.4g}' for n, v in zip(['loss', *parts], values.tolist()))}); "
-                    f"training stopped without saving. "
-                    + (f"The last good checkpoint is '{last}' (iteration {ckpt.load_checkpoint(last)['iteration']})"
-                       if last.is_file() else "No checkpoint was saved before it")
-                    + ". Lower optimizer.lr, set optimizer.grad_clip, or check the data")
-            if cfg.optimizer.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.optimizer.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            stop_if_asked(stop, env, step, run, plan, save, load_from, command)
+            values, parts = train_step(run, env, skipped)
+            check_finite(values, parts, step, run_dir, metrics_log)
+            take_step(run)
             done = at.iteration = step + 1
-
-            lr = optimizer.param_groups[0]["lr"]
-            info = f"loss {values[0]:.4f} lr {lr:.2e}"
+            info = f"loss {values[0]:.4f} lr {run.optimizer.param_groups[0]['lr']:.2e}"
             bar.update(task, completed=done, info=info)
             if done % cfg.runtime.log_interval == 0 or done == iters:
-                dt = time.perf_counter() - t_log
-                t_log = time.perf_counter()
-                record = {"iter": done, "lr": lr, "loss": float(values[0]),
-                          **{n: float(v) for n, v in zip(parts, values[1:].tolist())}, "time": dt}
-                for provider in model.loss_providers:  # e.g. the SPMs' prompt sizes and gradient norms
-                    if hasattr(provider, "diagnostics"):
-                        record.update(provider.diagnostics())
-                metrics_log.write(**record)
-                tb.scalars(done, record)
-                log.info("iter %d/%d %s", done, iters, info)
-
-            if (ev.interval and done % ev.interval == 0) or done == iters:
-                result = evaluate(model, val_set, cfg, env, show_progress=False)
-                value = result.get(ev.metric)
-                if value is None:
-                    raise SegpromptError(f"evaluation.metric '{ev.metric}' is not one of "
-                                         f"{[k for k, v in result.items() if isinstance(v, float)]}")
-                metrics_log.write(iter=done, split=cfg.data.val_split,
-                                  **{k: v for k, v in result.items() if k not in ("per_class", "confusion_matrix")})
-                tb.evaluation(done, result, model, val_set, env.device)
-                log.info("iter %d eval: %s", done, "  ".join(
-                    f"{k} {result[k]:.2f}" for k in ("aAcc", "mIoU", "mAcc", "mDice") if result[k] is not None))
-                if best is None or value > best["value"]:
-                    best = {"metric": ev.metric, "value": value, "iter": done}
-                    save(BEST, done)
-                if done == iters and env.is_main:
-                    atomic_write_json(run_dir / "eval.json", {"checkpoint": "last", "iter": done, **result})
-                    _print_table(result)
+                now = time.perf_counter()
+                log_step(run, done, values, parts, now - t_log, info, tb, metrics_log, log)
+                t_log = now
+            if (cfg.evaluation.interval and done % cfg.evaluation.interval == 0) or done == iters:
+                validate(run, env, done, save, tb, metrics_log, log, run_dir)
             if done % cfg.checkpoint.interval == 0 or done == iters:
                 save(LAST, done)
                 if cfg.checkpoint.keep > 0 and env.is_main:
@@ -401,11 +378,11 @@ def _train(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None,
     if skipped:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), sorted(skipped)[:5])
         metrics_log.write(event="skipped_images", count=len(skipped), files=sorted(skipped))
-    if env.is_main and start_iter < iters and has_learned_text(model):
-        deploy_best(model, run_dir, cfg, travel)
+    if env.is_main and run.start_iter < iters and has_learned_text(run.model):
+        deploy_best(run.model, run_dir, cfg, travel)
         log.info("deployed model (text embeddings computed once, no text encoder): %s",
                  run_dir / CKPT_DIR / DEPLOYED)
-    log.info("%s", _summary(run_dir, best, iters))
+    log.info("%s", _summary(run_dir, run.best, iters))
     log.info("run ended: finished at iteration %d", iters, extra=FILE_ONLY)
     metrics_log.write(event="end", status="finished", iter=iters)
     return run_dir

@@ -25,9 +25,8 @@ from torch import nn
 from segprompt.config import Recipe
 from segprompt.data.dataset import collate, read_image
 from segprompt.data.transforms import normalize
-from segprompt.evaluation.inference import segment_logits
-from segprompt.evaluation.inference import overlay
 from segprompt.errors import SegpromptError
+from segprompt.evaluation.inference import overlay, segment_logits
 
 __all__ = ["TB_DIR", "OVERLAY_IMAGES", "TensorBoardLog", "overlay_images"]
 

@@ -60,7 +60,12 @@ def eligible_layers(backbone: nn.Module) -> dict[str, nn.Module]:
     """Every Conv2d (ungrouped, not weight-standardising) and Linear layer of ``backbone`` that LoRA
     can adapt, by name."""
     # here, not at the top: timm imports torchvision (seconds); peft, which LoRA runs on, does too
-    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+    from timm.layers import (
+        ScaledStdConv2d,
+        ScaledStdConv2dSame,
+        StdConv2d,
+        StdConv2dSame,
+    )
 
     standardised = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
     mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in backbone.named_modules()

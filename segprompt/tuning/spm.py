@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segprompt.data.view import is_identity, view_theta
-from segprompt.tuning.spm_layers import SPM, SPMVector, auto_channels
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze, oversize_warning
+from segprompt.tuning.spm_layers import SPM, SPMVector, auto_channels
 
 INTERIM_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.4)
 

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 REFERENCE_WIDTH = 256  # the paper's C, at which the group numbers are given
 
 

@@ -25,7 +25,13 @@ from pathlib import Path
 
 from segprompt.data.meta import DatasetMeta
 from segprompt.data.prepare.archive import ArchiveSpec, Source
-from segprompt.data.prepare.labels import apply_colour_table, apply_lut, decode_index, decode_rgb, value_lut
+from segprompt.data.prepare.labels import (
+    apply_colour_table,
+    apply_lut,
+    decode_index,
+    decode_rgb,
+    value_lut,
+)
 from segprompt.data.prepare.runner import run
 from segprompt.data.prepare.samples import Job, Plan, Progress, Sample, write_sample
 from segprompt.errors import SegpromptError

@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta, read_meta
-from segprompt.data.prepare.samples import IMAGE_EXTS, Progress, Sample, _check_sample, parallel_map
+from segprompt.data.prepare.samples import (
+    IMAGE_EXTS,
+    Progress,
+    Sample,
+    _check_sample,
+    parallel_map,
+)
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
 

@@ -29,12 +29,35 @@ from typing import Any
 import numpy as np
 
 from segprompt.data.class_prior import cached_class_prior, prior_cache_path
-from segprompt.data.meta import ANN_DIR, IMG_DIR, META_FILE, DatasetMeta, read_meta, write_meta
-from segprompt.data.prepare.archive import ArchiveSpec, Source, close_sources, find_sources
+from segprompt.data.meta import (
+    ANN_DIR,
+    IMG_DIR,
+    META_FILE,
+    DatasetMeta,
+    read_meta,
+    write_meta,
+)
+from segprompt.data.prepare.archive import (
+    ArchiveSpec,
+    Source,
+    close_sources,
+    find_sources,
+)
 from segprompt.data.prepare.labels import IGNORE_INDEX
-from segprompt.data.prepare.samples import Job, Plan, Progress, _verify_job, parallel_map
+from segprompt.data.prepare.samples import (
+    Job,
+    Plan,
+    Progress,
+    _verify_job,
+    parallel_map,
+)
 from segprompt.errors import SegpromptError
-from segprompt.io import atomic_write_json, move_aside, remove_stale_temporaries, sha256_file
+from segprompt.io import (
+    atomic_write_json,
+    move_aside,
+    remove_stale_temporaries,
+    sha256_file,
+)
 
 CONVERTER_VERSION = 1  # bump when the same archives and options start producing different files
 

@@ -22,10 +22,28 @@ transform), :mod:`.launch` (local, torchrun, Slurm), :mod:`.collect` (values ove
 :mod:`.export` (console, CSV, Markdown, LaTeX, PNG).
 """
 
-from segprompt.experiments.ablate.collect import Collected, collect, metric_value, parse_paper
-from segprompt.experiments.ablate.export import TABLES_OUT, export, ours_text, render, render_plan
+from segprompt.experiments.ablate.collect import (
+           Collected,
+           collect,
+           metric_value,
+           parse_paper,
+)
+from segprompt.experiments.ablate.export import (
+           TABLES_OUT,
+           export,
+           ours_text,
+           render,
+           render_plan,
+)
 from segprompt.experiments.ablate.launch import RunReport, command, log_path, run_plan
-from segprompt.experiments.ablate.plan import ABLATE_ROOT, Plan, Run, build_plan, config_hash, select_tables
+from segprompt.experiments.ablate.plan import (
+           ABLATE_ROOT,
+           Plan,
+           Run,
+           build_plan,
+           config_hash,
+           select_tables,
+)
 from segprompt.experiments.ablate.smoke import SMOKE_BANNER
 
 __all__ = ["ABLATE_ROOT", "SMOKE_BANNER", "TABLES_OUT", "Collected", "Plan", "Run", "RunReport", "build_plan", "collect",

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from segprompt.config import Recipe
 from segprompt.build import dataset_meta
-from segprompt.evaluation.metrics import category_iou
+from segprompt.config import Recipe
 from segprompt.errors import SegpromptError
+from segprompt.evaluation.metrics import category_iou
 from segprompt.experiments.ablate.plan import Plan, recipe_key, refresh_state
 from segprompt.experiments.tables import Table
 from segprompt.measure.params import breakdown, trainable_in

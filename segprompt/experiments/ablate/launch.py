@@ -19,13 +19,13 @@ from typing import Any
 import submitit
 
 from segprompt.config import resolve_recipe, shipped_name, shipped_recipes
-from segprompt.runs import runlock
-from segprompt.runs.rundir import CKPT_DIR, LAST
-from segprompt.training.loop import train
 from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
 from segprompt.experiments.ablate.plan import Plan, Run, recipe_key, refresh_state
 from segprompt.experiments.ablate.smoke import load_smoke_profile, prepare_smoke_data
 from segprompt.io import atomic_write_json, move_aside
+from segprompt.runs import runlock
+from segprompt.runs.rundir import CKPT_DIR, LAST
+from segprompt.training.launch import train
 
 # Slurm states of a job that will still write to its run directory
 _LIVE_JOB_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")

@@ -10,11 +10,22 @@ from pathlib import Path
 
 import yaml
 
-from segprompt.config import Recipe, config_diff, load_recipe, run_defining_config, shipped_name, shipped_recipes
-from segprompt.runs.rundir import CKPT_DIR, CONFIG, LAST, failed_start
+from segprompt.config import (
+    Recipe,
+    config_diff,
+    load_recipe,
+    run_defining_config,
+    shipped_name,
+    shipped_recipes,
+)
 from segprompt.errors import SegpromptError
-from segprompt.experiments.ablate.smoke import SmokeProfile, load_smoke_profile, smoke_overrides
+from segprompt.experiments.ablate.smoke import (
+    SmokeProfile,
+    load_smoke_profile,
+    smoke_overrides,
+)
 from segprompt.experiments.tables import Column, Row, Table, all_tables, tables_dir
+from segprompt.runs.rundir import CKPT_DIR, CONFIG, LAST, failed_start
 
 ABLATE_ROOT = Path("results/ablate")
 

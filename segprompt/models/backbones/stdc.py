@@ -250,7 +250,9 @@ class STDCContextPath(nn.Module):
             if not class_names:
                 raise SegpromptError("model.backbone.text (text guidance) needs the class names of the dataset "
                                      "(from its meta.json); none were given")
-            from segprompt.models.text.guidance import TextGuidance  # lazily: only text-guided models need it
+            from segprompt.models.text.guidance import (
+                TextGuidance,  # lazily: only text-guided models need it
+            )
 
             self.text_guidance = TextGuidance(list(class_names), **text)
             extra = int(self.text_guidance.num_classes)

@@ -39,7 +39,10 @@ import torch
 from torch import nn
 
 from segprompt.models.backbones.base import BlockBackbone, TokenBackbone
-from segprompt.models.backbones.efficientnet_pytorch import from_efficientnet_pytorch, is_efficientnet_pytorch
+from segprompt.models.backbones.efficientnet_pytorch import (
+    from_efficientnet_pytorch,
+    is_efficientnet_pytorch,
+)
 from segprompt.models.weights import load_strict, read_state_dict
 
 
@@ -400,7 +403,9 @@ def timm_backbone(model: str, output_stride: int | None = None, out_indices: lis
     (``output_stride`` 8/16/32 where timm supports it)."""
     timm = _timm()
     if timm.is_model(model):
-        from timm.models import model_entrypoint  # the family from the entry point's module, unbuilt
+        from timm.models import (
+            model_entrypoint,  # the family from the entry point's module, unbuilt
+        )
 
         family = model_entrypoint(model).__module__.rsplit(".", 1)[-1]
         if family in ("vision_transformer", "eva"):

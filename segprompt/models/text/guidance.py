@@ -124,7 +124,10 @@ class TextGuidance(nn.Module):
             self.embeddings.copy_(emb)
 
     def _cached_embeddings(self) -> torch.Tensor:
-        from segprompt.models.text.clip_text import CLIPTextEncoder, missing_weights_error
+        from segprompt.models.text.clip_text import (
+            CLIPTextEncoder,
+            missing_weights_error,
+        )
 
         clip = Path(self.clip_weights)
         key = _names_key(self.class_names)
