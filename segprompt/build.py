@@ -29,8 +29,9 @@ from segprompt.data.recognition import (
 from segprompt.data.transforms import TestTransform, TrainTransform
 from segprompt.errors import SegpromptError
 from segprompt.models import BACKBONES, HEADS, LOSSES, EncoderDecoder, ImageClassifier
+from segprompt.models.backbones.base import StagedBackbone
 from segprompt.models.text.guidance import load_text_pretrained
-from segprompt.models.weights import load_strict, read_state_dict
+from segprompt.models.weights import load_strict
 from segprompt.tuning import METHODS, TuningContext
 
 
@@ -77,19 +78,17 @@ def trained_backbone(path: str | Path) -> dict[str, torch.Tensor] | None:
     return tensors
 
 
-def load_backbone_weights(backbone: nn.Module, path: str, backbone_name: str) -> None:
+def load_backbone_weights(backbone: StagedBackbone, path: str, backbone_name: str) -> None:
     """Load a local backbone checkpoint strictly: missing or unexpected keys are an error that lists
-    them. A segprompt checkpoint gives its trained backbone (:func:`trained_backbone`). A backbone
-    with a ``load_pretrained(path)`` method maps the file's key names to its own (and drops the
-    classifier it never runs); any other loads the file's names as they are."""
+    them. A segprompt checkpoint gives its trained backbone (:func:`trained_backbone`); any other
+    file goes to the backbone's own :meth:`~StagedBackbone.load_pretrained`, which maps the file's
+    key names to its own (and drops the classifier it never runs)."""
     trained = trained_backbone(path)
     if trained is not None:
         load_strict(backbone, trained, path, backbone_name, " (a segprompt checkpoint: its run's backbone must be "
                     "this recipe's model.backbone)")
-    elif hasattr(backbone, "load_pretrained"):
-        backbone.load_pretrained(path, backbone_name)
     else:
-        load_strict(backbone, read_state_dict(path, backbone_name, "its state dict"), path, backbone_name)
+        backbone.load_pretrained(path, backbone_name)
 
 
 def is_recognition(cfg: Recipe) -> bool:

@@ -19,10 +19,22 @@ from segprompt.evaluation.inference import (
 K = 4
 
 
+class _Pointwise(nn.Module):
+    """A 1x1 conv: each output pixel depends on its input pixel only (translation/flip-equivariant).
+    Like every segprompt model it takes the input's ``view``; this one has no use for it."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, K, 1)
+        self.double().eval()
+
+    def forward(self, x, view=None):
+        return self.conv(x)
+
+
 def _pointwise(seed: int = 0) -> nn.Module:
-    """A 1x1 conv: each output pixel depends on its input pixel only (translation/flip-equivariant)."""
-    torch.manual_seed(seed)
-    return nn.Conv2d(3, K, 1).double().eval()
+    return _Pointwise(seed)
 
 
 class _ContextNet(nn.Module):
@@ -35,7 +47,7 @@ class _ContextNet(nn.Module):
         self.pool = nn.AvgPool2d(4, ceil_mode=True)
         self.double().eval()
 
-    def forward(self, x):
+    def forward(self, x, view=None):
         return self.pool(self.conv(x))
 
 
@@ -45,7 +57,7 @@ class _Recorder:
     def __init__(self, model, require_hw=None):
         self.model, self.require_hw, self.shapes = model, require_hw, []
 
-    def __call__(self, x):
+    def __call__(self, x, view=None):
         self.shapes.append(tuple(x.shape))
         if self.require_hw is not None:
             assert tuple(x.shape[-2:]) == self.require_hw
@@ -142,7 +154,7 @@ def test_multiscale_tta_averages_probabilities_of_every_scale():
 class _LeftToRight(nn.Module):
     """Not flip-equivariant: each class score is a running sum of the input from the left."""
 
-    def forward(self, x):
+    def forward(self, x, view=None):
         run = x[:, :1].cumsum(dim=-1)
         return torch.cat([run * (k - 1.5) for k in range(K)], dim=1)
 

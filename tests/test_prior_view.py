@@ -10,7 +10,7 @@ import torch
 
 from segprompt.data.transforms import TrainTransform
 from segprompt.data.view import identity_view, sub_view
-from segprompt.evaluation.inference import inference, slide_inference, takes_view
+from segprompt.evaluation.inference import inference, slide_inference
 from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.losses import CrossEntropyLoss
@@ -200,23 +200,17 @@ def test_sub_view_composes_windows_of_flipped_inputs():
     torch.testing.assert_close(sub_view(crop, (0.5, 0.5, 1.5, 1.0)), torch.tensor([[0.4, 0.6, 0.8, 0.8, 0.0]]))
 
 
-def test_view_is_only_passed_to_callables_that_take_it():
+def test_every_model_call_gets_the_view_of_its_input():
     calls = []
-
-    def plain(x):
-        calls.append("plain")
-        return x[:, :K]
 
     def viewed(x, *, view=None):
         calls.append(tuple(view.shape))
         return x[:, :K]
 
-    assert not takes_view(plain) and takes_view(viewed) and takes_view(lambda x, **kw: x)
-    assert not takes_view(torch.nn.Conv2d(3, K, 1)) and takes_view(_model())
     img = torch.randn(1, 8, 10, 12)
-    inference(plain, img, (10, 12), mode="slide", crop_size=(8, 8), stride=(4, 4))
     inference(viewed, img, (10, 12), mode="slide", crop_size=(8, 8), stride=(4, 4), batch_size=2)
-    assert calls == ["plain", (2, 5), (2, 5)]  # 2 x 2 windows: one plain call of 4, two viewed calls of 2
+    inference(viewed, img, (10, 12))
+    assert calls == [(2, 5), (2, 5), (1, 5)]  # 2 x 2 windows in calls of 2, then the whole image
 
 
 # (3) the identity view is the old behaviour, bit for bit

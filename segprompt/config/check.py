@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from segprompt.config.files import _read_yaml, _record, _Source, resolve_tree
+from segprompt.config.files import RecipeSource, read_yaml, record_sources, resolve_tree
 from segprompt.config.schema import Component, Range, Recipe, component_tables
 from segprompt.errors import SegpromptError
 
@@ -29,9 +29,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), tree: dict | None =
 def load_yaml_as(path: str | Path, tp: type) -> Any:
     """Read a YAML file and validate it against the dataclass ``tp`` with the recipe rules
     (unknown keys, types, messages naming the file)."""
-    src = _Source({"": str(path)})
-    tree = _read_yaml(Path(path))
-    _record(src, tree, "", str(path))
+    src = RecipeSource({"": str(path)})
+    tree = read_yaml(Path(path))
+    record_sources(src, tree, "", str(path))
     return _check(tree, tp, "", src)
 
 
@@ -39,13 +39,13 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False)
 
 
-def validate(tree: dict, src: _Source) -> Recipe:
+def validate(tree: dict, src: RecipeSource) -> Recipe:
     recipe = _check(tree, Recipe, "", src)
     _check_relations(recipe, src)
     return recipe
 
 
-def _check_relations(r: Recipe, src: _Source) -> None:
+def _check_relations(r: Recipe, src: RecipeSource) -> None:
     """Rules that tie two keys together (each key's own range is checked by its type)."""
     ev = r.evaluation
     if ev.mode == "slide" and (ev.crop_size is None or ev.stride is None):
@@ -58,7 +58,7 @@ def _check_relations(r: Recipe, src: _Source) -> None:
     _check_crop(r.data.train, src)
 
 
-def _check_crop(tr: Any, src: _Source) -> None:
+def _check_crop(tr: Any, src: RecipeSource) -> None:
     """A training crop larger than any image the resize can produce is padded (to the crop size,
     with ignored labels: there is no separate pad size) on every sample, so most of each crop is
     padding. The bound is conservative: after a resize to ``scale`` (× ``ratio_range``'s top) no
@@ -101,7 +101,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _fail(src: _Source, path: str, msg: str) -> typing.NoReturn:
+def _fail(src: RecipeSource, path: str, msg: str) -> typing.NoReturn:
     raise SegpromptError(f"{src.of(path)}: {msg}")
 
 
@@ -119,7 +119,7 @@ _SCALARS = {
 }
 
 
-def _check(value: Any, tp: Any, path: str, src: _Source) -> Any:
+def _check(value: Any, tp: Any, path: str, src: RecipeSource) -> Any:
     origin = typing.get_origin(tp)
     shown = path or "<top level>"
     if tp is Any:
@@ -180,7 +180,7 @@ def _check(value: Any, tp: Any, path: str, src: _Source) -> Any:
     raise TypeError(f"unsupported schema type {tp!r} at {path}")
 
 
-def _check_dataclass(value: dict, tp: type, path: str, src: _Source) -> Any:
+def _check_dataclass(value: dict, tp: type, path: str, src: RecipeSource) -> Any:
     hints = typing.get_type_hints(tp, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(tp)}
     for k in value:
@@ -198,7 +198,7 @@ def _check_dataclass(value: dict, tp: type, path: str, src: _Source) -> Any:
     return tp(**kwargs)
 
 
-def _check_component(value: Any, kind: str, path: str, src: _Source) -> Component:
+def _check_component(value: Any, kind: str, path: str, src: RecipeSource) -> Component:
     table, injected = component_tables()[kind]
     if not isinstance(value, dict) or "name" not in value:
         _fail(src, path, f"'{path}' must be a mapping with 'name' (one of: {', '.join(sorted(table))})")

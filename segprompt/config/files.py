@@ -98,7 +98,7 @@ def yaml_load(text: str) -> Any:
 
 
 @dataclass
-class _Source:
+class RecipeSource:
     """Which file (or `--set`) set each key path, for error messages."""
 
     origin: dict[str, str] = field(default_factory=dict)
@@ -111,11 +111,12 @@ class _Source:
         return self.origin.get("", "<recipe>")
 
 
-def _record(src: _Source, d: Any, prefix: str, where: str) -> None:
+def record_sources(src: RecipeSource, d: Any, prefix: str, where: str) -> None:
+    """Note ``where`` as the origin of ``d``'s key path ``prefix`` and of every key below it."""
     src.origin[prefix] = where
     if isinstance(d, dict):
         for k, v in d.items():
-            _record(src, v, f"{prefix}.{k}" if prefix else str(k), where)
+            record_sources(src, v, f"{prefix}.{k}" if prefix else str(k), where)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -131,7 +132,8 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, referrer: Path | None = None) -> dict:
+def read_yaml(path: Path, referrer: Path | None = None) -> dict:
+    """A recipe file's mapping; ``referrer`` is the recipe whose ``base:`` named it (for the message)."""
     if path.is_dir():
         raise SegpromptError(f"recipe '{path}' is a directory; pass a YAML recipe file, e.g. "
                              f"'{next(iter(sorted(path.glob('*.yaml'))), path / 'NAME.yaml')}'")
@@ -154,12 +156,12 @@ def _read_yaml(path: Path, referrer: Path | None = None) -> dict:
     return d
 
 
-def _load_tree(path: Path, src: _Source, stack: tuple[Path, ...] = ()) -> dict:
+def _load_tree(path: Path, src: RecipeSource, stack: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise SegpromptError(f"recipe inheritance loops: {chain}")
-    d = _read_yaml(path, stack[-1] if stack else None)
+    d = read_yaml(path, stack[-1] if stack else None)
     bases = d.pop("base", None)
     if bases is None:
         bases = []
@@ -175,7 +177,7 @@ def _load_tree(path: Path, src: _Source, stack: tuple[Path, ...] = ()) -> dict:
             raise SegpromptError(f"{path}: base '{b}': {e}") from None
         merged = _merge(merged, _load_tree(base, src, (*stack, path)))
     root = src.origin.get("")
-    _record(src, d, "", str(path))
+    record_sources(src, d, "", str(path))
     src.origin[""] = root or str(path)
     return _merge(merged, d)
 
@@ -221,17 +223,17 @@ def _list_index(node: list, k: str, keys: list[str], item: str) -> int:
     return idx
 
 
-def resolve_tree(path: str | Path, overrides: list[str] = (), tree: dict | None = None) -> tuple[dict, _Source]:
+def resolve_tree(path: str | Path, overrides: list[str] = (), tree: dict | None = None) -> tuple[dict, RecipeSource]:
     """The recipe file ``path`` (or, given ``tree``, that recipe as a dict, e.g. a checkpoint's
     ``config``; messages then name ``path``) over the defaults, with ``--set`` overrides."""
-    src = _Source({"": "<defaults>"})
+    src = RecipeSource({"": "<defaults>"})
     if tree is None:
         tree = _load_tree(resolve_recipe(path), src)
     else:
-        _record(src, tree, "", str(path))
+        record_sources(src, tree, "", str(path))
     tree = _merge(Recipe().to_dict(), tree)
     for item in overrides:
         keys, value = parse_override(item)
         _apply_override(tree, keys, value, item)
-        _record(src, value, ".".join(keys), f"--set {item}")
+        record_sources(src, value, ".".join(keys), f"--set {item}")
     return tree, src

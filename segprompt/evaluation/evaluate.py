@@ -36,6 +36,8 @@ from segprompt.evaluation.inference import (
 )
 from segprompt.evaluation.metrics import ConfusionMatrix, compute_metrics
 from segprompt.io import write_json_keeping_history
+from segprompt.models.inserted import Inserted
+from segprompt.models.segmentor import EncoderDecoder
 from segprompt.progress import progress_bar
 from segprompt.runs.load import CHECKPOINT_NAMES, build_source_model, read_source
 from segprompt.runs.rundir import default_run_dir
@@ -60,10 +62,10 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
                         pin_memory=env.device.type == "cuda", generator=torch.Generator())
     cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=env.device)
     # SPM diagnostics (docs/spm.md): the mIoU of every slot's final interim semantic map
-    chains = [] if recognition else [p for p in getattr(model, "loss_providers", []) if hasattr(p, "captured_maps")]
+    chains = list(model.inserted) if isinstance(model, EncoderDecoder) and not recognition else []
     interim: dict[int, ConfusionMatrix] = {}
     for chain in chains:
-        chain.capture_maps, chain.captured_maps = True, {}
+        chain.capture(True)
     skipped: list[str] = []
     palette = dataset.meta.palette
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), \
@@ -92,7 +94,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
                                     palette, num_classes=dataset.num_classes)
     cm.all_reduce()
     for chain in chains:
-        chain.capture_maps, chain.captured_maps = False, {}
+        chain.capture(False)
     model.train(was_training)
     metrics = compute_metrics(cm.mat.cpu(), dataset.meta.classes, categories=dataset.meta.extra.get("categories"))
     for slot, slot_cm in sorted(interim.items()):
@@ -109,23 +111,23 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: Recipe, env: DistEnv, *
     return metrics
 
 
-def _update_interim(model: nn.Module, chains: list[nn.Module], interim: dict[int, ConfusionMatrix], img: torch.Tensor,
+def _update_interim(model: nn.Module, chains: list[Inserted], interim: dict[int, ConfusionMatrix], img: torch.Tensor,
                     label: torch.Tensor, cfg: Recipe, env: DistEnv, one_pass: bool, ignore_index: int) -> None:
     """Score each slot's captured interim map against the label. The maps come from the inference
     pass when it was one whole-image pass; after slide or TTA inference, from one extra whole pass."""
     if not one_pass:
         for chain in chains:
-            chain.captured_maps = {}
+            chain.captured.clear()
         with autocast(env.device, cfg.runtime.amp):
             model(img)
     for chain in chains:
-        for slot, smap in chain.captured_maps.items():
+        for slot, smap in chain.captured.items():
             up = F.interpolate(smap.float(), size=label.shape[-2:], mode="bilinear",
                                align_corners=cfg.model.align_corners)
             if slot not in interim:
                 interim[slot] = ConfusionMatrix(up.shape[1], ignore_index, device=env.device)
             interim[slot].update(up.argmax(1), label)
-        chain.captured_maps = {}
+        chain.captured.clear()
 
 
 def evaluate_checkpoint(target: str | Path, *, checkpoint: str | None = None, overrides: list[str] = (),

@@ -9,14 +9,13 @@ Each model call also gets the input's *view* (docs/spm.md, "M0 follows the image
 :mod:`segprompt.data.view`), ``model(x, view=v)`` with ``v`` (B, 5) = ``(y0, x0, y1, x1, flipped)``:
 the box of the image each input covers, in the image's normalised coordinates (a sliding window
 its box, past 1 where the window is padded; a flipped TTA pass the whole image, flipped; a
-rescaled pass the same box as unscaled). Models whose call takes no ``view`` keyword (no
-``view`` parameter and no ``**kwargs``) are called as ``model(x)``, as before.
+rescaled pass the same box as unscaled). Every model segprompt builds takes it
+(:class:`~segprompt.models.segmentor.EncoderDecoder`); one that has no use for it ignores it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,23 +30,11 @@ from segprompt.data.view import identity_view, sub_view
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes
 
-__all__ = ["MODES", "FORMATS", "whole_inference", "slide_inference", "inference", "takes_view", "colorize",
+__all__ = ["MODES", "FORMATS", "whole_inference", "slide_inference", "inference", "colorize",
            "overlay", "index_dtype", "save_prediction"]
 
 Model = Callable[[Tensor], Tensor]
 MODES = ("whole", "slide")
-
-
-def takes_view(model: Callable) -> bool:
-    """Whether ``model(x, view=...)`` is a valid call: its ``forward`` (an ``nn.Module``) or its
-    call has a ``view`` parameter or ``**kwargs``."""
-    target = model.forward if isinstance(model, torch.nn.Module) else model
-    try:
-        params = inspect.signature(target).parameters.values()
-    except (TypeError, ValueError):  # no signature (a builtin): call it plainly
-        return False
-    return any(p.kind is p.VAR_KEYWORD or (p.name == "view" and p.kind is not p.VAR_POSITIONAL
-                                            and p.kind is not p.POSITIONAL_ONLY) for p in params)
 
 
 def _resize(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
@@ -62,9 +49,7 @@ def whole_inference(
     view: Tensor | None = None
 ) -> Tensor:
     """Run ``model`` once on the full image and resize its logits to ``out_size``. ``view``
-    (B, 5) is ``img``'s view (default: the identity), passed on when the model takes one."""
-    if not takes_view(model):
-        return _resize(model(img), out_size, align_corners)
+    (B, 5) is ``img``'s view (default: the identity), passed on to the model."""
     if view is None:
         view = identity_view(img.shape[0], img.device)
     return _resize(model(img, view=view), out_size, align_corners)
@@ -96,7 +81,7 @@ def slide_inference(
     Crops of all windows (and all images of the batch) are stacked and run ``batch_size`` at a
     time. A crop smaller than ``crop_size`` (the image is smaller than the crop) is zero-padded at
     the bottom/right and the padded part of its logits is discarded. ``view`` (B, 5) is ``img``'s
-    view (default: the identity); a model that takes one gets each crop's: the window's box
+    view (default: the identity); the model gets each crop's: the window's box
     ``(y1 / h, x1 / w, (y1 + ch) / h, (x1 + cw) / w)`` (the padded size, so past 1 where padded)
     within ``img``'s view.
     """
@@ -110,8 +95,7 @@ def slide_inference(
     b, _, h, w = img.shape
     windows = [(y1, y2, x1, x2) for y1, y2 in _windows(h, ch, sh) for x1, x2 in _windows(w, cw, sw)]
     crops = [(window, i) for window in windows for i in range(b)]
-    viewed = takes_view(model)
-    if viewed and view is None:
+    if view is None:
         view = identity_view(b, img.device)
     count = img.new_zeros((1, 1, h, w))
     for y1, y2, x1, x2 in windows:
@@ -122,12 +106,9 @@ def slide_inference(
         chunk = crops[start : start + batch_size]
         batch = torch.stack([img[i, :, y1:y2, x1:x2] for (y1, y2, x1, x2), i in chunk])
         batch = F.pad(batch, (0, cw - batch.shape[-1], 0, ch - batch.shape[-2]))
-        if viewed:
-            views = torch.cat([sub_view(view[i : i + 1], (y1 / h, x1 / w, (y1 + ch) / h, (x1 + cw) / w))
-                               for (y1, _, x1, _), i in chunk])
-            out = model(batch, view=views)
-        else:
-            out = model(batch)
+        views = torch.cat([sub_view(view[i : i + 1], (y1 / h, x1 / w, (y1 + ch) / h, (x1 + cw) / w))
+                           for (y1, _, x1, _), i in chunk])
+        out = model(batch, view=views)
         logits = _resize(out, (ch, cw), align_corners)
         if preds is None:
             dtype = torch.promote_types(logits.dtype, torch.float32)

@@ -3,7 +3,7 @@
 The same contract as :class:`~segprompt.models.segmentor.EncoderDecoder`, so the training loop,
 the tuning methods and the parameter counter treat both alike: ``forward(img)`` returns (B, K)
 logits and ``forward(img, label)`` the dict of losses (the head's and those of
-``loss_providers``, e.g. the SPM's interim category vectors).
+``inserted`` modules, e.g. the SPM's interim category vectors).
 """
 
 from __future__ import annotations
@@ -22,6 +22,6 @@ class ImageClassifier(EncoderDecoder):
         if label is None:
             return logits
         losses = {"loss_cls": self.decode_head.loss(logits, label)}
-        for provider in self.loss_providers:
-            losses.update(provider.losses(label))
+        for module in self.inserted:
+            losses.update(module.losses(label))
         return losses

@@ -324,9 +324,8 @@ def log_step(run: Run, done: int, values: torch.Tensor, parts: dict[str, torch.T
     TensorBoard scalars and a log line."""
     record = {"iter": done, "lr": run.optimizer.param_groups[0]["lr"], "loss": float(values[0]),
               **{n: float(v) for n, v in zip(parts, values[1:].tolist())}, "time": seconds}
-    for provider in run.model.loss_providers:  # e.g. the SPMs' prompt sizes and gradient norms
-        if hasattr(provider, "diagnostics"):
-            record.update(provider.diagnostics())
+    for module in run.model.inserted:  # e.g. the SPMs' prompt sizes and gradient norms
+        record.update(module.diagnostics())
     metrics_log.write(**record)
     tb.scalars(done, record)
     log.info("iter %d/%d %s", done, run.cfg.schedule.iters, info)

@@ -2,7 +2,7 @@
 
 A method takes a built :class:`~segprompt.models.segmentor.EncoderDecoder`, decides what trains,
 may insert modules, and may add loss terms (by appending a module with a ``losses(label)`` method
-to ``model.loss_providers``). It runs before the model is moved to its device or wrapped in DDP,
+with ``model.insert``). It runs before the model is moved to its device or wrapped in DDP,
 so frozen parameters are frozen before wrapping.
 """
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segprompt.data.view import is_identity, view_theta
+from segprompt.models.inserted import Inserted
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze, oversize_warning
 from segprompt.tuning.spm_layers import SPM, SPMVector, auto_channels
 
@@ -30,7 +31,7 @@ INTERIM_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.4)
 log = logging.getLogger(__name__)
 
 
-class SPMChain(nn.Module):
+class SPMChain(Inserted):
     """The backbone's ``stage_hook``: applies the SPM of each prompted slot and keeps the map.
 
     M0 follows the image (docs/spm.md, "M0 follows the image"): ``prior`` (K, r, r) covers the whole
@@ -58,9 +59,8 @@ class SPMChain(nn.Module):
         self._map: torch.Tensor | None = None
         self._interim: list[tuple[int, list[torch.Tensor]]] = []
         self._view: torch.Tensor | None = None  # (B, 5) view of the current input; None = identity
-        # evaluation diagnostics: with capture_maps set, each eval forward keeps every slot's final map
-        self.capture_maps = False
-        self.captured_maps: dict[int, torch.Tensor] = {}
+        # evaluation diagnostics: while capturing, each eval forward keeps every slot's final map
+        self.capturing = False
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if index == 0:
@@ -75,9 +75,12 @@ class SPMChain(nn.Module):
         x, self._map, interim = spm(x, smap)
         if self.training:
             self._interim.append((index + 1, interim))
-        elif self.capture_maps:
-            self.captured_maps[index + 1] = self._map.detach()
+        elif self.capturing:
+            self.captured[index + 1] = self._map.detach()
         return x
+
+    def capture(self, on: bool) -> None:
+        self.capturing, self.captured = on, {}
 
     def set_view(self, view: torch.Tensor | None) -> None:
         """The view (B, 5) or (5,) of the next input, or ``None`` (the whole image as it is)."""
@@ -210,9 +213,7 @@ class SPMTuning(TuningMethod):
         if warning:
             log.warning(warning)
         backbone.stage_hook = chain
-        model.loss_providers.append(chain)
-        if not recognition and hasattr(model, "view_users"):  # M0 follows the input's view
-            model.view_users.append(chain)
+        model.insert(chain)  # its losses, diagnostics and views (M0 follows the input's view)
 
     def _fix(self, c: int, slots: list[int]) -> str:
         """What to set when the SPMs outnumber full tuning (the end of the oversize warning)."""

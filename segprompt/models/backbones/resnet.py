@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from segprompt.models.backbones.base import StagedBackbone
 from segprompt.models.weights import load_strict, read_state_dict
 
 _ARCH = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
@@ -75,7 +76,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(StagedBackbone):
     """ResNetV1c: three-conv deep stem (3->s/2->s/2->s, s = stem_channels) and a 3x3/2 max-pool;
     with ``deep_stem=False`` a torchvision stem (``conv1`` 7x7/2 3->s, ``bn1``, ReLU, max-pool).
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segprompt.errors import SegpromptError
+from segprompt.models.backbones.base import StagedBackbone
 from segprompt.models.weights import load_strict, read_state_dict
 
 # blocks per stage (stages 3, 4, 5) and the files each variant's ImageNet weights come in
@@ -222,7 +223,7 @@ class FeatureFusion(nn.Module):
         return x * self.attention(x) + x
 
 
-class STDCContextPath(nn.Module):
+class STDCContextPath(StagedBackbone):
     """STDC-Seg's network up to the heads (recipe backbone ``stdc``).
 
     ``forward(img)`` returns ``[feat8 (256, H/8), feat16_up (128, H/8), feat32_up (128, H/16),
