@@ -207,14 +207,24 @@ def test_meta_device_and_prompt_group():
 
 
 def test_bad_options_are_clear_errors():
-    with pytest.raises(SegpromptError, match=r"tuning.target 'nothing_here' matches no Conv2d or Linear .*stem\.0"):
+    # the method describes the option; the builder adds the recipe key (test_the_builder_names_the_recipe_key)
+    with pytest.raises(ValueError, match=r"^target 'nothing_here' matches no Conv2d or Linear .*stem\.0"):
         tuned("resnet", target="nothing_here")
-    with pytest.raises(SegpromptError, match=r"tuning.target .*qkv"):
+    with pytest.raises(ValueError, match=r"^target .*qkv"):
         tuned("vit", target="conv")
-    with pytest.raises(SegpromptError, match="tuning.target '\\(' is not a regular expression"):
+    with pytest.raises(ValueError, match="^target '\\(' is not a regular expression"):
         LoRA(target="(")
-    with pytest.raises(SegpromptError, match="tuning.rank"):
+    with pytest.raises(ValueError, match="^rank must be at least 1"):
         LoRA(rank=0)
+
+
+def test_the_builder_names_the_recipe_key():
+    from segprompt.measure.params import breakdown
+
+    cfg = load_recipe(REPO / "recipes/smoke.yaml", ["tuning.name=lora", "tuning.target=nothing_here"])
+    with pytest.raises(SegpromptError, match=r"^tuning \('lora'\): target 'nothing_here' matches no Conv2d .*; "
+                                             r"change it in the recipe or with --set$"):
+        breakdown(cfg, K, "paper")
 
 
 @pytest.mark.slow

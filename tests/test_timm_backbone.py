@@ -240,7 +240,7 @@ def test_lora_adapts_every_ungrouped_conv_and_linear(kind, caplog):
     assert grouped and all(convs[n].groups == convs[n].in_channels for n in grouped)  # all depthwise
     assert f"LoRA leaves {len(grouped)} grouped/depthwise convs unadapted" in caplog.text
     assert "cannot merge them for export" in caplog.text
-    with pytest.raises(SegpromptError, match=r"tuning.target 'conv_dw' matches only grouped/depthwise convs "
+    with pytest.raises(ValueError, match=r"target 'conv_dw' matches only grouped/depthwise convs "
                                              r"\(body.blocks.0.0.conv_dw, .*multiple of their groups.*e.g. conv_pw"):
         tuned(kind, "lora", target="conv_dw")
 

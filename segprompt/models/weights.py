@@ -38,15 +38,21 @@ def read_state_dict(path: str | Path, name: str, kind: str) -> dict[str, torch.T
         except (SafetensorError, OSError, ValueError) as e:
             raise SegpromptError(f"pretrained weights '{p}' cannot be read as safetensors ({e}): it is truncated "
                                  f"or not a .safetensors file") from None
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SegpromptError(f"pretrained weights '{p}' cannot be read ({torch_load_reason(e)}): it is truncated, "
-                             f"corrupt or not a PyTorch checkpoint") from None
-    state = unwrap_state_dict(state)
+    state = unwrap_state_dict(torch_file(p, f"pretrained weights '{p}'", "not a PyTorch checkpoint"))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SegpromptError(f"pretrained weights '{p}' are not a state dict of tensors")
     return _unprefixed(state)
+
+
+def torch_file(path: Path, what: str, expected: str) -> Any:
+    """What a ``torch.load``-able file holds (tensors and plain data only: ``weights_only``); a file
+    that cannot be read is an error that calls it ``what`` and says it is truncated, corrupt or
+    ``expected``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: any of pickle's and zipfile's errors
+        raise SegpromptError(f"{what} cannot be read ({torch_load_reason(e)}): it is truncated, corrupt or "
+                             f"{expected}") from None
 
 
 def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -46,7 +46,6 @@ import re
 
 from torch import nn
 
-from segprompt.errors import SegpromptError
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
 ADAPTER = "default"  # peft's adapter name; it appears in the parameter names
@@ -90,13 +89,13 @@ class LoRA(TuningMethod):
     def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, target: str = ".*",
                  bn_eval: bool = True):
         if rank < 1:
-            raise SegpromptError(f"tuning.rank must be at least 1, got {rank}")
+            raise ValueError(f"rank must be at least 1, got {rank}")
         if not 0.0 <= dropout < 1.0:
-            raise SegpromptError(f"tuning.dropout must lie in [0, 1), got {dropout}")
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         try:
             self.pattern = re.compile(target)
         except re.error as e:
-            raise SegpromptError(f"tuning.target {target!r} is not a regular expression ({e})") from None
+            raise ValueError(f"target {target!r} is not a regular expression ({e})") from None
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
@@ -109,8 +108,8 @@ class LoRA(TuningMethod):
         chosen = {n: m for n, m in layers.items() if self.pattern.search(n)}
         grouped = [n for n in grouped_convs(backbone) if self.pattern.search(n)]
         if grouped and not chosen:
-            raise SegpromptError(
-                f"tuning.target {self.target!r} matches only grouped/depthwise convs ({', '.join(grouped[:3])}"
+            raise ValueError(
+                f"target {self.target!r} matches only grouped/depthwise convs ({', '.join(grouped[:3])}"
                 f"{', ...' if len(grouped) > 3 else ''}), which LoRA leaves out: {GROUPED_REASON}; target the "
                 f"convs around them (e.g. conv_pw)")
         if grouped:
@@ -119,8 +118,8 @@ class LoRA(TuningMethod):
         if not chosen:
             names = list(layers)
             shown = names if len(names) <= 8 else [*names[:6], "...", *names[-2:]]
-            raise SegpromptError(
-                f"tuning.target {self.target!r} matches no Conv2d or Linear layer of the backbone "
+            raise ValueError(
+                f"target {self.target!r} matches no Conv2d or Linear layer of the backbone "
                 f"({type(backbone).__name__}); it has {len(names)}, named like: {', '.join(shown) or 'none'}")
         return chosen
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from segprompt.errors import SegpromptError
 from segprompt.tuning.base import TuningContext, TuningMethod, freeze
 
 
@@ -20,8 +19,8 @@ class PartialTuning(TuningMethod):
 
     def __init__(self, frozen: list[str], bn_eval: bool = False):
         if not frozen:
-            raise SegpromptError("tuning.frozen is empty: list the module paths to freeze (e.g. backbone.stdc), "
-                                 "or use tuning.name: full")
+            raise ValueError("frozen is empty: list the module paths to freeze (e.g. backbone.stdc), "
+                                 "or use the method full")
         self.frozen = list(frozen)
         self.bn_eval = bn_eval
 
@@ -34,6 +33,6 @@ class PartialTuning(TuningMethod):
                 continue
             if path not in modules:
                 near = sorted(n for n in modules if n and n.count(".") <= path.count(".") + 1)[:12]
-                raise SegpromptError(f"tuning.frozen: the model has no module or parameter '{path}'; "
+                raise ValueError(f"frozen: the model has no module or parameter '{path}'; "
                                      f"modules near the top: {', '.join(near)}")
             freeze(modules[path], self.bn_eval)

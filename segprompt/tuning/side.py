@@ -99,14 +99,14 @@ class SideTuning(TuningMethod):
 
     def __init__(self, channels: int = 64, groups: int = 4, bn_eval: bool = True):
         if channels % groups:
-            raise SegpromptError(f"tuning.groups={groups} must divide tuning.channels={channels}")
+            raise ValueError(f"groups={groups} must divide channels={channels}")
         self.channels = channels
         self.groups = groups
         self.bn_eval = bn_eval
 
     def _path(self, cin: int, cout: int, stride: int, dilation: int) -> SidePath:
         if cin % self.groups:
-            raise SegpromptError(f"tuning.groups={self.groups} must divide every path input; a block has "
+            raise ValueError(f"groups={self.groups} must divide every path input; a block has "
                                  f"{cin} channels")
         return SidePath(cin, cout, self.channels, self.groups, stride, dilation)
 

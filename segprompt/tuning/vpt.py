@@ -25,7 +25,7 @@ from segprompt.tuning.base import TuningContext, TuningMethod, freeze, vit_backb
 class VPT(TuningMethod):
     def __init__(self, num_tokens: int = 10, bias: bool = False):
         if num_tokens < 1:
-            raise SegpromptError(f"tuning.num_tokens must be at least 1, got {num_tokens}")
+            raise ValueError(f"num_tokens must be at least 1, got {num_tokens}")
         self.num_tokens = num_tokens
         self.bias = bias
 

@@ -25,9 +25,9 @@ import torch
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
-from segprompt.errors import SegpromptError, torch_load_reason
+from segprompt.errors import SegpromptError
 from segprompt.models.text import DEFAULT_WEIGHTS
-from segprompt.models.weights import load_strict, unwrap_state_dict
+from segprompt.models.weights import load_strict, torch_file, unwrap_state_dict
 
 _PLAIN_TEXT_CFG = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
@@ -82,11 +82,8 @@ def read_clip_state_dict(path: str | Path, arch: str = "RN50") -> dict[str, torc
             warnings.simplefilter("ignore", FutureWarning)
             state = torch.jit.load(p, map_location="cpu").state_dict()
     except RuntimeError:  # not a TorchScript archive
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise SegpromptError(f"CLIP weights '{p}' cannot be read as OpenAI's TorchScript archive or as a "
-                                 f"state dict ({torch_load_reason(e)})") from None
+        state = torch_file(p, f"CLIP weights '{p}' (neither OpenAI's TorchScript archive nor a state dict)",
+                           "not a CLIP checkpoint")
     state = unwrap_state_dict(state)
     if not isinstance(state, dict):
         raise SegpromptError(f"CLIP weights '{p}' hold a {type(state).__name__}, not a state dict")
