@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,10 +161,11 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         return y
 
 
-def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+def convert_sync_batchnorm(model: nn.Module, device: torch.device, frozen: Callable[[nn.Module], bool]) -> nn.Module:
     """Swap trainable BatchNorm layers for synchronised ones (the caller does so only when the
-    world size is > 1). Frozen subtrees (``keep_eval``) keep their fixed statistics and plain BN."""
-    if getattr(model, "keep_eval", False):
+    world size is > 1). Subtrees ``frozen`` says are kept in eval mode (the training loop passes
+    :func:`segprompt.models.frozen.kept_in_eval`) keep their fixed statistics and plain BN."""
+    if frozen(model):
         return model
     if isinstance(model, nn.BatchNorm2d):
         if device.type == "cuda":
@@ -176,5 +178,5 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
             new.bias.requires_grad_(model.bias.requires_grad)
         return new.train(model.training)
     for name, child in model.named_children():
-        model.add_module(name, convert_sync_batchnorm(child, device))
+        model.add_module(name, convert_sync_batchnorm(child, device, frozen))
     return model

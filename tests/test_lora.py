@@ -17,6 +17,7 @@ from segprompt.errors import SegpromptError
 from segprompt.models import EncoderDecoder
 from segprompt.models.backbones.resnet import ResNet
 from segprompt.models.backbones.vit import VisionTransformer
+from segprompt.models.frozen import kept_in_eval
 from segprompt.models.heads.fcn import FCNHead
 from segprompt.models.losses import CrossEntropyLoss
 from segprompt.runs.checkpoint import changed_state_dict, load_model_state
@@ -124,7 +125,7 @@ def test_only_lora_matrices_and_heads_train():
     assert {f"backbone.{c}.lora_{ab}.default.weight" for c in convs for ab in "AB"} == lora
     assert all(f"backbone.{c}.base_layer.weight" in dict(model.named_parameters()) for c in convs)
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns and all(getattr(m, "keep_eval", False) for m in bns)  # frozen statistics (bn_eval)
+    assert bns and all(kept_in_eval(m) for m in bns)  # frozen statistics (bn_eval)
     model.train()
     assert not any(m.training for m in bns)
     # the target regex picks layers by name

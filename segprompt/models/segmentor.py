@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segprompt.models.frozen import kept_in_eval
 from segprompt.models.heads.base import DecodeHead
 from segprompt.models.inserted import Inserted
 
@@ -16,7 +17,7 @@ class EncoderDecoder(nn.Module):
     module in :attr:`inserted` (modules a tuning method inserted and registered with :meth:`insert`,
     :class:`~segprompt.models.inserted.Inserted`: e.g. the SPM's interim semantic maps, Eq. 5).
 
-    Modules flagged ``keep_eval = True`` (frozen parts whose BatchNorm statistics must not move)
+    Modules marked with :func:`~segprompt.models.frozen.keep_in_eval` (frozen parts whose BatchNorm statistics must not move)
     stay in eval mode when the model is put in training mode.
 
     ``view`` (B, 5) says which part of the original image each input covers,
@@ -49,7 +50,7 @@ class EncoderDecoder(nn.Module):
         super().train(mode)
         if mode:
             for m in self.modules():
-                if getattr(m, "keep_eval", False):
+                if kept_in_eval(m):
                     m.eval()
         return self
 

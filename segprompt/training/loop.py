@@ -50,6 +50,7 @@ from segprompt.evaluation.evaluate import evaluate
 from segprompt.evaluation.inference import autocast
 from segprompt.evaluation.metrics import format_table, summary_line
 from segprompt.io import atomic_write_json
+from segprompt.models.frozen import kept_in_eval
 from segprompt.models.text.guidance import deploy_text, has_learned_text
 from segprompt.progress import progress_bar
 from segprompt.runs import checkpoint as ckpt
@@ -132,7 +133,7 @@ def setup(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, 
                  f"{reshaped}" if reshaped else "")
     model.to(env.device)
     if env.distributed:
-        model = dist_utils.convert_sync_batchnorm(model, env.device)
+        model = dist_utils.convert_sync_batchnorm(model, env.device, kept_in_eval)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.runtime.amp == "fp16")

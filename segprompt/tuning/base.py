@@ -16,6 +16,7 @@ from torch import nn
 
 from segprompt.errors import SegpromptError
 from segprompt.models.backbones.base import TokenBackbone
+from segprompt.models.frozen import keep_in_eval
 
 
 @dataclass
@@ -88,7 +89,7 @@ def freeze(module: nn.Module, bn_eval: bool = True) -> None:
     if bn_eval:
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.keep_eval = True
+                keep_in_eval(m)
 
 
 def vit_backbone(model: nn.Module, method: str, what: str) -> TokenBackbone:

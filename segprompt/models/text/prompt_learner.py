@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from segprompt.errors import SegpromptError
+from segprompt.models.frozen import keep_in_eval
 from segprompt.models.text.clip_text import CLIPTextEncoder
 
 
@@ -22,7 +23,7 @@ class PromptLearner(nn.Module):
     """``forward() -> Tensor[K, embed_dim]``: one embedding per class from its context vectors
     ``ctx`` (K x M x width, i.i.d. N(0, init_std^2), the only trainable tensor) and its name.
 
-    The encoder is frozen: no gradients, always in eval mode (``keep_eval`` also tells the
+    The encoder is frozen: no gradients, always in eval mode (:func:`~segprompt.models.frozen.keep_in_eval` also tells the
     segmentor). Gradients reach ``ctx`` through it.
     """
 
@@ -50,7 +51,7 @@ class PromptLearner(nn.Module):
         nn.init.normal_(self.ctx, std=init_std)
         self.encoder = encoder
         encoder.requires_grad_(False)
-        encoder.keep_eval = True
+        keep_in_eval(encoder)
         encoder.eval()
 
     @property
