@@ -83,12 +83,16 @@ def load_backbone_weights(backbone: StagedBackbone, path: str, backbone_name: st
     them. A segprompt checkpoint gives its trained backbone (:func:`trained_backbone`); any other
     file goes to the backbone's own :meth:`~StagedBackbone.load_pretrained`, which maps the file's
     key names to its own (and drops the classifier it never runs)."""
-    trained = trained_backbone(path)
-    if trained is not None:
-        load_strict(backbone, trained, path, backbone_name, " (a segprompt checkpoint: its run's backbone must be "
-                    "this recipe's model.backbone)")
-    else:
-        backbone.load_pretrained(path, backbone_name)
+    try:
+        trained = trained_backbone(path)
+        if trained is not None:
+            load_strict(backbone, trained, path, backbone_name, " (a segprompt checkpoint: its run's backbone must be "
+                        "this recipe's model.backbone)")
+        else:
+            backbone.load_pretrained(path, backbone_name)
+    except SegpromptError as e:  # the backbone describes the file; the recipe key is the builder's to add
+        fix = "" if Path(path).is_file() else "; or point model.pretrained at the file"
+        raise SegpromptError(f"model.pretrained: {e}{fix}") from None
 
 
 def is_recognition(cfg: Recipe) -> bool:

@@ -209,3 +209,23 @@ def test_a_lora_run_exports_a_plain_whole_checkpoint(workspace, tmp_path, monkey
                if k.startswith("backbone."))
     with pytest.raises(SegpromptError, match="a whole checkpoint is a .pt or .pth file"):
         export_checkpoint(lora, tmp_path / "merged.onnx")
+
+
+def test_predict_tasks_serves_deltas_on_one_backbone_file(workspace, tmp_path, monkeypatch):
+    from segprompt.serve.predict import predict_tasks
+
+    ws, spm, images = workspace
+    monkeypatch.chdir(ws)
+    head = train("recipe.yaml", ["tuning={name: head}", "schedule.iters=2", "evaluation.interval=2",
+                                 "checkpoint.interval=2"], out=tmp_path / "head")
+    for name, run in (("spm", spm), ("head", head)):
+        export_delta(run, tmp_path / f"{name}.safetensors")
+        predict(run, [images], tmp_path / "alone" / name, show_progress=False)
+    backbone = tmp_path / "bb.pth"
+    shutil.copy(ws / "pretrained" / "backbone.pth", backbone)
+    monkeypatch.chdir(tmp_path)
+    tasks = [f"spm={tmp_path / 'spm.safetensors'},head={tmp_path / 'head.safetensors'}"]
+    result = predict_tasks(tasks, [str(images)], tmp_path / "served", weights=backbone, show_progress=False)
+    assert result.tasks == ["spm", "head"]
+    for name in ("spm", "head"):
+        assert _files(tmp_path / "served" / name) == _files(tmp_path / "alone" / name)

@@ -457,5 +457,5 @@ def test_unknown_names_impossible_strides_and_foreign_weights_are_one_line_error
     for i, (model, weights, pattern) in enumerate(cases):
         code, err = _cli(capsys, "train", recipe, "--set", f"model.backbone.model={model}", "--set",
                          f"model.pretrained={weights}", "--out", tmp_path / f"run{i}")
-        assert code == 2 and err.startswith(f"error: pretrained weights '{weights}'") and re.search(pattern, err), err
+        assert code == 2 and err.startswith(f"error: model.pretrained: pretrained weights '{weights}'") and re.search(pattern, err), err
         assert len(err.splitlines()) == 1, err

@@ -88,8 +88,8 @@ def predict_cmd(
                                                                "globs.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the predictions; each keeps its input's relative "
                                                     "path and stem (with --tasks: under OUT/<task>/).")] = ...,
-    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="Run directories (comma-separated or "
-                                                       "repeated; NAME=RUN_DIR names a task) served on one frozen "
+    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="Run directories or deltas (comma-separated "
+                                                       "or repeated; NAME=RUN names a task) served on one frozen "
                                                        "backbone: every input under every task.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="best (default) | last | deployed | PATH "
                                                            "(--tasks: best | last).")] = None,
@@ -114,10 +114,10 @@ def predict_cmd(
     common = dict(checkpoint=checkpoint, mode=mode, tta=tta, formats=parse_formats(format_), batch=batch,
                   device=device, strict=strict, force=force)
     if tasks:
-        if set_ or weights:
-            raise SegpromptError("--set changes one recipe and --weights one run's frozen weights; with --tasks each "
-                                 "run keeps its own config.yaml and weights (drop them, or predict that run alone)")
-        result = predict_tasks(tasks, [str(target), *(inputs or [])], out, **common)
+        if set_:
+            raise SegpromptError("--set changes one recipe; with --tasks each run keeps its own config.yaml (drop "
+                                 "--set, or predict that run alone)")
+        result = predict_tasks(tasks, [str(target), *(inputs or [])], out, weights=weights, **common)
     else:
         result = predict(target, inputs or [], out, overrides=set_ or [], weights=weights, **common)
     done, problems = summary(result, out)

@@ -27,8 +27,8 @@ def read_state_dict(path: str | Path, name: str, kind: str) -> dict[str, torch.T
     p = Path(path)
     if not p.is_file():
         raise SegpromptError(
-            f"pretrained weights '{p}' (model.pretrained) do not exist. Put the {name} checkpoint file "
-            f"there ({kind}), or point model.pretrained at it (nothing is downloaded)")
+            f"pretrained weights '{p}' do not exist. Put the {name} checkpoint file there ({kind}); nothing is "
+            f"downloaded")
     if p.suffix == ".safetensors":  # Hugging Face's format (timm's hub files): no pickle at all
         from safetensors import SafetensorError
         from safetensors.torch import load_file

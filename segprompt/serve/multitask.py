@@ -34,6 +34,7 @@ from segprompt.data.transforms import normalize, to_tensor
 from segprompt.distributed import resolve_device
 from segprompt.errors import SegpromptError
 from segprompt.runs import checkpoint as ckpt
+from segprompt.runs.delta import is_delta
 from segprompt.runs.load import read_source
 from segprompt.runs.rundir import CONFIG
 from segprompt.serve.segmenter import load
@@ -96,9 +97,11 @@ class MultiTaskModel:
 
     @classmethod
     def from_runs(cls, runs: Sequence[str | Path] | Mapping[str, str | Path], checkpoint: str = "best",
-                  device: str | torch.device = "cpu") -> MultiTaskModel:
+                  device: str | torch.device = "cpu", weights: str | Path | None = None) -> MultiTaskModel:
         """Load run directories (``segprompt train``'s, each with ``config.yaml`` and
-        ``checkpoints/``); ``checkpoint`` is ``best``, ``last`` or a file name in ``checkpoints/``.
+        ``checkpoints/``) or deltas (``export --format delta``); ``checkpoint`` is ``best``, ``last``
+        or a file name in ``checkpoints/``; ``weights`` is the shared frozen backbone's file when it
+        is not where the runs recorded it (checked by its SHA-256).
         A mapping gives the task names; otherwise each task is named by the shortest tail of its
         path that tells the runs apart. The frozen backbone is loaded once (once per
         ``runtime.seed`` among the runs; tensors equal across seeds are then shared too)."""
@@ -107,7 +110,7 @@ class MultiTaskModel:
         builder = _Builder(dev)
         tasks, models = {}, {}
         for name, run_dir in named.items():
-            task, state = _load_task(name, run_dir, checkpoint)
+            task, state = _load_task(name, run_dir, checkpoint, weights)
             models[name] = builder.build(task, state)
             tasks[name] = task
         return cls(tasks, models, dev)
@@ -201,17 +204,25 @@ def _tail(path: Path, depth: int) -> str:
     return "/".join(path.parts[-depth:])
 
 
-def _load_task(name: str, run_dir: Path, checkpoint: str) -> tuple[Task, dict[str, Any]]:
-    """The run's recipe, classes and checkpoint (read as every loader reads them,
+def _load_task(name: str, run_dir: Path, checkpoint: str, weights: str | Path | None = None
+               ) -> tuple[Task, dict[str, Any]]:
+    """The run's (or delta's) recipe, classes and checkpoint (read as every loader reads them,
     :func:`~segprompt.runs.load.read_source`); refuses what cannot share a backbone."""
+    if is_delta(run_dir):
+        src = read_source(run_dir, weights=weights)
+        if src.cfg.model.backbone.get("text"):
+            raise SegpromptError(f"task '{name}' ({run_dir}) has a text-guided backbone (model.backbone.text): it "
+                                 f"cannot be shared; serve it alone (docs/multitask.md)")
+        return Task(name=name, run_dir=run_dir, checkpoint=src.path, cfg=src.cfg, meta=src.meta,
+                    iteration=src.state.get("iteration")), src.state
     if not (run_dir / CONFIG).is_file():
-        raise SegpromptError(f"task '{name}': '{run_dir}' is not a run directory ('{run_dir / CONFIG}' is missing); "
-                             f"pass the folder `segprompt train` wrote")
+        raise SegpromptError(f"task '{name}': '{run_dir}' is not a run directory ('{run_dir / CONFIG}' is missing) "
+                             f"or a delta; pass the folder `segprompt train` wrote")
     if load_recipe(run_dir / CONFIG).model.backbone.get("text"):
         raise SegpromptError(f"task '{name}' ({run_dir}) has a text-guided backbone (model.backbone.text): its "
                              f"backbone depends on the task's class names, so it cannot be shared; serve it "
                              f"alone (docs/multitask.md)")
-    src = read_source(run_dir, checkpoint)
+    src = read_source(run_dir, checkpoint, weights=weights)
     if src.state.get("full_model"):
         raise SegpromptError(f"task '{name}': checkpoint '{src.path}' stores the whole model "
                              f"(checkpoint.save_full_model or a deployed model), not what training changed, so "

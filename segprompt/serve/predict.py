@@ -352,7 +352,8 @@ def parse_tasks(values: Sequence[str]) -> list[Path] | dict[str, Path]:
 def predict_tasks(tasks: Sequence[str], inputs: Sequence[str | Path], out: str | Path, *,
                   checkpoint: str | None = None, mode: str | None = None, tta: bool | None = None,
                   formats: Sequence[str] = DEFAULT_FORMATS, batch: int = 1, device: str | None = None,
-                  strict: bool = False, force: bool = False, show_progress: bool = True) -> PredictResult:
+                  strict: bool = False, force: bool = False, weights: str | Path | None = None,
+                  show_progress: bool = True) -> PredictResult:
     """``segprompt predict --tasks``: every input under every task, into ``out/<task>/``. The runs are
     loaded as one :class:`MultiTaskModel` (frozen backbone once, each run's delta once; runs on
     other frozen weights are refused), each image is decoded once, and each task segments it
@@ -369,7 +370,7 @@ def predict_tasks(tasks: Sequence[str], inputs: Sequence[str | Path], out: str |
     dev = resolve_device(device or "auto", key="--device")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    mt = MultiTaskModel.from_runs(named, checkpoint=checkpoint or "best", device=dev)
+    mt = MultiTaskModel.from_runs(named, checkpoint=checkpoint or "best", device=dev, weights=weights)
     jobs = []
     for name in mt.tasks:
         task = mt.task(name)
