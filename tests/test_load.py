@@ -74,6 +74,8 @@ def test_a_run_works_from_another_folder_and_copied_elsewhere(workspace, tmp_pat
 
     copy = tmp_path / "elsewhere" / "spm"
     shutil.copytree(run, copy)
+    _, again = evaluate_checkpoint(copy, checkpoint=str(copy / "checkpoints" / "best.pt"))  # eval --checkpoint PATH
+    assert again["mIoU"] == metrics["mIoU"] and any((copy / "eval_history").iterdir())  # the copied eval.json was kept
     moved = tmp_path / "weights" / "b.pth"
     moved.parent.mkdir()
     (ws / "pretrained" / "backbone.pth").rename(moved)
