@@ -159,3 +159,15 @@ def test_count_params_json_has_stdc_rows():
                           ("2", "Ours (stage 2)", "FLOPs (G)")}
     assert all("docs/stdc_clip.md" in got[k]["reason"] for k in mismatched)
     assert all(r["reason"] is None for k, r in got.items() if k not in mismatched)
+
+
+def test_the_vs_ratio_is_worded_and_few_timed_iterations_are_flagged():
+    from segprompt.measure.bench import MIN_TIMED_ITERATIONS, comparison_lines
+
+    a = {"recipe": "a.yaml", "engine": "pytorch", "iterations": 400}
+    result = {**a, "fps_ratio": 0.25, "vs": {"recipe": "b.onnx", "engine": "onnxruntime", "iterations": 10}}
+    lines = comparison_lines(result)
+    assert lines[0] == ("fps ratio a.yaml (pytorch) / b.onnx (onnxruntime): 0.250, i.e. b.onnx (onnxruntime) is "
+                        "4.00x faster than a.yaml (pytorch)")
+    assert len(lines) == 2 and lines[1].startswith("warning: b.onnx was timed over only 10 iterations")
+    assert comparison_lines({**a, "iterations": MIN_TIMED_ITERATIONS}) == []

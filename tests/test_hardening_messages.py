@@ -347,3 +347,23 @@ def test_non_finite_loss_without_a_checkpoint_reads_as_a_sentence(tmp_path, synt
         train(recipe, ["schedule.iters=30", "schedule.warmup_iters=0", "optimizer.lr=1e12",
                        "checkpoint.interval=1000", "evaluation.interval=0"], out=tmp_path / "run")
     assert "No checkpoint was saved before it." in str(e.value) and "is none" not in str(e.value)
+
+
+def test_shell_completion_completes_shipped_recipe_names():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from segprompt.cli.app import complete_recipe
+
+    names = complete_recipe("")
+    assert "smoke" in names and "spm/ade20k_r101_spm" in names
+    assert not any(n.startswith(("_base/", "tables/")) for n in names)
+    script = Path(sys.executable).with_name("segprompt")  # the console script `pip install` writes
+    if not script.is_file():
+        pytest.skip("segprompt is not installed as a console script in this environment")
+    env = {**os.environ, "_SEGPROMPT_COMPLETE": "complete_bash", "COMP_WORDS": "segprompt train spm/ade20k_r101_si",
+           "COMP_CWORD": "2"}
+    out = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60).stdout.split()
+    assert out == ["spm/ade20k_r101_side"]

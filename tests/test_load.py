@@ -69,8 +69,11 @@ def test_a_run_works_from_another_folder_and_copied_elsewhere(workspace, tmp_pat
     monkeypatch.chdir(other)  # relative data.root and model.pretrained resolve where training ran
     predict(run, [images], tmp_path / "there", show_progress=False)
     assert _files(tmp_path / "there") == expected
-    _, metrics = evaluate_checkpoint(run)
-    assert metrics["images"] == 7
+    written, metrics = evaluate_checkpoint(run)
+    assert metrics["images"] == 7 and written == run / "eval.json"
+    written, test = evaluate_checkpoint(run, split="test")  # beside the val result, which stays
+    assert written == run / "eval_test.json" and test["split"] == "test"
+    assert json.loads((run / "eval.json").read_text())["split"] == "val"
 
     copy = tmp_path / "elsewhere" / "spm"
     shutil.copytree(run, copy)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 import typer.core
 
-from segprompt.cli.app import app, console, err_console
+from segprompt.cli.app import app, complete_recipe, console, err_console
 from segprompt.errors import SegpromptError
 
 if TYPE_CHECKING:
@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 @app.command("count-params")
 def count_params_cmd(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe to break down; without one, every parameter "
-                                                          "figure of the papers' tables beside ours.")] = None,
+                                                          "figure of the papers' tables beside ours.",
+                                                     autocompletion=complete_recipe)] = None,
     table: Annotated[Optional[str], typer.Option(help="Only this table of the SPM paper (e.g. 4).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes (default: data.num_classes, else meta.json).")] = None,
@@ -147,6 +148,7 @@ def bench(
     from segprompt.measure.bench import (
         BenchOptions,
         check_out,
+        comparison_lines,
         format_table,
         parse_size,
         run_bench,
@@ -169,8 +171,7 @@ def bench(
         console.print_json(json.dumps(result))
     else:
         console.print(format_table(result))
-        if "vs" in result:
-            console.print(f"fps ratio {Path(result['recipe']).name} ({result['engine']}) / "
-                          f"{Path(result['vs']['recipe']).name} ({result['vs']['engine']}): {result['fps_ratio']:.3f}")
+        for line in comparison_lines(result):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     for path in written:
         err_console.print(f"wrote {path}", highlight=False)

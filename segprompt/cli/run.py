@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 import typer.core
 
-from segprompt.cli.app import app, console, err_console, is_main
+from segprompt.cli.app import app, complete_recipe, console, err_console, is_main
 from segprompt.errors import SegpromptError
 
 WEIGHTS_HELP = ("The frozen backbone's weights file, when it is no longer where the run recorded it (checked by its "
@@ -18,7 +18,8 @@ WEIGHTS_HELP = ("The frozen backbone's weights file, when it is no longer where 
 @app.command("train")
 def train_cmd(
     recipe: Annotated[Path, typer.Argument(help="A recipe file, or the name of a shipped recipe (e.g. smoke, "
-                                                "spm/ade20k_r101_spm; docs/recipes.md).")],
+                                                "spm/ade20k_r101_spm; docs/recipes.md).",
+                                           autocompletion=complete_recipe)],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE (YAML scalar); repeatable.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default results/<recipe>/<timestamp>/).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto' (latest run of the recipe, or --out) or a checkpoint/run path.")] = None,
@@ -67,7 +68,7 @@ def eval_cmd(
     from segprompt.evaluation.evaluate import evaluate_checkpoint
     from segprompt.evaluation.metrics import format_table, summary_line
 
-    run_dir, result = evaluate_checkpoint(target, checkpoint=checkpoint, overrides=set_ or [], mode=mode, tta=tta,
+    written, result = evaluate_checkpoint(target, checkpoint=checkpoint, overrides=set_ or [], mode=mode, tta=tta,
                                           split=split, save_preds=save_preds, weights=weights)
     if is_main():
         console.print(format_table(result))
@@ -77,7 +78,7 @@ def eval_cmd(
         if save_preds is not None:
             console.print(f"wrote {result['images']} predictions (<stem>.png class ids, <stem>_overlay.png) to "
                           f"{save_preds}", markup=False, highlight=False)
-        console.print(f"wrote {run_dir / 'eval.json'}", markup=False, highlight=False)
+        console.print(f"wrote {written}", markup=False, highlight=False)
 
 
 @app.command("predict")

@@ -130,14 +130,21 @@ def _update_interim(model: nn.Module, chains: list[Inserted], interim: dict[int,
         chain.captured.clear()
 
 
+def eval_json(run_dir: Path, split: str, val_split: str) -> Path:
+    """Where ``segprompt eval`` writes: ``eval.json`` for the validation split, ``eval_<split>.json``
+    for any other, so evaluating the test split never moves the validation result aside."""
+    return run_dir / ("eval.json" if split == val_split else f"eval_{split}.json")
+
+
 def evaluate_checkpoint(target: str | Path, *, checkpoint: str | None = None, overrides: list[str] = (),
                         mode: str | None = None, tta: bool | None = None, split: str | None = None,
                         save_preds: str | Path | None = None, weights: str | Path | None = None
                         ) -> tuple[Path, dict[str, Any]]:
     """``segprompt eval``: a run directory (its config and ``best``/``last``/``deployed`` checkpoint), a
-    checkpoint file, a delta, or a recipe with ``--checkpoint PATH``. Writes ``eval.json`` into the
-    run directory (elsewhere: ``results/eval-<name>/<timestamp>/``); an earlier one is moved to
-    ``eval_history/`` first, never overwritten."""
+    checkpoint file, a delta, or a recipe with ``--checkpoint PATH``. Writes ``eval.json`` (another
+    split: ``eval_<split>.json``, :func:`eval_json`) into the run directory (elsewhere:
+    ``results/eval-<name>/<timestamp>/``); an earlier one is moved to ``eval_history/`` first,
+    never overwritten. Returns that file's path and the metrics."""
     target = Path(target)
     is_recipe = not target.exists() or target.is_file() and target.suffix.lower() in (".yaml", ".yml")
     if is_recipe:  # a recipe file, or the name of a shipped recipe
@@ -165,9 +172,10 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str | None = None, ov
         dataset = build_eval_dataset(cfg, src.meta, split)
         result = evaluate(model, dataset, cfg, env, mode=mode, tta=tta, save_preds=save_preds)
         result = {"checkpoint": str(src.path), "iter": src.state.get("iteration"), "split": dataset.split, **result}
+        path = eval_json(run_dir, dataset.split, cfg.data.val_split)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_keeping_history(run_dir / "eval.json", result, "eval_history")
-        return run_dir, result
+            write_json_keeping_history(path, result, "eval_history")
+        return path, result
     finally:
         dist_utils.cleanup()

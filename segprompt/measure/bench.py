@@ -340,6 +340,27 @@ def run_bench(target: str | Path, opts: BenchOptions, overrides: list[str] | Non
     return result
 
 
+# fewer timed iterations than this make an FPS figure rough (one scheduler hiccup moves it by percents)
+MIN_TIMED_ITERATIONS = 50
+
+
+def comparison_lines(result: dict[str, Any]) -> list[str]:
+    """The sentences printed under the table: which model is faster and by how much (``--vs``),
+    and a warning for each model timed over fewer than :data:`MIN_TIMED_ITERATIONS` iterations."""
+    models = [result] + ([result["vs"]] if "vs" in result else [])
+    lines = []
+    if "vs" in result:
+        a, b = (f"{Path(m['recipe']).name} ({m['engine']})" for m in models)
+        r = result["fps_ratio"]
+        faster, slower = (a, b) if r >= 1 else (b, a)
+        lines.append(f"fps ratio {a} / {b}: {r:.3f}, i.e. {faster} is {max(r, 1 / r):.2f}x faster than {slower}")
+    for m in models:
+        if m["iterations"] < MIN_TIMED_ITERATIONS:
+            lines.append(f"warning: {Path(m['recipe']).name} was timed over only {m['iterations']} iterations "
+                         f"(fewer than {MIN_TIMED_ITERATIONS}): its FPS is rough; give --seconds more time")
+    return lines
+
+
 def format_table(result: dict[str, Any]):
     """A rich table: one column per model (and the ratio with --vs)."""
     models = [result] + ([result["vs"]] if "vs" in result else [])
@@ -355,7 +376,8 @@ def format_table(result: dict[str, Any]):
         table.add_column(Path(m["recipe"]).stem + (" (ORT)" if m.get("engine") == "onnxruntime" else ""),
                          justify="right")
     if "vs" in result:
-        table.add_column("ratio", justify="right")
+        table.add_column(f"ratio ({Path(models[0]['recipe']).stem} / {Path(models[1]['recipe']).stem})",
+                         justify="right")
     rows = [("FPS", "fps", "{:.1f}"), ("latency (ms)", "latency_ms", "{:.2f}"),
             ("± std (ms)", "latency_ms_std", "{:.2f}"), ("timed iterations", "iterations", "{:d}"),
             ("#Params (M)", "params", "M"), ("inference params (M)", "params_inference", "M"),
