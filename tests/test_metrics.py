@@ -182,7 +182,7 @@ def test_format_table_renders_values_and_missing_entries():
     sky = next(line for line in text.splitlines() if "sky" in line)
     assert "—" in sky  # class 'sky' is absent everywhere: IoU undefined
     assert f"{m['per_class'][0]['IoU']:.2f}" in text  # road IoU 66.67
-    assert f"mIoU {m['mIoU']:.2f}" in summary_line(m) and "mFscore" in summary_line(m)
+    assert f"mIoU {m['mIoU']:.2f}" in summary_line(m) and "mFscore" not in summary_line(m)
     narrow = Console(file=io.StringIO(), width=40)  # as train and eval print it: one line at any width
     narrow.print(summary_line(m), soft_wrap=True)
     assert narrow.file.getvalue() == summary_line(m) + "\n" and len(summary_line(m)) > 40
@@ -225,3 +225,11 @@ def test_category_iou_merges_classes_before_taking_iou():
     assert m["mIoU_category"] == pytest.approx((100 * 12 / 13 + 75.0) / 2)
     with pytest.raises(ValueError, match="'car'"):
         compute_metrics(mat, ["road", "sidewalk", "sky"], categories={"vehicle": ["car"]})
+
+
+def test_background_only_predictions_show_no_misleading_fscore():
+    # 3 classes, every pixel predicted as class 0: classes 1 and 2 have no precision
+    mat = torch.tensor([[80, 0, 0], [10, 0, 0], [10, 0, 0]])
+    m = compute_metrics(mat, ["bg", "a", "b"])
+    assert m["mFscore_classes"] == 1 and m["mFscore"] > 80 and m["mDice"] < 35  # mmseg's value, and why
+    assert "mFscore" not in summary_line(m) and f"mDice {m['mDice']:.2f}" in summary_line(m)

@@ -20,7 +20,9 @@ from torch import Tensor
 __all__ = ["ConfusionMatrix", "compute_metrics", "format_table", "summary_line"]
 
 _TABLE_COLUMNS = ("IoU", "Acc", "Dice", "Fscore")
-_SUMMARY = ("aAcc", "mIoU", "mAcc", "mDice", "mFscore")
+# mFscore is left out of the summary line: with beta 1 it is mDice where both are defined, and a
+# class never predicted has no precision, so mmseg's mean skips it (docs/measurement.md, "mFscore")
+_SUMMARY = ("aAcc", "mIoU", "mAcc", "mDice")
 
 
 class ConfusionMatrix:
@@ -128,6 +130,7 @@ def compute_metrics(mat: Tensor, class_names: list[str], beta: float = 1.0,
     metrics: dict[str, Any] = {"aAcc": _to_python(intersect.sum() / area_label.sum() * 100)}
     for name, values in per_class.items():
         metrics[f"m{name}"] = _to_python(torch.nanmean(values) * 100)
+    metrics["mFscore_classes"] = int((~per_class["Fscore"].isnan()).sum())  # the classes mFscore averages
     metrics["per_class"] = [
         {
             "class": class_name,
