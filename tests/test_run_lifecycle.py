@@ -40,13 +40,21 @@ def test_finished_run_records_its_end(recipe, tmp_path):
     assert _events(run)[-1] == {"event": "end", "status": "finished", "iter": 2}
 
 
-def test_failed_start_is_recorded_and_does_not_block_its_out(recipe, tmp_path):
+def test_a_refused_start_leaves_nothing_and_an_old_failed_start_does_not_block_its_out(recipe, tmp_path,
+                                                                                       monkeypatch):
     run = tmp_path / "run"
     with pytest.raises(SegpromptError, match="does not exist"):
         train(recipe, [f"data.root={tmp_path / 'missing'}"], out=run)
-    line = _last_log_line(run)
-    assert "ERROR run ended: error before training started: dataset root" in line and str(tmp_path / "missing") in line
-    # the same command with the data in place takes the folder; train.log keeps the failed start above
+    assert not run.exists()  # the folder this start made is gone: the error said why
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SegpromptError, match="does not exist"):  # a default run folder too
+        train(recipe, [f"data.root={tmp_path / 'missing'}"])
+    runs = tmp_path / "results" / Path(recipe).stem
+    assert not runs.exists() or not any(runs.iterdir())
+    # a failed start left by an older segprompt (or a kill) does not block its folder; train.log keeps it above
+    run.mkdir()
+    (run / "config.yaml").write_text("x: 1\n")
+    (run / "train.log").write_text("2026-01-01 00:00:00,000 ERROR run ended: error before training started: old\n")
     train(recipe, ["schedule.iters=2", "evaluation.interval=0"], out=run)
     log = (run / "train.log").read_text()
     assert log.index("error before training started") < log.index("finished at iteration 2")

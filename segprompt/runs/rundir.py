@@ -4,8 +4,9 @@
 ``env.json`` (versions, git commit, world size, seed), ``metrics.jsonl``, ``train.log`` and
 ``checkpoints/``. An existing run directory is never overwritten: a new run needs a new folder,
 and only ``--resume`` continues an existing one. The one exception is a failed start (a run that
-ended before its first iteration, e.g. on a missing dataset): a new run may take its place, and
-its ``train.log`` keeps the failed start's record above its own (docs/runs.md).
+ended before its first iteration, e.g. interrupted during setup; a start refused with a user error
+removes the folder it made instead): a new run may take its place, and its ``train.log`` keeps the
+failed start's record above its own (docs/runs.md).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ class RunPlan:
     resume_from: Path | None
     note: str | None = None  # logged once the run's log is open
     lock_note: str | None = None  # the run directory could not be locked (see runlock.py)
+    created: bool = False  # this start made the folder: a refused start removes it again (training/launch.py)
 
 
 def _check_same_config(saved: Recipe, now: Recipe, run_dir: Path) -> None:
@@ -53,7 +54,8 @@ def plan_run(recipe: str | Path, overrides: list[str], out: str | Path | None,
         run_dir = Path(out)
         if not (run_dir / LOCK).is_file():
             check_new_run_dir(run_dir)  # a folder that is not a run gets no lock file
-        return _locked(run_dir, lambda: RunPlan(new_run_dir(run_dir), cfg, None))
+        created = not run_dir.exists()
+        return _locked(run_dir, lambda: RunPlan(new_run_dir(run_dir), cfg, None, created=created))
     if resume == "auto":
         run_dir = Path(out) if out else find_latest_run(recipe)
         if run_dir is None:
@@ -114,6 +116,6 @@ def _new_default_run(recipe: str | Path, cfg: Recipe) -> tuple[RunPlan, RunLock]
         if run_dir.exists():
             continue
         try:
-            return _locked(run_dir, lambda: RunPlan(new_run_dir(run_dir), cfg, None))
+            return _locked(run_dir, lambda: RunPlan(new_run_dir(run_dir), cfg, None, created=True))
         except RunDirInUse:
             continue

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import shlex
+import shutil
 import signal
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def train(recipe: str | Path, overrides: list[str] = (), *, out: str | Path | No
     if load_from is not None:
         load_from = init_checkpoint(load_from)
     env = dist_utils.init_distributed(pre.runtime.device)
-    lock = None
+    lock, plan, refused, at = None, None, False, Progress()
     try:
         with StopSignal(env.rank, env.world_size) as stop:
             plan = None
@@ -64,10 +65,16 @@ def train(recipe: str | Path, overrides: list[str] = (), *, out: str | Path | No
 
             def command(resume_auto: bool) -> str:
                 return _command(recipe, overrides, plan.run_dir, env, resume_auto, load_from)
-            return _train_and_record(plan, env, load_from, load_from_partial, stop, command)
+            try:
+                return _train_and_record(plan, env, load_from, load_from_partial, stop, command, at)
+            except SegpromptError:
+                refused = plan.created and at.iteration is None  # refused before its first iteration
+                raise
     finally:
         if lock is not None:
             lock.release()
+        if refused and env.is_main:  # a refused start leaves nothing behind (the error says why)
+            shutil.rmtree(plan.run_dir, ignore_errors=True)
         dist_utils.cleanup()
 
 
@@ -85,7 +92,7 @@ def _command(recipe: str | Path, overrides: list[str], run_dir: Path, env: dist_
 
 
 def _train_and_record(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | None, load_from_partial: bool,
-                      stop: StopSignal, command) -> Path:
+                      stop: StopSignal, command, at: Progress) -> Path:
     """Set up the run's log, train, and write to train.log (file only: the CLI prints the console line)
     and metrics.jsonl why the run ended: finished, error, diverged, interrupted or crashed."""
     run_dir = plan.run_dir
@@ -100,7 +107,6 @@ def _train_and_record(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | P
         if removed:
             log.info("removed %d temporary file(s) that killed processes left: %s", len(removed),
                      ", ".join(p.name for p in removed))
-    at = Progress()
 
     def ended(status: str, message: str, level: int = logging.ERROR, sig: str | None = None) -> None:
         if not env.is_main:
