@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from segprompt.config import SUPPLIED, Recipe
-from segprompt.data.class_prior import cached_class_prior
+from segprompt.data.class_prior import cached_class_prior, training_prior_cache
 from segprompt.data.dataset import SegDataset
 from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_meta
 from segprompt.data.recognition import (
@@ -107,7 +107,9 @@ def tuning_context(cfg: Recipe, meta: DatasetMeta) -> TuningContext:
 
         ds = SegDataset(cfg.data.root, cfg.data.train_split, meta, subset=cfg.data.train_subset,
                         subset_seed=cfg.data.subset_seed)
-        return cached_class_prior(Path(cfg.data.root), ds.labels, meta.num_classes, meta.ignore_index, res)
+        root = Path(cfg.data.root)  # read-only to training: new priors go to the user cache
+        return cached_class_prior(root, ds.labels, meta.num_classes, meta.ignore_index, res,
+                                  cache_root=training_prior_cache(root))
 
     return TuningContext(num_classes=meta.num_classes, ignore_index=meta.ignore_index, class_prior=prior)
 

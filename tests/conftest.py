@@ -13,6 +13,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+# training caches class priors in the user's cache folder: the tests use their own (subprocesses inherit it)
+if "SEGPROMPT_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["SEGPROMPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="segprompt-test-cache-")
+
 TINY_RECIPE = {
     "model": {
         "backbone": {"name": "resnet", "depth": 18, "base_channels": 8, "strides": [1, 2, 2, 1],

@@ -252,3 +252,18 @@ def test_training_records_spm_diagnostics(tmp_path):
     assert evals and all(0 <= evals[-1][f"spm{s}_interim_mIoU"] <= 100 for s in (1, 3, 5))
     result = json.loads((run / "eval.json").read_text())
     assert "spm5_interim_mIoU" in result
+
+
+def test_training_never_writes_into_the_dataset_folder(data_copy, tmp_path, monkeypatch):
+    from conftest import write_recipe
+
+    from segprompt.training.launch import train
+
+    monkeypatch.setenv("SEGPROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    before = sorted(str(p.relative_to(data_copy)) for p in data_copy.rglob("*"))
+    recipe = write_recipe(tmp_path / "r.yaml", data_copy)
+    # a subset's prior is not the one `prepare` wrote: it is computed, and cached outside the dataset
+    train(recipe, ["tuning={name: spm, channels: 8}", "data.train_subset=5", "schedule.iters=1",
+                   "evaluation.interval=1", "checkpoint.interval=1"], out=tmp_path / "run")
+    assert sorted(str(p.relative_to(data_copy)) for p in data_copy.rglob("*")) == before
+    assert len(list((tmp_path / "cache" / "class_prior").rglob("*.npy"))) == 1
