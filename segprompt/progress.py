@@ -1,10 +1,13 @@
-"""Rich progress bars (rank 0 only) with ETA, throughput and live loss/lr."""
+"""Rich progress bars (rank 0 only) with ETA, throughput and live loss/lr, and the consoles
+that print tables."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -16,6 +19,19 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+# off a terminal rich would lay everything out in 80 columns, wrapping table cells over lines
+OFF_TERMINAL_WIDTH = 10_000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console whose tables survive a pipe or a log file: off a terminal (and without
+    ``COLUMNS``) it is wide enough that every table prints at its natural width, never wrapped or
+    cut (tables do not stretch to the console's width)."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = OFF_TERMINAL_WIDTH
+    return console
 
 
 class RateColumn(ProgressColumn):

@@ -367,3 +367,12 @@ def test_shell_completion_completes_shipped_recipe_names():
            "COMP_CWORD": "2"}
     out = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60).stdout.split()
     assert out == ["spm/ade20k_r101_side"]
+
+
+def test_off_a_terminal_tables_print_whole_rows():
+    from conftest import run_cli
+
+    r = run_cli("ablate", "--list", env={"COLUMNS": ""})  # a pipe with no COLUMNS: rich would use 80
+    rows = [line for line in r.stdout.splitlines() if line.startswith("│")]
+    assert r.returncode == 0 and len(rows) == 19, r.stdout
+    assert all(line.startswith(("│ spm ", "│ stdc ")) for line in rows)  # no cell wrapped onto another line

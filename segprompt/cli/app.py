@@ -6,14 +6,15 @@ import os
 
 import typer
 import typer.core
-from rich.console import Console
+
+from segprompt.progress import make_console
 
 # shell completion: `segprompt --install-completion` (bash, zsh, fish, PowerShell); recipe arguments
 # complete the shipped recipes' names (complete_recipe)
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient and text-guided semantic segmentation experiments.")
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def _flag_shows_no_type(display_type_rich):

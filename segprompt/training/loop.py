@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -52,7 +51,7 @@ from segprompt.evaluation.metrics import format_table, summary_line
 from segprompt.io import atomic_write_json
 from segprompt.models.frozen import kept_in_eval
 from segprompt.models.text.guidance import deploy_text, has_learned_text
-from segprompt.progress import progress_bar
+from segprompt.progress import make_console, progress_bar
 from segprompt.runs import checkpoint as ckpt
 from segprompt.runs.rundir import (
     BEST,
@@ -419,6 +418,6 @@ def save_keep(run_dir: Path, iteration: int, keep: int) -> None:
 
 
 def _print_table(result: dict) -> None:
-    console = Console()
+    console = make_console()
     console.print(format_table(result))
     console.print(summary_line(result), soft_wrap=True, markup=False, highlight=False)
