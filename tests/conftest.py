@@ -13,12 +13,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# training caches class priors in the user's cache folder: the tests use their own (subprocesses inherit it)
-if "SEGPROMPT_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    os.environ["SEGPROMPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="segprompt-test-cache-")
-
 TINY_RECIPE = {
     "model": {
         "backbone": {"name": "resnet", "depth": 18, "base_channels": 8, "strides": [1, 2, 2, 1],
@@ -36,6 +30,14 @@ TINY_RECIPE = {
     "checkpoint": {"interval": 3},
     "runtime": {"seed": 0, "device": "cpu", "num_workers": 0, "log_interval": 1},
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_user_cache(tmp_path_factory):
+    """Training caches class priors in the user's cache folder: the tests use one of their own,
+    under pytest's temporary folders (subprocesses inherit the variable)."""
+    if "SEGPROMPT_CACHE_DIR" not in os.environ:
+        os.environ["SEGPROMPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,12 @@ from segprompt.io import write_json_keeping_history
 from segprompt.models.inserted import Inserted
 from segprompt.models.segmentor import EncoderDecoder
 from segprompt.progress import progress_bar
-from segprompt.runs.load import CHECKPOINT_NAMES, build_source_model, read_source
+from segprompt.runs.load import (
+    CHECKPOINT_NAMES,
+    build_source_model,
+    names_recipe,
+    read_source,
+)
 from segprompt.runs.rundir import default_run_dir
 
 
@@ -146,8 +151,8 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str | None = None, ov
     ``results/eval-<name>/<timestamp>/``); an earlier one is moved to ``eval_history/`` first,
     never overwritten. Returns that file's path and the metrics."""
     target = Path(target)
-    is_recipe = not target.exists() or target.is_file() and target.suffix.lower() in (".yaml", ".yml")
-    if is_recipe:  # a recipe file, or the name of a shipped recipe
+    is_recipe = names_recipe(target)
+    if is_recipe:
         recipe = load_recipe(target, list(overrides))
         if checkpoint in (None, *CHECKPOINT_NAMES):
             raise SegpromptError(f"evaluating recipe '{target}' needs --checkpoint PATH (best/last name checkpoints "

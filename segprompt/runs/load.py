@@ -3,8 +3,8 @@
 A trained model is named by a path: a run directory (its ``config.yaml`` and a checkpoint picked by
 name), a checkpoint file anywhere (its run directory, or the recipe it stores, gives the recipe), or a
 delta (``segprompt export --format delta``, which stores its recipe). :func:`read_source` reads
-what the path names without building anything; :func:`build_source_model` builds the model;
-:func:`load` does both and returns a :class:`Segmenter`. ``eval``, ``predict``, ``predict --tasks``,
+what the path names without building anything; :func:`build_source_model` builds the model
+(:func:`segprompt.serve.segmenter.load` does both and returns a ``Segmenter``). ``eval``, ``predict``, ``predict --tasks``,
 ``export``, ``bench`` and :class:`~segprompt.serve.multitask.MultiTaskModel` all read through here.
 
 What makes a run travel:
@@ -52,6 +52,18 @@ def checkpoint_path(run_dir: Path, name: str) -> Path:
     if name == "auto":
         return folder / DEPLOYED if (folder / DEPLOYED).is_file() else folder / BEST
     return {"best": folder / BEST, "last": folder / LAST, "deployed": folder / DEPLOYED}.get(name, Path(name))
+
+
+def names_recipe(target: Path) -> bool:
+    """Whether a command's ``target`` is a recipe (a ``.yaml`` file, or a shipped recipe's name, which
+    is no path) rather than a run directory, a checkpoint or a delta."""
+    return not target.exists() or target.is_file() and target.suffix.lower() in (".yaml", ".yml")
+
+
+def _stored_meta(state: dict[str, Any]) -> DatasetMeta | None:
+    """The classes, palette and ignore index a checkpoint or delta stores (older checkpoints: None)."""
+    stored = state.get("meta")
+    return DatasetMeta(**stored) if isinstance(stored, dict) else None
 
 
 def init_checkpoint(path: str | Path) -> Path:
@@ -107,13 +119,13 @@ def read_source(target: str | Path, checkpoint: str | None = None, *, overrides:
     _localise(cfg, state.get("cwd"))
     if not state.get("full_model"):
         cfg.model.pretrained = frozen_weights(cfg, state, weights, str(path))
-    stored = state.get("meta")
-    if isinstance(stored, dict) and not need_data:
-        meta = DatasetMeta(**stored)
+    stored = _stored_meta(state)
+    if stored is not None and not need_data:
+        meta = stored
     else:
         meta = dataset_meta(cfg)
-        if isinstance(stored, dict) and list(stored["classes"]) != list(meta.classes):
-            raise SegpromptError(f"checkpoint '{path}' was trained on classes {stored['classes'][:6]}..., but "
+        if stored is not None and list(stored.classes) != list(meta.classes):
+            raise SegpromptError(f"checkpoint '{path}' was trained on classes {stored.classes[:6]}..., but "
                                  f"'{cfg.data.root}' has {meta.classes[:6]}...; point data.root at its dataset")
     return Source(cfg, state, path, run_dir, meta)
 
@@ -134,8 +146,7 @@ def run_recipe(target: str | Path, overrides: Sequence[str] = ()) -> tuple[Recip
         return cfg, None
     state = ckpt.load_run_checkpoint(max(found, key=lambda p: p.stat().st_mtime))
     _localise(cfg, state.get("cwd"))
-    stored = state.get("meta")
-    return cfg, DatasetMeta(**stored) if isinstance(stored, dict) else None
+    return cfg, _stored_meta(state)
 
 
 def _recipe(state: dict[str, Any], run_dir: Path | None, path: Path, overrides: Sequence[str]) -> Recipe:

@@ -28,7 +28,12 @@ from segprompt.data.meta import META_FILE, DatasetMeta, check_num_classes, read_
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
 from segprompt.models.text.guidance import TextGuidance, deploy_text
-from segprompt.runs.load import CHECKPOINT_NAMES, build_source_model, read_source
+from segprompt.runs.load import (
+    CHECKPOINT_NAMES,
+    build_source_model,
+    names_recipe,
+    read_source,
+)
 from segprompt.tuning import TuningContext
 
 
@@ -78,8 +83,7 @@ def load_deployed(target: str | Path, checkpoint: str | None = None, overrides: 
     ``checkpoint`` = a path; or a recipe alone (random weights, as ``segprompt bench`` builds it).
     The model is on the CPU, in eval mode, with its text prompts deployed."""
     target = Path(target)
-    is_recipe = not target.exists() or target.is_file() and target.suffix.lower() in (".yaml", ".yml")
-    if is_recipe:
+    if names_recipe(target):
         cfg = load_recipe(target, list(overrides))
         if checkpoint in CHECKPOINT_NAMES[1:]:
             raise SegpromptError(f"--checkpoint {checkpoint} names a checkpoint of a run directory, but '{target}' "

@@ -50,7 +50,6 @@ def train(recipe: str | Path, overrides: list[str] = (), *, out: str | Path | No
     lock, plan, refused, at = None, None, False, Progress()
     try:
         with StopSignal(env.rank, env.world_size) as stop:
-            plan = None
             error = None
             if env.is_main:
                 try:

@@ -42,6 +42,7 @@ from segprompt.build import (
 )
 from segprompt.config import Recipe, dump_recipe
 from segprompt.data.dataset import collate, start_workers, worker_init
+from segprompt.data.meta import DatasetMeta
 from segprompt.data.sampler import TrainBatchSampler
 from segprompt.data.transforms import normalize
 from segprompt.errors import NonFiniteLoss, RunInterrupted, SegpromptError, os_problem
@@ -102,7 +103,7 @@ class Run:
     """What the loop works on (:func:`setup`)."""
 
     cfg: Recipe
-    meta: Any  # the dataset's DatasetMeta
+    meta: DatasetMeta
     model: nn.Module  # what is saved and evaluated
     net: nn.Module  # what trains: the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
