@@ -376,3 +376,22 @@ def test_off_a_terminal_tables_print_whole_rows():
     rows = [line for line in r.stdout.splitlines() if line.startswith("│")]
     assert r.returncode == 0 and len(rows) == 19, r.stdout
     assert all(line.startswith(("│ spm ", "│ stdc ")) for line in rows)  # no cell wrapped onto another line
+
+
+def test_usage_lines_name_their_arguments_and_every_help_ends_with_examples():
+    from typer.testing import CliRunner
+
+    from segprompt.cli import app
+    from segprompt.cli.app import EXAMPLES
+
+    wanted = {"prepare": "DATASET", "train": "RECIPE", "eval": "RUN", "predict": "RUN [IMAGE]...", "export": "RUN",
+              "bench": "RECIPE|RUN|ONNX", "count-params": "[RECIPE]", "plot": "RUN...", "demo": "", "ablate": ""}
+    assert set(wanted) == set(EXAMPLES)
+    for command, args in wanted.items():
+        res = CliRunner().invoke(app, [command, "--help"], prog_name="segprompt", env={"COLUMNS": "300"})
+        assert res.exit_code == 0, res.output
+        usage = next(line for line in res.output.splitlines() if "Usage:" in line).split("Usage:")[1].strip()
+        assert usage == f"segprompt {command} [OPTIONS] {args}".strip(), usage
+        tail = res.output[res.output.index("Examples:"):]
+        examples = [line.strip() for line in tail.splitlines()[1:] if line.strip()]
+        assert examples and all(line.startswith(f"segprompt {command}") for line in examples), tail

@@ -246,3 +246,26 @@ def test_cli_lists_each_skipped_image_and_the_count(run, mixed, tmp_path, capsys
     assert lines[0].startswith(f"skipped: cannot read image '{src / 'bad.png'}'")
     assert lines[1].startswith(f"skipped: cannot read image '{src / 'cut.jpg'}': truncated JPEG")
     assert lines[2] == "skipped 2 unreadable image(s); --strict makes that an error"
+
+
+def test_legend_names_the_classes_present_beside_colour_and_overlay_images(run, tmp_path):
+    from segprompt.evaluation.inference import with_legend
+
+    img = tmp_path / "in" / "a.png"
+    _write(img, _rgb(40, 48, 1))
+    plain = predict(run, [img], tmp_path / "plain", formats=["index", "color", "overlay"], show_progress=False)
+    legend = predict(run, [img], tmp_path / "legend", formats=["index", "color", "overlay"], legend=True,
+                     show_progress=False)
+    assert [p.name for p in legend.files] == [p.name for p in plain.files]
+    pred = _read(tmp_path / "legend" / "a.png")
+    assert (pred == _read(tmp_path / "plain" / "a.png")).all()  # the class ids do not change
+    for name in ("a_color.png", "a_overlay.png"):
+        with_, without = _read(tmp_path / "legend" / name), _read(tmp_path / "plain" / name)
+        assert with_.shape[1] > without.shape[1] and (with_[:40, :48] == without).all()  # the image, then the panel
+    # one swatch per class present, in its palette colour, most pixels first
+    palette = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    pred = np.zeros((40, 48), np.int64)
+    pred[:, 30:] = 2
+    panel = with_legend(np.zeros((40, 48, 3), np.uint8), pred, ["sky", "tree", "road"], palette)[:, 48:]
+    assert (panel[4 + 6, 4 + 6] == palette[0]).all() and (panel[20 + 6, 4 + 6] == palette[2]).all()
+    assert not (panel == palette[1]).all(-1).any()  # 'tree' is absent from the prediction

@@ -213,3 +213,32 @@ def test_smoke_recipe_beats_the_majority_class(tmp_path):
     assert result["mIoU"] > majority + 15, (result["mIoU"], majority)
     learned = [c["class"] for c in result["per_class"][1:] if c["IoU"] is not None and c["IoU"] > 20]
     assert len(learned) >= 2, result["per_class"]  # not the background alone
+
+
+def test_confusion_plot_reads_eval_json_with_class_names(tb_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from segprompt.cli import app
+    from segprompt.experiments.plot import plot_confusion
+
+    run = tmp_path / "run"
+    run.mkdir()
+    k = 3
+    matrix = [[90, 10, 0], [0, 0, 0], [5, 5, 40]]  # class 1 never in the ground truth: an empty row
+    (run / "eval.json").write_text(json.dumps({
+        "split": "val", "iter": 7, "mIoU": 50.0, "confusion_matrix": matrix,
+        "per_class": [{"class": n} for n in ("sky", "tree", "road")]}))
+    assert plot_confusion(run, tmp_path / "cm.png") == run / "eval.json"
+    img = _png(tmp_path / "cm.png")
+    assert _has_colour(img, "#08306b")  # the darkest blue of a (nearly) full diagonal cell
+    with pytest.raises(SegpromptError, match="already exists"):
+        plot_confusion(run, tmp_path / "cm.png")
+    with pytest.raises(SegpromptError, match=r"eval_test.json' does not exist: evaluate first \(`segprompt eval"):
+        plot_confusion(run, tmp_path / "t.png", split="test")
+    (run / "eval.json").write_text(json.dumps({"confusion_matrix": [[1, 2]], "per_class": [{"class": "a"}] * k}))
+    with pytest.raises(SegpromptError, match="is not 3 x 3"):
+        plot_confusion(run, tmp_path / "bad.png")
+    # a real run's eval.json, through the command
+    res = CliRunner().invoke(app, ["plot", str(tb_run[0]), "--confusion", "--out", str(tmp_path / "real.png")])
+    assert res.exit_code == 0, res.output
+    assert _png(tmp_path / "real.png").shape[0] > 400

@@ -8,11 +8,11 @@ from typing import Annotated, Optional
 import typer
 import typer.core
 
-from segprompt.cli.app import app, console, err_console
+from segprompt.cli.app import EXAMPLES, app, console, err_console
 from segprompt.errors import SegpromptError
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["demo"])
 def demo(
     out: Annotated[Optional[Path], typer.Option(help="Where the runs and the report go "
                                                      "(default results/demo/<timestamp>/).")] = None,
@@ -84,7 +84,7 @@ def demo(
                   f"({report['seconds']:.0f} s)")
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["ablate"])
 def ablate(
     table: Annotated[Optional[str], typer.Option(help="Table N of the paper (e.g. 4).")] = None,
     figure: Annotated[Optional[str], typer.Option(help="Figure N of the paper (e.g. 5).")] = None,
@@ -161,18 +161,31 @@ def _list_tables() -> None:
     console.print(out)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["plot"])
 def plot(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with its metrics.jsonl); one line "
-                                                        "per run.")],
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN", help="Run directories (each with its metrics.jsonl); one line "
+                                                        "per run. --confusion: one run, or its eval json.")],
     out: Annotated[Path, typer.Option(help="Figure to write: FILE.png (or .svg, .pdf).")],
     metric: Annotated[str, typer.Option(help="Evaluation metric of the right panel (mIoU, aAcc, mAcc, mDice, "
                                              "...).")] = "mIoU",
     force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    confusion: Annotated[bool, typer.Option("--confusion", help="Instead: the row-normalised confusion matrix of "
+                                                               "one run's eval.json, with class names.")] = False,
+    split: Annotated[Optional[str], typer.Option(help="--confusion: the evaluation of this split "
+                                                      "(eval_<split>.json; default: eval.json).")] = None,
 ) -> None:
-    """Training-loss and metric curves of one or several runs from their metrics.jsonl (docs/watch.md)."""
-    from segprompt.experiments.plot import plot_runs
+    """Training-loss and metric curves of one or several runs from their metrics.jsonl, or a run's
+    confusion matrix (docs/watch.md)."""
+    from segprompt.experiments.plot import plot_confusion, plot_runs
 
+    if confusion:
+        if len(run_dirs) != 1:
+            raise SegpromptError(f"--confusion draws one run's matrix; got {len(run_dirs)} runs")
+        read = plot_confusion(run_dirs[0], out, split=split, force=force)
+        console.print(f"wrote {out} (from {read})", markup=False, highlight=False)
+        return
+    if split is not None:
+        raise SegpromptError("--split picks the evaluation --confusion draws; the curves show every split recorded")
     for note in plot_runs(run_dirs, out, metric=metric, force=force):
         err_console.print(f"note: {note}", markup=False, highlight=False)
     console.print(f"wrote {out}", markup=False, highlight=False)

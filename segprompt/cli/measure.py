@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 import typer.core
 
-from segprompt.cli.app import app, complete_recipe, console, err_console
+from segprompt.cli.app import EXAMPLES, app, complete_recipe, console, err_console
 from segprompt.errors import SegpromptError
 
 if TYPE_CHECKING:
     from segprompt.measure.params import Breakdown
 
 
-@app.command("count-params")
+@app.command("count-params", epilog=EXAMPLES["count-params"])
 def count_params_cmd(
-    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe to break down; without one, every parameter "
+    recipe: Annotated[Optional[Path], typer.Argument(metavar="RECIPE", help="Recipe to break down; without one, every parameter "
                                                           "figure of the papers' tables beside ours.",
                                                      autocompletion=complete_recipe)] = None,
     table: Annotated[Optional[str], typer.Option(help="Only this table of the SPM paper (e.g. 4).")] = None,
@@ -105,9 +105,9 @@ def _paper_counts(table: str | None, as_json: bool) -> None:
     console.print(f"{sum(r.match for r in rows)} of {len(rows)} figures match")
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["bench"])
 def bench(
-    recipe: Annotated[Path, typer.Argument(help="A recipe, a run directory (its config.yaml; bench.json is "
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE|RUN|ONNX", help="A recipe, a run directory (its config.yaml; bench.json is "
                                                 "written into it, an earlier one moved to bench_history/), or an "
                                                 ".onnx file from `segprompt export` (timed with onnxruntime).")],
     vs: Annotated[Optional[Path], typer.Option(help="A second recipe, run directory or .onnx file, timed "

@@ -8,16 +8,16 @@ from typing import Annotated, Optional
 import typer
 import typer.core
 
-from segprompt.cli.app import app, complete_recipe, console, err_console, is_main
+from segprompt.cli.app import EXAMPLES, app, complete_recipe, console, err_console, is_main
 from segprompt.errors import SegpromptError
 
 WEIGHTS_HELP = ("The frozen backbone's weights file, when it is no longer where the run recorded it (checked by its "
                 "SHA-256).")
 
 
-@app.command("train")
+@app.command("train", epilog=EXAMPLES["train"])
 def train_cmd(
-    recipe: Annotated[Path, typer.Argument(help="A recipe file, or the name of a shipped recipe (e.g. smoke, "
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="A recipe file, or the name of a shipped recipe (e.g. smoke, "
                                                 "spm/ade20k_r101_spm; docs/recipes.md).",
                                            autocompletion=complete_recipe)],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE (YAML scalar); repeatable.")] = None,
@@ -49,9 +49,9 @@ def train_cmd(
     train(recipe, overrides, out=out, resume=resume, load_from=load_from, load_from_partial=load_from_partial)
 
 
-@app.command("eval")
+@app.command("eval", epilog=EXAMPLES["eval"])
 def eval_cmd(
-    target: Annotated[Path, typer.Argument(help="A run directory, a checkpoint file, a delta (.safetensors), or a "
+    target: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory, a checkpoint file, a delta (.safetensors), or a "
                                                 "recipe (then --checkpoint PATH).")],
     checkpoint: Annotated[Optional[str], typer.Option(help="Run directory: best (default) | last | deployed "
                                                            "(text-guided runs) | PATH; recipe: PATH.")] = None,
@@ -81,11 +81,11 @@ def eval_cmd(
         console.print(f"wrote {written}", markup=False, highlight=False)
 
 
-@app.command("predict")
+@app.command("predict", epilog=EXAMPLES["predict"])
 def predict_cmd(
-    target: Annotated[Path, typer.Argument(help="A run directory, one of its checkpoints, or a delta (.safetensors); "
+    target: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory, one of its checkpoints, or a delta (.safetensors); "
                                                 "each works from any folder. With --tasks: the first INPUT.")],
-    inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders (recursive) or quoted "
+    inputs: Annotated[Optional[list[str]], typer.Argument(metavar="IMAGE", help="Image files, folders (recursive) or quoted "
                                                                "globs.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the predictions; each keeps its input's relative "
                                                     "path and stem (with --tasks: under OUT/<task>/).")] = ...,
@@ -104,6 +104,8 @@ def predict_cmd(
                                                        "--tasks: auto).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at an unreadable image instead of skipping it.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite outputs that already exist.")] = False,
+    legend: Annotated[bool, typer.Option("--legend", help="Add a legend (the classes present) beside colour and "
+                                                          "overlay images.")] = False,
     weights: Annotated[Optional[Path], typer.Option(help=WEIGHTS_HELP)] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
 ) -> None:
@@ -113,7 +115,7 @@ def predict_cmd(
     from segprompt.serve.predict import parse_formats, predict, predict_tasks, summary
 
     common = dict(checkpoint=checkpoint, mode=mode, tta=tta, formats=parse_formats(format_), batch=batch,
-                  device=device, strict=strict, force=force)
+                  device=device, strict=strict, force=force, legend=legend)
     if tasks:
         if set_:
             raise SegpromptError("--set changes one recipe; with --tasks each run keeps its own config.yaml (drop "
@@ -127,9 +129,9 @@ def predict_cmd(
         err_console.print(line, markup=False, highlight=False)
 
 
-@app.command("export")
+@app.command("export", epilog=EXAMPLES["export"])
 def export_cmd(
-    target: Annotated[Path, typer.Argument(help="A run directory, a checkpoint, a delta, or a recipe (with --checkpoint "
+    target: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory, a checkpoint, a delta, or a recipe (with --checkpoint "
                                                 "PATH for trained weights; without, random weights as bench builds "
                                                 "it).")],
     out: Annotated[Path, typer.Option(help="File to write (.onnx for ONNX, .safetensors for a delta); an ONNX or "

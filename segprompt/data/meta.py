@@ -56,18 +56,18 @@ def read_meta(root: str | Path, dataset: str = "DATASET") -> DatasetMeta:
     """Read ROOT/meta.json; a missing root names the `segprompt prepare` command that makes it."""
     root = Path(root)
     path = root / META_FILE
+    if dataset == "folder":
+        how = f"`segprompt prepare folder --images DIR --masks DIR --classes a,b,... --out {root}`"
+    else:
+        how = (f"`segprompt prepare {dataset} --out {root}`"
+               + ("" if dataset == "synthetic" else " --src <folder with the official archives>")
+               + f"; for your own images and masks, `segprompt prepare folder --images DIR --masks DIR "
+               f"--classes a,b,... --out {root}` (README, \"Train on your own data\")")
     if not root.is_dir():
-        raise SegpromptError(
-            f"dataset root '{root}' does not exist. Create it with "
-            f"`segprompt prepare {dataset} --out {root}`"
-            + ("" if dataset == "synthetic" else " --src <folder with the official archives>")
-            + " (or point data.root at an existing prepared folder)."
-        )
+        raise SegpromptError(f"dataset root '{root}' does not exist. Create it with {how} "
+                             f"(or point data.root at an existing prepared folder).")
     if not path.is_file():
-        raise SegpromptError(
-            f"'{path}' is missing: '{root}' is not a prepared dataset. Run "
-            f"`segprompt prepare {dataset} --out {root}` to prepare it."
-        )
+        raise SegpromptError(f"'{path}' is missing: '{root}' is not a prepared dataset. Prepare it with {how}.")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -184,6 +184,29 @@ def overlay(pred: np.ndarray, image_rgb: np.ndarray, palette: Sequence[Sequence[
     return cv2.addWeighted(image_rgb, 1.0 - alpha, colorize(pred, palette), alpha, 0.0)
 
 
+def with_legend(image_rgb: np.ndarray, pred: np.ndarray, classes: Sequence[str],
+                palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """``image_rgb`` with a legend panel on its right: a colour swatch and the name of each class
+    present in ``pred``, most pixels first (``predict --legend``). A legend taller than the image
+    extends it downwards with black."""
+    counts = np.bincount(pred.ravel().astype(np.int64), minlength=len(classes))[:len(classes)]
+    present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+    font, scale, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
+    row = 16
+    text_w = max((cv2.getTextSize(str(classes[c]), font, scale, thick)[0][0] for c in present), default=0)
+    width, height = 4 + 12 + 4 + text_w + 6, max(image_rgb.shape[0], 4 + row * len(present))
+    panel = np.full((height, width, 3), 255, np.uint8)
+    for i, c in enumerate(present):
+        y = 4 + i * row
+        panel[y:y + 12, 4:16] = palette[c] if c < len(palette) else (0, 0, 0)
+        cv2.rectangle(panel, (4, y), (15, y + 11), (0, 0, 0), 1)
+        cv2.putText(panel, str(classes[c]), (20, y + 10), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    canvas = np.zeros((height, image_rgb.shape[1] + width, 3), np.uint8)
+    canvas[:image_rgb.shape[0], :image_rgb.shape[1]] = image_rgb
+    canvas[:, image_rgb.shape[1]:] = panel
+    return canvas
+
+
 # what each prediction format writes, beside the input's stem (docs/predict.md)
 FORMATS = {"index": "{stem}.png", "color": "{stem}_color.png", "overlay": "{stem}_overlay.png"}
 
@@ -210,13 +233,16 @@ def save_prediction(
     *,
     formats: Sequence[str] = ("index", "overlay"),
     num_classes: int = 256,
+    legend: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write ``pred`` in each of ``formats`` (:data:`FORMATS`): ``<stem>.png`` (class ids, uint8, or
     uint16 beyond 256 classes), ``<stem>_color.png`` (the palette's colours) and
     ``<stem>_overlay.png`` (colours blended on the image, ``alpha`` the colours' weight).
 
     ``pred`` is H x W of class ids in [0, ``num_classes``); ``image_rgb`` is the H x W x 3 uint8 RGB
-    image. Every file is written atomically. Returns the paths, in the order of ``formats``.
+    image. ``legend`` (the class names) adds a legend to the colour and overlay images
+    (:func:`with_legend`). Every file is written atomically. Returns the paths, in the order of
+    ``formats``.
     """
     pred = np.asarray(pred)
     image_rgb = np.asarray(image_rgb)
@@ -238,10 +264,11 @@ def save_prediction(
         path = out_dir / FORMATS[fmt].format(stem=stem)
         if fmt == "index":
             image = pred.astype(dtype)
-        elif fmt == "color":
-            image = cv2.cvtColor(colorize(pred, palette), cv2.COLOR_RGB2BGR)
         else:
-            image = cv2.cvtColor(overlay(pred, image_rgb, palette, alpha), cv2.COLOR_RGB2BGR)
+            rgb = colorize(pred, palette) if fmt == "color" else overlay(pred, image_rgb, palette, alpha)
+            if legend is not None:
+                rgb = with_legend(rgb, pred, legend, palette)
+            image = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         _write_png(path, image)
         paths.append(path)
     return paths

@@ -7,6 +7,10 @@ labels differ). A resumed run's ``metrics.jsonl`` holds a ``resume`` event: the 
 interrupted process wrote after that checkpoint are dropped there, so every iteration is drawn once
 (docs/watch.md). Matplotlib draws on its Agg canvas (no display needed); the file is written
 atomically and an existing one is replaced only with ``force``.
+
+``segprompt plot RUN --confusion`` draws the other figure: the confusion matrix an evaluation stored in
+``eval.json`` (``eval_<split>.json`` with ``--split``), each row (a ground-truth class) divided by its
+pixel count, so the diagonal is each class's recall (Acc), with the class names on both axes.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes
 
-__all__ = ["METRICS_FILE", "FORMATS", "RunCurves", "read_curves", "metric_names", "plot_runs"]
+__all__ = ["METRICS_FILE", "FORMATS", "RunCurves", "read_curves", "metric_names", "plot_runs", "plot_confusion"]
 
 METRICS_FILE = "metrics.jsonl"
 FORMATS = ("png", "svg", "pdf")
@@ -144,6 +148,70 @@ def _draw(runs: list[RunCurves], labels: list[str], metric: str, fmt: str) -> by
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=120)
+    return buf.getvalue()
+
+
+def plot_confusion(target: Path, out: Path, *, split: str | None = None, force: bool = False) -> Path:
+    """Draw the row-normalised confusion matrix of ``target`` (a run directory, or an eval json file)
+    into ``out``; returns the eval json read."""
+    target, out = Path(target), Path(out)
+    fmt = _check_out(out, force)
+    path = target
+    if target.is_dir():  # eval.json holds the validation split, eval_<split>.json any other (docs/runs.md)
+        path = target / ("eval.json" if split is None else f"eval_{split}.json")
+        if split is not None and not path.is_file() and (target / "eval.json").is_file():
+            if json.loads((target / "eval.json").read_text()).get("split") == split:
+                path = target / "eval.json"
+    if not path.is_file():
+        raise SegpromptError(f"'{path}' does not exist: evaluate first (`segprompt eval {target}"
+                             + (f" --split {split}`" if split else "`") + "), then plot its confusion matrix")
+    try:
+        result = json.loads(path.read_text())
+        counts = [[float(v) for v in row] for row in result["confusion_matrix"]]
+        names = [str(c["class"]) for c in result["per_class"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise SegpromptError(f"'{path}' is not an eval.json with a confusion matrix and per-class names "
+                             f"({type(e).__name__}: {e}); re-run `segprompt eval`") from None
+    if len(counts) != len(names) or any(len(row) != len(names) for row in counts):
+        raise SegpromptError(f"'{path}': the confusion matrix is not {len(names)} x {len(names)} (one row and "
+                             f"column per class)")
+    title = (f"{target.name if target.is_dir() else path.parent.name}: {result.get('split', 'val')} split, "
+             f"iteration {result.get('iter')}, mIoU {result.get('mIoU', float('nan')):.2f}")
+    atomic_write_bytes(out, _draw_confusion(counts, names, title, fmt))
+    return path
+
+
+def _draw_confusion(counts: list[list[float]], names: list[str], title: str, fmt: str) -> bytes:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    mat = np.asarray(counts, dtype=np.float64)
+    totals = mat.sum(1, keepdims=True)
+    norm = np.divide(mat, totals, out=np.zeros_like(mat), where=totals > 0)
+    k = len(names)
+    side = min(max(4.5, 0.32 * k + 2.5), 40)
+    fig = Figure(figsize=(side + 1.2, side))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the row's pixels")
+    small = max(4, min(9, 200 // max(k, 1)))
+    ax.set_xticks(range(k), names, rotation=90, fontsize=small)
+    ax.set_yticks(range(k), [f"{n} ({int(t)})" if k <= 40 else n for n, t in zip(names, totals[:, 0])],
+                  fontsize=small)
+    if k <= 30:  # a number in every cell stays legible up to about 30 classes
+        for i in range(k):
+            for j in range(k):
+                if totals[i, 0] > 0:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=small - 1,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("ground-truth class (pixels)" if k <= 40 else "ground-truth class")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=120)

@@ -196,6 +196,7 @@ class Job:
     palette: Sequence[Sequence[int]]
     num_classes: int
     subdir: str = ""
+    legend: Sequence[str] | None = None  # the class names, when the images carry a legend (--legend)
 
 
 class _Images(Dataset):
@@ -273,7 +274,7 @@ def predict_images(items: Sequence[InputImage], jobs: Sequence[Job], out: Path, 
                         item = items[s["index"]]
                         result.files += save_prediction(out / job.subdir / item.rel.parent, item.rel.name, pred,
                                                         s["image"], job.palette, formats=formats,
-                                                        num_classes=job.num_classes)
+                                                        num_classes=job.num_classes, legend=job.legend)
             result.images += len(readable)
             bar.update(task, advance=len(samples), info=f"{len(result.skipped)} skipped" if result.skipped else "")
     result.seconds = time.perf_counter() - start
@@ -294,7 +295,7 @@ def recipe_segmenter(model: nn.Module, cfg: Recipe, device: torch.device, *, mod
 def predict(target: str | Path, inputs: Sequence[str | Path], out: str | Path, *, checkpoint: str | None = None,
             mode: str | None = None, tta: bool | None = None, formats: Sequence[str] = DEFAULT_FORMATS,
             batch: int = 1, device: str | None = None, strict: bool = False, force: bool = False,
-            overrides: Sequence[str] = (), weights: str | Path | None = None,
+            overrides: Sequence[str] = (), weights: str | Path | None = None, legend: bool = False,
             show_progress: bool = True) -> PredictResult:
     """``segprompt predict``: inputs and outputs are checked first, then the model is loaded as
     ``eval`` loads it and every input segmented with the recipe's test pipeline and inference."""
@@ -315,7 +316,7 @@ def predict(target: str | Path, inputs: Sequence[str | Path], out: str | Path, *
         torch.cuda.set_device(dev)
     model = build_source_model(src).to(dev)
     job = Job(recipe_segmenter(model, cfg, dev, mode=mode, tta=tta), build_test_transform(cfg), src.meta.palette,
-              src.meta.num_classes)
+              src.meta.num_classes, legend=src.meta.classes if legend else None)
     result = predict_images(items, [job], out, formats=formats, device=dev, batch=batch,
                             num_workers=cfg.runtime.num_workers, strict=strict, show_progress=show_progress)
     result.checkpoint, result.iteration = src.path, src.state.get("iteration")
@@ -353,7 +354,7 @@ def predict_tasks(tasks: Sequence[str], inputs: Sequence[str | Path], out: str |
                   checkpoint: str | None = None, mode: str | None = None, tta: bool | None = None,
                   formats: Sequence[str] = DEFAULT_FORMATS, batch: int = 1, device: str | None = None,
                   strict: bool = False, force: bool = False, weights: str | Path | None = None,
-                  show_progress: bool = True) -> PredictResult:
+                  legend: bool = False, show_progress: bool = True) -> PredictResult:
     """``segprompt predict --tasks``: every input under every task, into ``out/<task>/``. The runs are
     loaded as one :class:`MultiTaskModel` (frozen backbone once, each run's delta once; runs on
     other frozen weights are refused), each image is decoded once, and each task segments it
@@ -383,7 +384,8 @@ def predict_tasks(tasks: Sequence[str], inputs: Sequence[str | Path], out: str |
                        f"{SLIDE_WINDOW}, or drop --mode slide")
         task_tta = task.cfg.evaluation.tta if tta is None else tta
         jobs.append(Job(recipe_segmenter(mt.model(name), task.cfg, dev, mode=task_mode, tta=task_tta),
-                        build_test_transform(task.cfg), task.palette, task.num_classes, subdir=name))
+                        build_test_transform(task.cfg), task.palette, task.num_classes, subdir=name,
+                        legend=task.classes if legend else None))
     workers = max(mt.task(name).cfg.runtime.num_workers for name in mt.tasks)
     result = predict_images(items, jobs, out, formats=formats, device=dev, batch=batch, num_workers=workers,
                             strict=strict, show_progress=show_progress)

@@ -16,6 +16,9 @@ from segprompt.data.prepare.samples import (
 from segprompt.errors import SegpromptError
 from segprompt.io import sha256_file
 
+# what `segprompt prepare` makes (segprompt.data.prepare.DATASETS, and the two it generates or pairs)
+KNOWN = ("synthetic", "folder", "cityscapes", "camvid", "ade20k", "vaihingen", "chase_db1", "stare")
+
 
 def check(dataset: str, out: Path, *, nproc: int = 1, progress: Progress | None = None,
           max_problems: int = 20) -> DatasetMeta:
@@ -23,6 +26,11 @@ def check(dataset: str, out: Path, *, nproc: int = 1, progress: Progress | None 
     out = Path(out)
     meta = read_meta(out, dataset)
     if meta.name != dataset:
+        if meta.name not in KNOWN:  # a meta.json written by hand, or by another tool
+            raise SegpromptError(f"'{out}' holds the dataset '{meta.name}', which `segprompt prepare` does not "
+                                 f"make, so it cannot be checked. Prepare your own images and masks with "
+                                 f"`segprompt prepare folder --images DIR --masks DIR --classes a,b,... --out DIR`, "
+                                 f"then `segprompt prepare folder --check --out DIR`")
         raise SegpromptError(f"'{out}' holds the dataset '{meta.name}', not '{dataset}': "
                              f"run `segprompt prepare {meta.name} --check --out {out}`")
     problems: list[str] = []
@@ -74,6 +82,8 @@ def check(dataset: str, out: Path, *, nproc: int = 1, progress: Progress | None 
                              + "\n  ".join(problems[:max_problems])
                              + (f"\nRegenerate it: `segprompt prepare synthetic --out {out} --force` with the "
                                 f"options it was made with (meta.json records them)" if dataset == "synthetic" else
+                                f"\nRe-run `segprompt prepare folder --images ... --masks ... --out {out}` with the "
+                                f"options meta.json records, to redo what is missing" if dataset == "folder" else
                                 f"\nRe-run `segprompt prepare {dataset} --src ... --out {out}` to redo what is "
                                 f"missing, or --force to redo everything."))
     return meta

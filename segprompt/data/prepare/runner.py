@@ -192,16 +192,18 @@ def run(dataset: str, specs: Sequence[ArchiveSpec], src: Sequence[Path], out: Pa
     no count check); ``log`` receives one-line notes (e.g. where a forced folder was moved).
     """
     try:
-        return _run(dataset, specs, src, Path(out), options, build_plan, expected, all_names, nproc, force,
-                    progress, log)
+        sources = find_sources(dataset, specs, src, all_names)
+        return convert(dataset, sources, Path(out), options, build_plan, expected, nproc=nproc, force=force,
+                       progress=progress, log=log)
     finally:
         close_sources()
 
 
-def _run(dataset: str, specs: Sequence[ArchiveSpec], src: Sequence[Path], out: Path, options: dict[str, Any],
-         build_plan: Callable[[dict[str, Source]], Plan], expected: dict[str, int] | None, all_names: Sequence[str],
-         nproc: int, force: bool, progress: Progress | None, log: Callable[[str], None] | None) -> DatasetMeta:
-    sources = find_sources(dataset, specs, src, all_names)
+def convert(dataset: str, sources: dict[str, Source], out: Path, options: dict[str, Any],
+            build_plan: Callable[[dict[str, Source]], Plan], expected: dict[str, int] | None, *, nproc: int = 1,
+            force: bool = False, progress: Progress | None = None,
+            log: Callable[[str], None] | None = None) -> DatasetMeta:
+    """:func:`run` once the sources are found (``segprompt prepare folder`` names its folders itself)."""
     ids = _source_ids(sources)
     options = {"converter_version": CONVERTER_VERSION, **options}
     finished, cached = _prepare_folder(dataset, out, options, ids, force, log)
