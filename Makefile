@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,deploy,watch,imagenet]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,deploy,watch,imagenet,track]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -94,7 +94,7 @@ def test_resumed_run_appends_without_duplicating_steps(tb_run, tmp_path):
 
 def test_missing_tensorboard_is_a_clear_error_at_start(recipe, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
-    with pytest.raises(SegpromptError, match=r"runtime.tensorboard is true .*pip install 'segprompt\[watch\]'"):
+    with pytest.raises(SegpromptError, match=r"runtime.loggers names tensorboard \(or runtime.tensorboard is true\) .*pip install 'segprompt\[watch\]'"):
         train(recipe, ["runtime.tensorboard=true"], out=tmp_path / "run")
     assert not (tmp_path / "run" / "tb").exists() and not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
     train(recipe, ["schedule.iters=1"], out=tmp_path / "run")  # the failed start does not block its --out

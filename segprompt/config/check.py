@@ -230,7 +230,8 @@ def _check_component(value: Any, kind: str, path: str, src: RecipeSource) -> Com
 
 # Keys that change how a run executes, not what it computes: a resume may change them, and
 # `segprompt ablate`'s config hash ignores them.
-RUNTIME_ONLY_KEYS = ("runtime.num_workers", "runtime.log_interval", "runtime.tensorboard")
+RUNTIME_ONLY_KEYS = ("runtime.num_workers", "runtime.log_interval", "runtime.tensorboard", "runtime.loggers",
+                     "runtime.project")
 
 
 def run_defining_config(recipe: Recipe) -> dict[str, Any]:

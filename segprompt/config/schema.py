@@ -191,6 +191,10 @@ class RuntimeConfig:
     find_unused_parameters: bool = False
     cudnn_benchmark: bool = False
     tensorboard: bool = False  # TensorBoard scalars and overlays in RUN/tb/ (docs/watch.md; segprompt[watch])
+    # experiment trackers, rank 0 only (docs/watch.md): tensorboard (segprompt[watch]), wandb and mlflow
+    # (segprompt[track]); a resume continues the same tracked runs (RUN/trackers.json)
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    project: str = "segprompt"  # the W&B project and the MLflow experiment
 
 
 @dataclass

@@ -67,7 +67,7 @@ from segprompt.runs.rundir import (
 from segprompt.runs.runplan import RunPlan
 from segprompt.training.interrupt import StopSignal
 from segprompt.training.optim import build_optimizer, build_scheduler
-from segprompt.training.tensorboard import TensorBoardLog
+from segprompt.training.trackers import Trackers
 from segprompt.tuning.base import full_share
 
 
@@ -296,7 +296,7 @@ def take_step(run: Run) -> None:
     run.scheduler.step()
 
 
-def validate(run: Run, env: dist_utils.DistEnv, done: int, save, tb: TensorBoardLog, metrics_log: MetricsLog,
+def validate(run: Run, env: dist_utils.DistEnv, done: int, save, tb: Trackers, metrics_log: MetricsLog,
              log, run_dir: Path) -> None:
     """Evaluate on the validation split, log it, and keep ``best.pt`` when ``evaluation.metric``
     improved; at the last iteration also write ``eval.json`` and print the per-class table."""
@@ -320,9 +320,9 @@ def validate(run: Run, env: dist_utils.DistEnv, done: int, save, tb: TensorBoard
 
 
 def log_step(run: Run, done: int, values: torch.Tensor, parts: dict[str, torch.Tensor], seconds: float, info: str,
-             tb: TensorBoardLog, metrics_log: MetricsLog, log) -> None:
+             tb: Trackers, metrics_log: MetricsLog, log) -> None:
     """One ``metrics.jsonl`` record (loss, its parts, lr, time, the inserted modules' diagnostics),
-    TensorBoard scalars and a log line."""
+    the loggers' scalars and a log line."""
     record = {"iter": done, "lr": run.optimizer.param_groups[0]["lr"], "loss": float(values[0]),
               **{n: float(v) for n, v in zip(parts, values[1:].tolist())}, "time": seconds}
     for module in run.model.inserted:  # e.g. the SPMs' prompt sizes and gradient norms
@@ -340,7 +340,7 @@ def run_loop(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | Non
     if env.is_main:
         write_run_files(run_dir, dump_recipe(cfg), environment(env.world_size, cfg.runtime.seed, env.device))
     run = setup(plan, env, load_from, load_from_partial, log, metrics_log)
-    tb = TensorBoardLog(run_dir, cfg, write=env.is_main, first_iter=run.start_iter)  # runtime.tensorboard
+    tb = Trackers(run_dir, cfg, write=env.is_main, first_iter=run.start_iter)  # runtime.loggers
     travel = ckpt.travel_record(run.meta)
     checkpoints = Checkpoints(plan, env, run, load_from, command)
 

@@ -1,4 +1,5 @@
-"""TensorBoard logging of a training run: ``runtime.tensorboard: true`` (docs/watch.md).
+"""TensorBoard logging of a training run: ``runtime.loggers: [tensorboard]`` or ``runtime.tensorboard:
+true`` (docs/watch.md; :mod:`.trackers` holds every logger).
 
 Rank 0 writes ``RUN/tb/``; the other ranks write nothing. Every ``runtime.log_interval`` the
 training record that goes to ``metrics.jsonl`` becomes ``train/<key>`` scalars (``loss``, its
@@ -40,21 +41,22 @@ def _summary_writer() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise SegpromptError(f"runtime.tensorboard is true but TensorBoard cannot be imported ({e}); install it "
-                             f"with `pip install 'segprompt[watch]'`, or set runtime.tensorboard: false") from None
+        raise SegpromptError(f"runtime.loggers names tensorboard (or runtime.tensorboard is true) but TensorBoard "
+                             f"cannot be imported ({e}); install it with `pip install 'segprompt[watch]'`, or turn "
+                             f"it off") from None
     return SummaryWriter
 
 
 class TensorBoardLog:
-    """The run's TensorBoard writer; every method is a no-op when ``runtime.tensorboard`` is off or
-    ``write`` is false (ranks other than 0). ``first_iter`` is the iteration this start continues
-    from (0 for a new run). The import is checked on every rank, so all of them stop together."""
+    """The run's TensorBoard writer; every method is a no-op when it is not ``enabled`` or ``write``
+    is false (ranks other than 0). ``first_iter`` is the iteration this start continues from (0 for
+    a new run). The import is checked on every rank, so all of them stop together."""
 
-    def __init__(self, run_dir: Path, cfg: Recipe, *, write: bool, first_iter: int):
+    def __init__(self, run_dir: Path, cfg: Recipe, *, write: bool, first_iter: int, enabled: bool):
         self.cfg = cfg
         self.log_dir = Path(run_dir) / TB_DIR
         self.first_iter = first_iter
-        self._cls = _summary_writer() if cfg.runtime.tensorboard else None
+        self._cls = _summary_writer() if enabled else None
         self.enabled = self._cls is not None and write
         self._writer = None
 
@@ -79,9 +81,9 @@ class TensorBoardLog:
                 writer.add_scalar(f"{prefix}/{key}", value, step)
         writer.flush()
 
-    def evaluation(self, step: int, result: dict[str, Any], model: nn.Module, dataset: Any,
-                   device: torch.device) -> None:
-        """An evaluation's metrics, per-class (and per-category) IoU, and prediction overlays."""
+    def evaluation(self, step: int, result: dict[str, Any], images: list[tuple[str, np.ndarray]]) -> None:
+        """An evaluation's metrics, per-class (and per-category) IoU, and prediction overlays
+        (:func:`overlay_images`)."""
         if not self.enabled:
             return
         writer = self._open()
@@ -94,9 +96,8 @@ class TensorBoardLog:
         for name, value in (result.get("categoryIoU") or {}).items():
             if value is not None:
                 writer.add_scalar(f"val_categoryIoU/{name}", value, step)
-        if getattr(dataset, "task", "segmentation") == "segmentation":
-            for stem, image in overlay_images(model, dataset, self.cfg, device, OVERLAY_IMAGES):
-                writer.add_image(f"val_overlay/{stem}", image, step, dataformats="HWC")
+        for stem, image in images:
+            writer.add_image(f"val_overlay/{stem}", image, step, dataformats="HWC")
         writer.flush()
 
     def close(self) -> None:
