@@ -81,6 +81,26 @@ def test_plan_commands_name_shipped_recipes_and_relative_run_dirs(tmp_path, monk
     assert load_recipe(cmd[2], run.overrides) == run.cfg  # the printed name resolves to the planned recipe
 
 
+def test_plan_names_missing_inputs_and_the_size_of_the_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ or pretrained/ here
+    t, = ab.select_tables("spm", table="4")
+    plan = ab.build_plan(t)
+    _, lines = ab.render_plan(plan)
+    iters = sum(r.cfg.schedule.iters for r in plan.runs)
+    assert lines[0] == (f"# to do: {len(plan.runs)} run(s), {iters:,} training iterations in all "
+                        f"({sum(r.cfg.schedule.iters * r.cfg.data.batch_size for r in plan.runs):,} images read)")
+    missing = [line for line in lines if line.startswith("# missing: ")]
+    assert any("data.root 'data/ade20k': prepare it with `segprompt prepare ade20k" in m for m in missing)
+    weights = [m for m in missing if "model.pretrained 'pretrained/resnet101_v1c.pth'" in m]
+    assert len(weights) == 1 and f"needed by {len(plan.runs)} run(s)" in weights[0]  # one line per missing file
+    for d in ("data/ade20k", "data/vaihingen", "data/chase_db1"):
+        Path(d).mkdir(parents=True)
+    Path("pretrained").mkdir()
+    Path("pretrained/resnet101_v1c.pth").write_bytes(b"")
+    _, lines = ab.render_plan(ab.build_plan(t))
+    assert lines[1] == "# inputs: every dataset and weights file the runs need is in place"
+
+
 def test_plan_names_runs_by_hash_and_prints_commands(table, tmp_path):
     plan = ab.build_plan(table, root=tmp_path / "ab")
     # full: seeds 0 and 1 (the Dice column reads the seed-0 run), head: the same

@@ -385,7 +385,8 @@ def test_usage_lines_name_their_arguments_and_every_help_ends_with_examples():
     from segprompt.cli.app import EXAMPLES
 
     wanted = {"prepare": "DATASET", "train": "RECIPE", "eval": "RUN", "predict": "RUN [IMAGE]...", "export": "RUN",
-              "bench": "RECIPE|RUN|ONNX", "count-params": "[RECIPE]", "plot": "RUN...", "demo": "", "ablate": ""}
+              "bench": "RECIPE|RUN|ONNX", "count-params": "[RECIPE]", "plot": "RUN...", "demo": "", "ablate": "",
+              "browse": "RECIPE"}
     assert set(wanted) == set(EXAMPLES)
     for command, args in wanted.items():
         res = CliRunner().invoke(app, [command, "--help"], prog_name="segprompt", env={"COLUMNS": "300"})

@@ -182,6 +182,15 @@ def test_plot_reads_resumed_and_unfinished_runs(tmp_path):
     notes = plot_runs([run, fresh], tmp_path / "c.svg")
     assert notes == [f"'{fresh}' has no mIoU evaluation yet"]
     assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
+    # what an old refused start left (config, env, lock, a metrics.jsonl without a training record)
+    remains = tmp_path / "refused"
+    remains.mkdir()
+    for name in ("config.yaml", "env.json", ".lock"):
+        (remains / name).write_text("{}")
+    (remains / "metrics.jsonl").write_text(json.dumps({"event": "start"}) + "\n")
+    assert plot_runs([run, remains, fresh], tmp_path / "d.svg") == notes  # passed over without a word
+    with pytest.raises(SegpromptError, match="nothing to plot: .*refused ended before their first iteration"):
+        plot_runs([remains], tmp_path / "e.svg")
 
 
 def test_plot_command(tb_run, tmp_path):
@@ -242,3 +251,40 @@ def test_confusion_plot_reads_eval_json_with_class_names(tb_run, tmp_path):
     res = CliRunner().invoke(app, ["plot", str(tb_run[0]), "--confusion", "--out", str(tmp_path / "real.png")])
     assert res.exit_code == 0, res.output
     assert _png(tmp_path / "real.png").shape[0] > 400
+
+
+# ---------------------------------------------------------------------------------------- browse
+
+def test_browse_writes_the_exact_samples_training_reads_at_an_iteration(recipe, tmp_path, monkeypatch):
+    """The batches the training loop collates (2 micro-batches of 2, accumulated) against browse's
+    samples of the same iterations: the same images, crops, flips and labels, in order."""
+    import segprompt.training.loop as loop
+    from segprompt.training.browse import browse, training_samples
+
+    seen = []
+
+    def recording(batch):
+        out = loop_collate(batch)
+        seen.append(out)
+        return out
+
+    loop_collate = loop.collate
+    monkeypatch.setattr(loop, "collate", recording)
+    overrides = ["schedule.iters=3", "evaluation.interval=0", "optimizer.accum_steps=2", "data.batch_size=4",
+                 "runtime.seed=5"]
+    train(recipe, overrides, out=tmp_path / "run")
+    from segprompt.config import load_recipe
+
+    cfg = load_recipe(recipe, overrides)
+    stream = training_samples(cfg, 2)
+    trained = [(s, i) for batch in seen[2:4] for s, i in zip(batch["stem"], batch["img"])]  # iteration 2
+    for stem, img in trained:
+        step, _, sample = next(stream)
+        assert step == 2 and sample["stem"] == stem and torch.equal(sample["img"], img)
+    files = browse(recipe, tmp_path / "samples", count=6, iteration=2, overrides=overrides)
+    assert [f.name.split("_")[0] for f in files] == ["iter000002"] * 4 + ["iter000003"] * 2
+    first = _png(files[0])
+    h, w = trained[0][1].shape[1:]
+    assert first.shape == (h, 2 * w, 3) and (first[:, :w] == trained[0][1].permute(1, 2, 0).numpy()).all()
+    with pytest.raises(SegpromptError, match="already exists"):
+        browse(recipe, tmp_path / "samples", count=1, iteration=2, overrides=overrides)

@@ -26,6 +26,8 @@ EXAMPLES = {
     "prepare": _examples("segprompt prepare synthetic --out data/synthetic",
                          "segprompt prepare folder --images photos --masks masks --classes background,crack "
                          "--val-fraction 0.2 --out data/cracks"),
+    "browse": _examples("segprompt browse smoke -n 8 --out samples",
+                        "segprompt browse custom/lite0_spm --set data.root=data/cracks --iteration 500 --out samples"),
     "train": _examples("segprompt train smoke", "segprompt train custom/lite0_spm --set data.root=data/cracks "
                        "--out runs/cracks"),
     "eval": _examples("segprompt eval runs/cracks", "segprompt eval runs/cracks --split test --save-preds"),

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 import typer.core
 
-from segprompt.cli.app import EXAMPLES, app, console
+from segprompt.cli.app import EXAMPLES, app, complete_recipe, console
 from segprompt.data.prepare import DATASETS
 from segprompt.errors import SegpromptError
 from segprompt.progress import progress_bar  # rich only: keeps the CLI's start light
@@ -212,3 +212,23 @@ def _prepare_folder(images: Path | None, masks: Path | None, out: Path, classes:
                               reduce_zero_label=reduce_zero_label, val_fraction=val_fraction, seed=seed,
                               nproc=workers, force=force, progress=_stage_bars(stack),
                               log=lambda m: console.print(m, markup=False, highlight=False))
+
+
+@app.command(epilog=EXAMPLES["browse"])
+def browse(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose training samples to show.",
+                                           autocompletion=complete_recipe)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs (iterNNNNNN_K_<stem>.png).")],
+    n: Annotated[int, typer.Option("-n", help="How many samples.")] = 8,
+    iteration: Annotated[int, typer.Option(help="The training iteration whose global batch comes first (1 = the "
+                                                "first).")] = 1,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE; repeatable.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace files that already exist.")] = False,
+) -> None:
+    """The exact training samples of an iteration, after augmentation, with their labels overlaid
+    (docs/watch.md)."""
+    from segprompt.training.browse import browse as write_samples
+
+    files = write_samples(recipe, out, count=n, iteration=iteration, overrides=set_ or [], force=force)
+    console.print(f"wrote {len(files)} training sample(s), from iteration {iteration} on, to {out}",
+                  markup=False, highlight=False)

@@ -331,9 +331,10 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
     bb = BACKBONES[backbone]
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
+    weights = bb.imagenet() if bb.pretrain is None else None  # a missing package stops before any data is made
     source, target = prepare_domains(data_root, sc, seed, source=bb.pretrain is not None)
     if bb.pretrain is None:  # ImageNet is the source: no source pretraining, no zero-shot
-        pre, weights = None, bb.imagenet()
+        pre = None
         progress(f"source model: {backbone} with its ImageNet weights ({weights}), frozen")
     else:
         job, cache = pretrain_job(bb, source, cache_root, sc, list(pretrain_overrides))

@@ -24,6 +24,7 @@ from typing import Any
 
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes
+from segprompt.runs.rundir import failed_start
 
 __all__ = ["METRICS_FILE", "FORMATS", "RunCurves", "read_curves", "metric_names", "plot_runs", "plot_confusion"]
 
@@ -115,6 +116,12 @@ def plot_runs(run_dirs: list[Path], out: Path, *, metric: str = "mIoU", force: b
         seen.add(d.resolve())
     out = Path(out)
     fmt = _check_out(out, force)
+    # the remains of a start refused before its first iteration (older segprompt versions left them)
+    # have nothing to draw: passed over without a word, as `ablate` does
+    kept = [d for d in run_dirs if not (d.is_dir() and (d / "config.yaml").is_file() and failed_start(d))]
+    if not kept:
+        raise SegpromptError(f"nothing to plot: {', '.join(map(str, run_dirs))} ended before their first iteration")
+    run_dirs = kept
     runs = [read_curves(d) for d in run_dirs]
     available = metric_names(runs)
     if available and metric not in available:

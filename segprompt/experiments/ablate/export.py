@@ -13,7 +13,7 @@ from rich.table import Table as RichTable
 
 from segprompt.experiments.ablate.collect import CellValue, Collected, parse_paper
 from segprompt.experiments.ablate.launch import command
-from segprompt.experiments.ablate.plan import Plan
+from segprompt.experiments.ablate.plan import Plan, missing_inputs, remaining_work
 from segprompt.experiments.ablate.smoke import SMOKE_BANNER
 from segprompt.io import atomic_write_bytes, atomic_write_text
 
@@ -244,4 +244,10 @@ def render_plan(plan: Plan, launcher: str = "local", gpus: int = 1):
     if bench:
         commands.append("# bench columns read bench.json (`segprompt bench`) in: "
                         + ", ".join(sorted({str(c.runs[0].dir) for c in bench})))
-    return out, commands
+    runs, iters, images = remaining_work(plan)
+    needs = missing_inputs(plan)
+    summary = [f"# to do: {runs} run(s), {iters:,} training iterations in all ({images:,} images read)"
+               + ("" if runs else ": nothing, every run is done")]
+    summary += [f"# missing: {line}" for line in needs] or (["# inputs: every dataset and weights file the "
+                                                           "runs need is in place"] if runs else [])
+    return out, summary + commands

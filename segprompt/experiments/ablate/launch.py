@@ -20,7 +20,7 @@ import submitit
 
 from segprompt.config import resolve_recipe, shipped_name, shipped_recipes
 from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
-from segprompt.experiments.ablate.plan import Plan, Run, recipe_key, refresh_state
+from segprompt.experiments.ablate.plan import Plan, Run, missing_inputs, recipe_key, refresh_state
 from segprompt.experiments.ablate.smoke import load_smoke_profile, prepare_smoke_data
 from segprompt.io import atomic_write_json, move_aside
 from segprompt.runs import runlock
@@ -97,19 +97,9 @@ def preflight(plan: Plan) -> None:
         raise SegpromptError(
             f"{plan.table.id}: cannot run cells whose recipe is missing: {', '.join(missing)} (under {shipped_recipes()}). "
             f"Write them, or run the other rows with --rows")
-    problems = []
-    for r in todo:
-        root = Path(r.cfg.data.root)
-        if plan.scale == "full" and not root.exists():
-            problems.append(f"data.root '{root}' ({r.label}): prepare it with `segprompt prepare "
-                            f"{r.cfg.data.dataset} --out {root}`")
-        if r.cfg.model.pretrained and not Path(r.cfg.model.pretrained).is_file():
-            problems.append(f"model.pretrained '{r.cfg.model.pretrained}' ({r.label}): put the weights file there")
-        clip = (r.cfg.model.backbone.get("text") or {}).get("clip_weights")
-        if clip and not Path(clip).is_file() and not (Path(clip).parent / "text_embeddings").is_dir():
-            problems.append(f"model.backbone.text.clip_weights '{clip}' ({r.label}): put OpenAI's CLIP RN50.pt there")
+    problems = missing_inputs(plan)
     if problems:
-        raise SegpromptError(f"{plan.table.id}: cannot start: " + "; ".join(sorted(set(problems))))
+        raise SegpromptError(f"{plan.table.id}: cannot start: " + "; ".join(problems))
 
 
 def _busy(run: Run, report: RunReport, echo: Callable[[str], None], prefix: str, verb: str) -> bool:

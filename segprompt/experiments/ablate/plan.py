@@ -296,3 +296,32 @@ def refresh_state(run: Run, root: Path = ABLATE_ROOT) -> None:
             _check_config(run, other)
             run.state, run.result_dir, run.iteration = "done", other, None
             return
+
+
+def missing_inputs(plan: Plan) -> list[str]:
+    """What the unfinished runs need that is not there: a prepared dataset (full scale), a weights
+    file, the CLIP file. One line per missing input, with the runs that need it and how to get it."""
+    need: dict[str, list[str]] = {}
+    for r in plan.runs:
+        if r.done or r.cfg is None:
+            continue
+        root = Path(r.cfg.data.root)
+        if plan.scale == "full" and not root.exists():
+            need.setdefault(f"data.root '{root}': prepare it with `segprompt prepare {r.cfg.data.dataset} --out "
+                            f"{root}` (data_scripts/)", []).append(r.label)
+        if r.cfg.model.pretrained and not Path(r.cfg.model.pretrained).is_file():
+            need.setdefault(f"model.pretrained '{r.cfg.model.pretrained}': put the weights file there "
+                            f"(docs/recipes.md)", []).append(r.label)
+        clip = (r.cfg.model.backbone.get("text") or {}).get("clip_weights")
+        if clip and not Path(clip).is_file() and not (Path(clip).parent / "text_embeddings").is_dir():
+            need.setdefault(f"model.backbone.text.clip_weights '{clip}': put OpenAI's CLIP RN50.pt there",
+                            []).append(r.label)
+    return [f"{what} (needed by {len(runs)} run(s): {', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''})"
+            for what, runs in sorted(need.items())]
+
+
+def remaining_work(plan: Plan) -> tuple[int, int, int]:
+    """(runs to train, their iterations left, the images those iterations read): the size of the job."""
+    todo = [r for r in plan.runs if not r.done and r.cfg is not None]
+    iters = [max(r.cfg.schedule.iters - (r.iteration or 0), 0) for r in todo]
+    return len(todo), sum(iters), sum(i * r.cfg.data.batch_size for i, r in zip(iters, todo))
