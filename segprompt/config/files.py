@@ -93,8 +93,133 @@ for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
         _resolvers, key=lambda r: r[0] != "tag:yaml.org,2002:int")
 
 
+# Recipes are shared between people, so they are untrusted input (docs/recipes.md, "Limits"): parsing
+# stays within these bounds whatever the file holds.
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a bigger file is not one
+MAX_NODES = 100_000  # nodes of the document with every alias expanded (a "billion laughs" has 10^9)
+MAX_DEPTH = 64  # nesting levels (recipes use about 6; PyYAML's scanner slows quadratically with depth)
+MAX_SCALAR = 10_000  # characters of one value (a path or a name is far shorter)
+
+
+class RecipeTooBig(ValueError):
+    """A YAML document beyond :data:`MAX_NODES` or :data:`MAX_DEPTH`, or an alias that contains itself."""
+
+
+# the YAML core schema: what a recipe can hold (timestamps resolve implicitly from dates)
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp",
+                                                   "merge")}
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """The node count of ``root`` with every alias expanded, in time linear in the *composed* graph:
+    PyYAML composes an alias as a second reference to its anchor's node, so each distinct node's
+    expanded size is computed once (memo) and a reference back into an unfinished node is a cycle."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            raise RecipeTooBig("an alias refers to a node that contains it (a recursive structure)")
+        if depth > MAX_DEPTH:
+            raise RecipeTooBig(f"it nests deeper than {MAX_DEPTH} levels")
+        active.add(key)
+        if node.tag not in _PLAIN_TAGS:
+            raise RecipeTooBig(f"the tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed (a recipe "
+                               f"holds mappings, lists, strings, numbers, booleans and nulls)")
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v, depth + 1) for v in node.value)
+        else:
+            if len(node.value) > MAX_SCALAR:
+                raise RecipeTooBig(f"a value is {len(node.value):,} characters long (at most {MAX_SCALAR:,})")
+            total = 1
+        active.discard(key)
+        if total > MAX_NODES:
+            raise RecipeTooBig(f"it expands to more than {MAX_NODES:,} nodes once its aliases are followed "
+                               f"(an alias bomb?)")
+        memo[key] = total
+        return total
+
+    return size(root, 0)
+
+
+def _check_flow_depth(text: str) -> None:
+    """Refuse nesting beyond :data:`MAX_DEPTH` before PyYAML's scanner sees it: the scanner revisits
+    every open level at each token, so 20,000 ``[`` levels take it about a minute and 400 indented
+    levels ten seconds. Counted: ``[``/``{`` outside quotes and comments, and increasing indentation
+    (a ``- `` item counts as indentation)."""
+    depth, quote, indents = 0, "", [0]
+    for line in text.splitlines():
+        stripped = line.lstrip(" -")
+        if stripped and not stripped.startswith("#") and not depth:  # block nesting: indentation levels
+            indent = len(line) - len(stripped)
+            while indent < indents[-1]:
+                indents.pop()
+            if indent > indents[-1]:
+                indents.append(indent)
+                if len(indents) > MAX_DEPTH:
+                    raise RecipeTooBig(f"it nests deeper than {MAX_DEPTH} levels")
+        for ch in line:
+            if quote:
+                quote = "" if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in "[{":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RecipeTooBig(f"it nests deeper than {MAX_DEPTH} levels")
+            elif ch in "]}":
+                depth = max(depth - 1, 0)
+
+
 def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    """The YAML 1.2-ish document ``text`` (``_Loader``), refused beyond the bounds above before any
+    Python object is built. Raises :class:`RecipeTooBig` or ``yaml.YAMLError``."""
+    _check_flow_depth(text)
+    loader = _Loader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise RecipeTooBig(f"it nests deeper than {MAX_DEPTH} levels") from None
+        if node is None:
+            return None
+        _expanded_size(node)
+        try:
+            return loader.construct_document(node)
+        except yaml.YAMLError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. an int of more digits than Python converts, !!timestamp x
+            raise RecipeTooBig(f"a value cannot be read ({type(e).__name__}: {e})") from None
+    finally:
+        loader.dispose()
+
+
+def yaml_error(e: Exception) -> str:
+    """A YAML error in one line: what went wrong and where (PyYAML's own message spans lines)."""
+    if isinstance(e, RecipeTooBig):
+        return str(e)
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    return f"{' '.join(what.split())}{where}"
+
+
+def _not_text(path: Path, data: bytes) -> str:
+    """What a binary file given as a recipe probably is, for the message."""
+    if data[:2] == b"PK":
+        return ("a zip archive: a PyTorch checkpoint (.pt) or similar, not a YAML recipe. To continue a run "
+                "use `segprompt train RECIPE --resume PATH`; to start from its weights, --load-from PATH; eval, "
+                "predict and export take a run directory or checkpoint directly")
+    if data[:1] == b"\x80":
+        return "a pickle (an old-style PyTorch checkpoint?), not a YAML recipe"
+    return "a binary file, not a YAML recipe (a recipe is UTF-8 text)"
 
 
 @dataclass
@@ -143,12 +268,26 @@ def read_yaml(path: Path, referrer: Path | None = None) -> dict:
                                  f"(base paths are relative to the recipe's folder)")
         raise SegpromptError(f"recipe '{path}' does not exist")
     try:
-        d = yaml_load(path.read_text())
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise SegpromptError(f"cannot read recipe '{path}': {e.strerror or e} (errno {e.errno})") from None
+    if data[:2] == b"PK" or data[:1] == b"\x80":
+        raise SegpromptError(f"'{path}' is {_not_text(path, data)}")
+    if size > MAX_RECIPE_BYTES:
+        raise SegpromptError(f"'{path}' is {size:,} bytes, not a recipe: recipes are YAML text of at most "
+                             f"{MAX_RECIPE_BYTES:,} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SegpromptError(f"'{path}' is {_not_text(path, data)}") from None
+    try:
+        d = yaml_load(text)
+    except RecipeTooBig as e:
+        raise SegpromptError(f"recipe '{path}' is refused: {e}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
-        raise SegpromptError(f"recipe '{path}' is not valid YAML{where}: {' '.join(what.split())}") from None
+        raise SegpromptError(f"recipe '{path}' is not valid YAML: {yaml_error(e)}") from None
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -189,8 +328,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise SegpromptError(f"--set '{item}': expected KEY.PATH=VALUE, e.g. --set optimizer.lr=0.02")
     try:
         value = yaml_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise SegpromptError(f"--set '{item}': the value is not valid YAML ({e})") from e
+    except (yaml.YAMLError, RecipeTooBig) as e:
+        raise SegpromptError(f"--set '{item}': the value is not valid YAML ({yaml_error(e)}); quote a string, "
+                             f"e.g. --set 'key=\"[\"'") from None
     return key.strip().split("."), value
 
 
