@@ -123,3 +123,20 @@ def test_cli_error_from_a_data_worker_is_clean(data_copy, tmp_path):
                   "--set", "data.batch_size=12")
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and str(path) in res.stderr.replace("\n", "")
+
+
+def test_a_divergence_with_a_finite_loss_stops_the_run_and_saves_nothing_non_finite(tmp_path, synthetic_root):
+    """lr 1e6 with the recipe's warm-up: the loss stays finite (it once reached 2e18) while weights
+    overflow; the run used to end 'finished' with inf in best.pt."""
+    recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
+    run = tmp_path / "run"
+    with pytest.raises(SegpromptError, match=r"diverged at iteration \d+: \d+ weight or statistics tensor\(s\) "
+                                             r"hold inf or NaN after the step \(the loss was"):
+        train(recipe, ["schedule.iters=20", "optimizer.lr=1e6", "checkpoint.interval=1", "evaluation.interval=0"],
+              out=run)
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-2]["event"] == "non_finite_weights" and events[-1]["status"] == "diverged"
+    for name in ("last.pt", "best.pt"):
+        if (run / "checkpoints" / name).is_file():
+            state = torch.load(run / "checkpoints" / name, weights_only=True)["model"]
+            assert all(torch.isfinite(v.float()).all() for v in state.values())

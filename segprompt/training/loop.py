@@ -211,9 +211,15 @@ class Checkpoints:
         states = dist_utils.all_gather_object(ckpt.rng_state())
         if self.env.is_main:
             path = self.run_dir / CKPT_DIR / name
+            model_state = ckpt.model_state(run.model, run.cfg.checkpoint.save_full_model)
+            bad = non_finite(model_state)
+            if bad:  # never kept as best or last (the step check stops a run first; this is the last guard)
+                raise NonFiniteLoss(f"'{name}' of iteration {iteration} not saved: {len(bad)} tensor(s) hold inf or "
+                                    f"NaN (e.g. {bad[0]}); the run diverged. Lower optimizer.lr or set "
+                                    f"optimizer.grad_clip")
             try:
                 ckpt.save_checkpoint(
-                    path, model=ckpt.model_state(run.model, run.cfg.checkpoint.save_full_model),
+                    path, model=model_state,
                     optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                     scaler=run.scaler.state_dict(), iteration=iteration, best=run.best, rng=states, **self.fixed,
                     **travel)
@@ -284,6 +290,31 @@ def check_finite(values: torch.Tensor, parts: dict[str, torch.Tensor], step: int
         + (f"The last good checkpoint is '{last}' (iteration {ckpt.load_checkpoint(last)['iteration']})"
            if last.is_file() else "No checkpoint was saved before it")
         + ". Lower optimizer.lr, set optimizer.grad_clip, or check the data")
+
+
+def check_weights(run: Run, values: torch.Tensor, step: int, run_dir: Path, metrics_log: MetricsLog) -> None:
+    """After the step: the trainable weights and the floating-point buffers (BatchNorm's running
+    statistics) are finite, or every rank stops (each holds the same weights) before anything is
+    saved. A divergence can leave the loss finite (2e18) while weights or running variances overflow;
+    one fused norm per tensor is the whole cost."""
+    tensors = [p.detach() for p in run.trainable] + [b for b in run.model.buffers() if b.is_floating_point()]
+    norms = torch._foreach_norm(tensors)
+    if not norms or torch.isfinite(torch.stack([n.float() for n in norms])).all():
+        return
+    bad = sum(1 for n in norms if not torch.isfinite(n))
+    last = run_dir / CKPT_DIR / LAST
+    metrics_log.write(event="non_finite_weights", iter=step + 1, tensors=bad, loss=float(values[0]))
+    raise NonFiniteLoss(
+        f"the optimisation diverged at iteration {step + 1}: {bad} weight or statistics tensor(s) hold inf or "
+        f"NaN after the step (the loss was {float(values[0]):.4g}); training stopped without saving. "
+        + (f"The last good checkpoint is '{last}' (iteration {ckpt.load_checkpoint(last)['iteration']})"
+           if last.is_file() else "No checkpoint was saved before it")
+        + ". Lower optimizer.lr, set optimizer.grad_clip, or check the data")
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The floating-point tensors of a state dict that hold inf or NaN."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def take_step(run: Run) -> None:
@@ -362,6 +393,7 @@ def run_loop(plan: RunPlan, env: dist_utils.DistEnv, load_from: str | Path | Non
             values, parts = train_step(run, env, skipped)
             check_finite(values, parts, step, run_dir, metrics_log)
             take_step(run)
+            check_weights(run, values, step, run_dir, metrics_log)
             done = at.iteration = step + 1
             info = f"loss {values[0]:.4f} lr {run.optimizer.param_groups[0]['lr']:.2e}"
             bar.update(task, completed=done, info=info)
