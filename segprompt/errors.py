@@ -24,6 +24,8 @@ USER_OS_ERRORS = {
     errno.EISDIR: "that path is a folder; name a file",
     errno.EEXIST: "something is already there; choose another path",
     errno.ENAMETOOLONG: "use a shorter path",
+    errno.ENOENT: "a folder on that path does not exist and cannot be created there; choose another path",
+    errno.ELOOP: "the path loops through symbolic links; give a real path",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -140,3 +141,75 @@ def test_a_divergence_with_a_finite_loss_stops_the_run_and_saves_nothing_non_fin
         if (run / "checkpoints" / name).is_file():
             state = torch.load(run / "checkpoints" / name, weights_only=True)["model"]
             assert all(torch.isfinite(v.float()).all() for v in state.values())
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A tiny 1-bit PNG that declares ``width`` x ``height`` pixels (its data stops early: only the
+    header is ever read)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+            + chunk(b"IEND", b""))
+
+
+def test_the_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path, synthetic_root, monkeypatch):
+    from segprompt.data.dataset import BadImage, read_image
+    from segprompt.data.pixel_limit import over_limit
+
+    bomb = tmp_path / "in" / "bomb.png"
+    bomb.parent.mkdir()
+    bomb.write_bytes(bomb_png())
+    assert "30000 x 30000 = 900,000,000 pixels, over the limit of 89,478,485" in over_limit(bomb.read_bytes())
+    with pytest.raises(BadImage, match="over the limit of 89,478,485 .*SEGPROMPT_MAX_PIXELS"):
+        read_image(bomb)
+    monkeypatch.setenv("SEGPROMPT_MAX_PIXELS", "0")
+    assert over_limit(bomb.read_bytes()) is None
+    monkeypatch.setenv("SEGPROMPT_MAX_PIXELS", "1000")
+    img = tmp_path / "in" / "small.png"
+    cv2.imwrite(str(img), np.zeros((40, 30, 3), np.uint8))
+    assert "40" in over_limit(img.read_bytes())  # 30 x 40 = 1,200 > 1,000
+    monkeypatch.delenv("SEGPROMPT_MAX_PIXELS")
+    # training stops at it, naming the file (one of the training images replaced by the bomb)
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    victim = sorted((data / "img_dir" / "train").iterdir())[0]
+    victim.write_bytes(bomb_png())
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    with pytest.raises(SegpromptError, match=rf"{victim.name}.*over the limit"):
+        train(recipe, ["schedule.iters=2", "runtime.num_workers=0"], out=tmp_path / "run")
+
+
+def test_predict_skips_an_image_over_the_pixel_limit_and_exits_2_when_none_is_predicted(tmp_path, synthetic_root,
+                                                                                         capsys):
+    from segprompt.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
+    run = train(recipe, ["schedule.iters=1", "evaluation.interval=0"], out=tmp_path / "run")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bomb.png").write_bytes(bomb_png())
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run), str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "over the limit of 89,478,485" in err and "no image was predicted" in err
+    assert "WARN" not in err  # OpenCV never speaks on stderr: files are read by Python, decoded from memory
+    cv2.imwrite(str(tmp_path / "in" / "ok.png"), np.zeros((24, 24, 3), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run), str(tmp_path / "in"), "--out", str(tmp_path / "out2"), "--strict"])
+    assert e.value.code == 2 and "bomb.png" in capsys.readouterr().err
+    main_ok = ["predict", str(run), str(tmp_path / "in"), "--out", str(tmp_path / "out3")]
+    with pytest.raises(SystemExit) as e:
+        main(main_ok)
+    assert e.value.code == 0  # one image predicted, one skipped
+    assert (tmp_path / "out3" / "ok.png").is_file() and not (tmp_path / "out3" / "bomb.png").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run), str(tmp_path / "loop"), "--out", str(tmp_path / "out4")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is a symbolic link that leads nowhere" in err and len(err.strip().splitlines()) == 1

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + e.signum)
     except RunCrashed as e:  # the traceback is in the run's train.log
         _fail(str(e), status=1)
-    except OSError as e:
-        if e.errno not in USER_OS_ERRORS:
+    except OSError as e:  # an input or output path the OS refused: one line naming it and the errno
+        if e.errno not in USER_OS_ERRORS and e.filename is None:
             raise
         _fail(os_problem(e))
 

@@ -127,6 +127,8 @@ def predict_cmd(
     console.print(done, markup=False, highlight=False)
     for line in problems:
         err_console.print(line, markup=False, highlight=False)
+    if result.images == 0:  # nothing to show for it: a failure, for scripts too
+        raise SegpromptError(f"no image was predicted ({len(result.skipped)} unreadable or refused)")
 
 
 @app.command("export", epilog=EXAMPLES["export"])

@@ -10,6 +10,7 @@ unreadable too, though OpenCV would decode it (:mod:`segprompt.data.truncation`)
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -28,7 +29,8 @@ from segprompt.data.transforms import (
     label_to_tensor,
     to_tensor,
 )
-from segprompt.data.truncation import truncated_file
+from segprompt.data.pixel_limit import over_limit
+from segprompt.data.truncation import truncated
 from segprompt.data.view import identity_view
 from segprompt.errors import SegpromptError
 
@@ -43,13 +45,17 @@ def _decode(path: Path, flags: int) -> tuple[np.ndarray | None, str]:
     """(the decoded array or None, why not) of an image file. Truncation is checked first: libjpeg
     would otherwise print its own "Premature end of JPEG file" to stderr before our message."""
     try:
-        cut = truncated_file(path)
-    except OSError:  # missing or unreadable: imread fails below and says so
-        cut = None
+        data = path.read_bytes()
+    except OSError as e:  # read here, not by imread, which would print its own warning to stderr
+        return None, f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
+    cut = truncated(data)
     if cut:
         return None, cut
-    img = cv2.imread(str(path), flags)
-    return (None, "the file is missing, empty or corrupt") if img is None else (img, "")
+    too_big = over_limit(data)  # from the header, before anything is decoded
+    if too_big:
+        return None, too_big
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
+    return (None, "the file is empty or corrupt") if img is None else (img, "")
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -115,6 +115,9 @@ def _expand(text: str, skip: Path | None) -> list[tuple[Path, Path]]:
     if path.is_file():  # named explicitly: read whatever its extension
         return [(path, Path(path.name))]
     if not _has_magic(text):
+        if path.is_symlink():
+            raise SegpromptError(f"input '{text}' is a symbolic link that leads nowhere (a loop, or a missing "
+                                 f"target); give the image or folder itself")
         raise SegpromptError(f"input '{text}' does not exist; give image files, folders, or quoted globs "
                              f"such as 'photos/**/*.jpg'")
     base, found = _glob_base(text), []

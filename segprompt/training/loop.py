@@ -297,7 +297,9 @@ def check_weights(run: Run, values: torch.Tensor, step: int, run_dir: Path, metr
     statistics) are finite, or every rank stops (each holds the same weights) before anything is
     saved. A divergence can leave the loss finite (2e18) while weights or running variances overflow;
     one fused norm per tensor is the whole cost."""
-    tensors = [p.detach() for p in run.trainable] + [b for b in run.model.buffers() if b.is_floating_point()]
+    stats = [b for m in run.model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+             for b in (m.running_mean, m.running_var) if b is not None]  # not every buffer: CLIP's mask is -inf
+    tensors = [p.detach() for p in run.trainable] + stats
     norms = torch._foreach_norm(tensors)
     if not norms or torch.isfinite(torch.stack([n.float() for n in norms])).all():
         return

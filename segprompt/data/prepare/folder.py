@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from segprompt.data.meta import META_FILE, DatasetMeta, golden_palette, read_meta
+from segprompt.data.pixel_limit import over_limit
 from segprompt.data.prepare.archive import ArchiveSpec, Source
 from segprompt.data.prepare.labels import IGNORE_INDEX, apply_colour_table, value_lut
 from segprompt.data.prepare.runner import CONVERTER_VERSION, STATE_FILE, convert
@@ -225,6 +226,9 @@ def read_mask(data: bytes, where: str, palette: list[list[int]] | None, lut: np.
     loses the indices, which are the labels."""
     from PIL import Image, UnidentifiedImageError
 
+    too_big = over_limit(data)
+    if too_big:
+        raise SegpromptError(f"{where} is refused: {too_big}")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import cv2
 import numpy as np
 
+from segprompt.data.pixel_limit import over_limit
 from segprompt.data.truncation import truncated
 from segprompt.errors import SegpromptError
 
@@ -18,6 +19,9 @@ def _check_whole(data: bytes, where: str) -> None:
     cut = truncated(data)
     if cut:  # OpenCV would decode it, the missing part grey
         raise SegpromptError(f"{where} is not a readable image ({cut}); the archive or copy is damaged")
+    too_big = over_limit(data)  # from the header, before decoding (docs/runs.md, "Limits")
+    if too_big:
+        raise SegpromptError(f"{where} is refused: {too_big}")
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
