@@ -22,8 +22,11 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from segprompt.errors import SegpromptError
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.~(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)~[^/]*\.tmp$")
 
@@ -154,3 +157,16 @@ def write_json_keeping_history(path: Path, data: Any, history: str) -> None:
         path.rename(dest)
     atomic_write_json(path, data)
 
+
+
+def refuse_inputs_as_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike],
+                             flag: str = "--out") -> None:
+    """Refuse, before anything runs, an output that resolves (``realpath``: links, ``..``) to one of
+    the command's inputs, whatever ``--force`` says: ``--force`` is for earlier outputs, never for
+    inputs (docs/runs.md, "Inputs are never outputs")."""
+    real = {os.path.realpath(p): Path(p) for p in inputs}
+    for out in outputs:
+        hit = real.get(os.path.realpath(out))
+        if hit is not None:
+            raise SegpromptError(f"the output '{out}' is the input '{hit}' itself; a command never writes over its "
+                                 f"inputs, even with --force: choose a {flag} outside them")

@@ -213,3 +213,29 @@ def test_predict_skips_an_image_over_the_pixel_limit_and_exits_2_when_none_is_pr
         main(["predict", str(run), str(tmp_path / "loop"), "--out", str(tmp_path / "out4")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "is a symbolic link that leads nowhere" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inputs_are_never_outputs_whatever_force_says(tmp_path, synthetic_root, capsys):
+    from segprompt.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
+    run = train(recipe, ["schedule.iters=1", "evaluation.interval=0"], out=tmp_path / "run")
+    photo = tmp_path / "photos" / "a.png"
+    photo.parent.mkdir()
+    cv2.imwrite(str(photo), np.full((24, 24, 3), 90, np.uint8))
+    before = photo.read_bytes()
+    best = run / "checkpoints" / "best.pt"
+    kept = best.read_bytes()
+    linked = tmp_path / "link"
+    linked.symlink_to(photo.parent)
+    cases = [["predict", str(run), str(photo), "--out", str(photo.parent), "--format", "index", "--force"],
+             ["predict", str(run), str(photo), "--out", str(linked), "--format", "index", "--force"],  # via a link
+             ["export", str(run), "--format", "checkpoint", "--out", str(best), "--force"],
+             ["export", str(run), "--format", "torchscript", "--out", str(best), "--force"]]
+    for args in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "is the input" in err and "even with --force" in err, (args, err)
+    assert photo.read_bytes() == before and best.read_bytes() == kept

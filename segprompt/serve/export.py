@@ -38,7 +38,7 @@ from torch import nn
 from segprompt import __version__
 from segprompt.config import Recipe
 from segprompt.errors import SegpromptError
-from segprompt.io import atomic_write_bytes, atomic_write_json, sha256_file
+from segprompt.io import atomic_write_bytes, atomic_write_json, refuse_inputs_as_outputs, sha256_file
 from segprompt.runs.rundir import git_commit
 from segprompt.serve.deployed import Deployed, load_deployed
 
@@ -279,6 +279,8 @@ def export_model(target: str | Path, out: str | Path, opts: ExportOptions,
     opts.check(out)
     start = time.perf_counter()
     dep = load_deployed(target, opts.checkpoint, list(overrides), weights=weights)
+    read = [p for p in (dep.source.get("checkpoint"), dep.cfg.model.pretrained, weights, target) if p]
+    refuse_inputs_as_outputs([out, sidecar(out)], [Path(p) for p in read if Path(p).is_file()])
     merged = merge_lora(dep.model)
     size = export_size(dep.cfg, opts.size)
     dtype = DTYPES[opts.dtype]

@@ -53,6 +53,7 @@ from segprompt.evaluation.inference import (
     save_prediction,
     segment_logits,
 )
+from segprompt.io import refuse_inputs_as_outputs
 from segprompt.progress import progress_bar
 from segprompt.runs.load import build_source_model, read_source
 from segprompt.runs.rundir import CONFIG
@@ -172,6 +173,8 @@ def check_outputs(items: Sequence[InputImage], out: Path, formats: Sequence[str]
     ``force``) outputs that already exist; ``subdirs``: the folders under ``out`` the jobs write to."""
     if out.exists() and not out.is_dir():
         raise SegpromptError(f"--out '{out}' is a file, not a folder; choose another --out")
+    refuse_inputs_as_outputs((p for sub in subdirs for item in items for p in output_paths(item, out / sub, formats)),
+                             (item.path for item in items))
     owner: dict[Path, InputImage] = {}
     existing = []
     for item, sub in ((item, sub) for sub in subdirs for item in items):

@@ -20,7 +20,7 @@ import torch
 from segprompt import __version__
 from segprompt.build import build_segmentor
 from segprompt.errors import SegpromptError
-from segprompt.io import atomic_torch_save, sha256_file
+from segprompt.io import atomic_torch_save, refuse_inputs_as_outputs, sha256_file
 from segprompt.runs import delta as delta_file
 from segprompt.runs.load import Source, build_source_model, read_source
 from segprompt.serve.export import merge_lora
@@ -32,6 +32,13 @@ def _check_out(out: Path, suffixes: tuple[str, ...], what: str, force: bool) -> 
                              f"{out.with_suffix(suffixes[0])}")
     if out.is_dir() or out.exists() and not force:
         raise SegpromptError(f"'{out}' already exists; choose another --out, or add --force to replace it")
+
+
+def _inputs(src: Source, weights: str | Path | None) -> list[Path]:
+    """The files an export reads: the checkpoint, and the frozen weights (``model.pretrained`` or
+    ``--weights``)."""
+    files = [src.path] + [Path(p) for p in (src.cfg.model.pretrained, weights) if p]
+    return [p for p in files if p.is_file()]
 
 
 def _full_bytes(src: Source) -> int:
@@ -48,6 +55,7 @@ def export_delta(target: str | Path, out: str | Path, *, checkpoint: str | None 
     out = Path(out)
     _check_out(out, (delta_file.SUFFIX,), "a delta", force)
     src = read_source(target, checkpoint, weights=weights)
+    refuse_inputs_as_outputs([out], _inputs(src, weights))
     state = src.state
     if state.get("full_model") or state.get("delta"):
         what = "is a delta already" if state.get("delta") else "stores the whole model (a deployed model or " \
@@ -90,6 +98,7 @@ def export_checkpoint(target: str | Path, out: str | Path, *, checkpoint: str | 
     out = Path(out)
     _check_out(out, (".pt", ".pth"), "a whole checkpoint", force)
     src = read_source(target, checkpoint, weights=weights)
+    refuse_inputs_as_outputs([out], _inputs(src, weights))
     model = build_source_model(src)
     merged = merge_lora(model)
     config = dict(src.state.get("config") or src.cfg.to_dict())
