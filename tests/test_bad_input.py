@@ -239,3 +239,26 @@ def test_inputs_are_never_outputs_whatever_force_says(tmp_path, synthetic_root, 
         err = capsys.readouterr().err
         assert e.value.code == 2 and "is the input" in err and "even with --force" in err, (args, err)
     assert photo.read_bytes() == before and best.read_bytes() == kept
+
+
+def test_two_images_with_one_stem_are_refused_naming_both(tmp_path, synthetic_root, capsys):
+    from segprompt.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    first = sorted((data / "img_dir" / "val").iterdir())[0]
+    twin = first.with_suffix(".jpg" if first.suffix != ".jpg" else ".png")
+    cv2.imwrite(str(twin), cv2.imread(str(first)))
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    message = rf"'{first}' and '{twin}' share the stem '{first.stem}'|'{twin}' and '{first}' share the stem"
+    with pytest.raises(SegpromptError, match=message):
+        train(recipe, ["schedule.iters=1"], out=tmp_path / "run")
+    run = train(write_recipe(tmp_path / "ok.yaml", synthetic_root), ["schedule.iters=1", "evaluation.interval=0"],
+                out=tmp_path / "ok")
+    for args in (["eval", str(recipe), "--checkpoint", str(run / "checkpoints" / "best.pt")],
+                 ["prepare", "synthetic", "--check", "--out", str(data)]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and twin.name in err, (args, err)

@@ -103,6 +103,12 @@ class SegDataset(Dataset):
         self.images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMG_EXTS)
         if not self.images:
             raise SegpromptError(f"split folder '{img_dir}' holds no images")
+        by_stem: dict[str, Path] = {}
+        for p in self.images:  # one rule everywhere (prepare, train, eval, predict): a stem names one sample
+            if p.stem in by_stem:
+                raise SegpromptError(f"'{by_stem[p.stem]}' and '{p}' share the stem '{p.stem}', so both would pair "
+                                     f"with the label '{ann_dir / (p.stem + '.png')}'; keep one of them")
+            by_stem[p.stem] = p
         if subset is not None:
             if not 1 <= subset <= len(self.images):
                 raise SegpromptError(f"data.train_subset {subset} is not in 1..{len(self.images)} "
