@@ -89,11 +89,25 @@ def _create_temp(path: Path) -> tuple[int, Path]:
             continue
 
 
+_SWEPT: set[str] = set()  # folders whose dead processes' temporaries this process has removed
+
+
+def _sweep_once(folder: Path) -> None:
+    """Before the first atomic write into ``folder`` in this process, remove the temporaries that
+    dead processes left there (a killed export, predict, eval, ablate or demo): every command that
+    writes atomically cleans up after the ones that died, at the cost of one listing per folder."""
+    key = os.path.realpath(folder)
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        remove_stale_temporaries(folder)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_once(path.parent)
         fd, tmp = _create_temp(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -262,3 +262,32 @@ def test_two_images_with_one_stem_are_refused_naming_both(tmp_path, synthetic_ro
             main(args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and twin.name in err, (args, err)
+
+
+def test_a_killed_writer_s_temporary_is_removed_by_the_next_command_writing_there(tmp_path, synthetic_root):
+    """A dead process's temporary (a killed export left a 1.9 MB .onnx temporary forever) is removed
+    by the next atomic write into its folder, whichever command makes it; live ones are kept."""
+    import subprocess
+    import sys
+
+    from segprompt.io import atomic_write_bytes, temp_prefix
+    from segprompt.serve.share import export_delta
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "exports"
+    out.mkdir()
+    stale = out / f"{temp_prefix(out / 'm.onnx', dead.pid)}0a1b2c3d.tmp"
+    live = out / f"{temp_prefix(out / 'm.onnx')}0a1b2c3d.tmp"  # this process: alive
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"x")
+    recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
+    run = train(recipe, ["schedule.iters=1", "evaluation.interval=0"], out=tmp_path / "run")
+    export_delta(run, out / "task.safetensors")
+    assert not stale.exists() and live.exists() and (out / "task.safetensors").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    stale2 = other / f"{temp_prefix(other / 'eval.json', dead.pid)}ffff0000.tmp"
+    stale2.write_bytes(b"")
+    atomic_write_bytes(other / "x.json", b"{}")
+    assert not stale2.exists()
