@@ -101,6 +101,23 @@ def test_plan_names_missing_inputs_and_the_size_of_the_job(tmp_path, monkeypatch
     assert lines[1] == "# inputs: every dataset and weights file the runs need is in place"
 
 
+def test_an_eval_json_in_an_unfinished_run_does_not_make_it_done(tmp_path, synthetic_root):
+    """`eval` may write eval.json into an interrupted run: finished is what the end record says."""
+    recipe = str(tiny_recipe(tmp_path, synthetic_root))
+    t = load_table(write_table(tmp_path, columns=[{"name": "mIoU", "metric": "mIoU"}],
+                               rows=[{"name": "a", "recipe": recipe, "paper": [1.0]}]))
+    plan = ab.build_plan(t, root=tmp_path / "ab")
+    run = plan.runs[0]
+    _fake_run(run, {"mIoU": 5.0})
+    (run.dir / "metrics.jsonl").write_text(json.dumps({"iter": 3, "loss": 1.0}) + "\n"
+                                           + json.dumps({"event": "end", "status": "interrupted", "iter": 3}) + "\n")
+    assert ab.build_plan(t, root=tmp_path / "ab").runs[0].state != "done"
+    with (run.dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "resume", "iter": 3}) + "\n" + json.dumps({"iter": 6, "loss": 0.5}) + "\n"
+                + json.dumps({"event": "end", "status": "finished", "iter": 6}) + "\n")
+    assert ab.build_plan(t, root=tmp_path / "ab").runs[0].state == "done"
+
+
 def test_plan_names_runs_by_hash_and_prints_commands(table, tmp_path):
     plan = ab.build_plan(table, root=tmp_path / "ab")
     # full: seeds 0 and 1 (the Dice column reads the seed-0 run), head: the same
@@ -214,9 +231,11 @@ def test_second_stage_starts_from_the_first_stage_run(tmp_path, synthetic_root):
 
 
 def _fake_run(run: ab.Run, metrics: dict, per_class: list[dict] | None = None) -> None:
-    """A finished run directory as `train` leaves it: config.yaml and eval.json."""
+    """A finished run directory as `train` leaves it: config.yaml, the end record and eval.json."""
     run.dir.mkdir(parents=True)
     (run.dir / "config.yaml").write_text(dump_recipe(run.cfg))
+    (run.dir / "metrics.jsonl").write_text(json.dumps({"iter": 6, "loss": 1.0}) + "\n"
+                                           + json.dumps({"event": "end", "status": "finished", "iter": 6}) + "\n")
     (run.dir / "eval.json").write_text(json.dumps({"checkpoint": "last", "iter": 6, **metrics,
                                                    "per_class": per_class or []}))
 

@@ -291,3 +291,32 @@ def test_a_killed_writer_s_temporary_is_removed_by_the_next_command_writing_ther
     stale2.write_bytes(b"")
     atomic_write_bytes(other / "x.json", b"{}")
     assert not stale2.exists()
+
+
+def test_a_live_run_is_read_only_to_other_commands(tmp_path, synthetic_root, monkeypatch, capsys):
+    from segprompt.cli import main
+    from segprompt.evaluation.evaluate import evaluate_checkpoint
+    from segprompt.runs.runlock import lock_run_dir
+
+    recipe = write_recipe(tmp_path / "r.yaml", synthetic_root)
+    run = train(recipe, ["schedule.iters=1", "evaluation.interval=0"], out=tmp_path / "run")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    lock = lock_run_dir(run)  # as a trainer resuming it would hold it
+    try:
+        path, _ = evaluate_checkpoint(run)
+        assert run not in path.parents and "eval-run" in str(path)  # evaluated beside it, not into it
+        img = tmp_path / "a.png"
+        cv2.imwrite(str(img), np.zeros((24, 24, 3), np.uint8))
+        for args in (["predict", str(run), str(img), "--out", str(run / "preds")],
+                     ["export", str(run), "--format", "delta", "--out", str(run / "task.safetensors")],
+                     ["eval", str(run), "--save-preds", str(run / "preds")]):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                main(args)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and "a running run is read-only to other commands" in err, (args, err)
+    finally:
+        lock.release()
+    after = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert after == before  # nothing was written into it (the lock file aside, which training keeps)

@@ -46,6 +46,7 @@ from segprompt.runs.load import (
     read_source,
 )
 from segprompt.runs.rundir import default_run_dir
+from segprompt.runs.runlock import holder, refuse_live_run
 
 
 @torch.no_grad()
@@ -162,13 +163,16 @@ def evaluate_checkpoint(target: str | Path, *, checkpoint: str | None = None, ov
         src = read_source(target, checkpoint, overrides=overrides, weights=weights, need_data=True)
     cfg = src.cfg
     run_dir = None if is_recipe else src.run_dir
-    if run_dir is None:
+    if run_dir is not None and holder(run_dir) is not None:  # a running run is read-only: evaluate beside it
+        run_dir = default_run_dir(f"eval-{run_dir.name}")
+    elif run_dir is None:
         name = target.stem if is_recipe else src.path.stem
         run_dir = default_run_dir(name).with_name("eval-" + default_run_dir(name).name)
     if mode is not None:
         check_mode(cfg, mode)
     if save_preds is not None:
         save_preds = Path(save_preds)
+        refuse_live_run(save_preds, "--save-preds")
         if save_preds.exists() and any(save_preds.iterdir()):
             raise SegpromptError(f"--save-preds folder '{save_preds}' is not empty; choose a new folder")
     env = dist_utils.init_distributed(cfg.runtime.device)

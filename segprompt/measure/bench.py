@@ -46,6 +46,7 @@ from segprompt.io import write_json_keeping_history
 from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.measure.ort_bench import OrtModel, is_onnx
 from segprompt.runs.load import run_recipe
+from segprompt.runs.runlock import refuse_live_run
 from segprompt.runs.rundir import git_commit
 
 # the deployed model of a recipe (random weights) lives in serve/deployed.py, which `segprompt export` shares
@@ -198,6 +199,7 @@ def save_run_bench(run_dir: Path, result: dict[str, Any]) -> Path:
     """Write ``RUN/bench.json`` (what ``segprompt ablate`` collects); an earlier one is moved to
     ``RUN/bench_history/`` first, never overwritten."""
     path = run_dir / BENCH_FILE
+    refuse_live_run(path, "bench.json")  # a running run is read-only to other commands
     write_json_keeping_history(path, result, HISTORY_DIR)
     return path
 

@@ -56,6 +56,26 @@ def _trained(metrics: Path) -> bool:
     return False
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether the run's last end record (``metrics.jsonl``, ``{"event": "end", ...}``) says it
+    finished: what "finished" means everywhere (docs/runs.md), never the presence of ``eval.json``,
+    which ``segprompt eval`` may write into an unfinished run."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        return False
+    status = None
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(rec, dict) and rec.get("event") == "end":
+            status = rec.get("status")
+        elif isinstance(rec, dict) and rec.get("event") == "resume":
+            status = None  # a resumed run is unfinished until it ends again
+    return status == "finished"
+
+
 def failed_start(path: Path) -> bool:
     """``path`` holds nothing, or only a run that ended before its first iteration: its config,
     environment record, log and lock, no checkpoint and no training record in ``metrics.jsonl``."""

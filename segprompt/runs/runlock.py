@@ -98,3 +98,17 @@ def holder(run_dir: Path) -> str | None:
     finally:
         os.close(fd)
     return None
+
+
+def refuse_live_run(path: str | Path, what: str) -> None:
+    """Refuse to write ``path`` (``what``: e.g. "--out") when it lies in a run directory that a live
+    trainer holds: a running run is read-only to every other command (docs/runs.md)."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        if (folder / LOCK).is_file():
+            who = holder(folder)
+            if who is not None:
+                raise RunDirInUse(f"{what} '{path}' is inside the run '{folder}', which {who} is training; a "
+                                  f"running run is read-only to other commands: write elsewhere, or wait for it "
+                                  f"to end")
+            return

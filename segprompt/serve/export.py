@@ -40,6 +40,7 @@ from segprompt.config import Recipe
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_bytes, atomic_write_json, refuse_inputs_as_outputs, sha256_file
 from segprompt.runs.rundir import git_commit
+from segprompt.runs.runlock import refuse_live_run
 from segprompt.serve.deployed import Deployed, load_deployed
 
 FORMATS = ("onnx", "torchscript")  # graphs; "delta" and "checkpoint" (serve/share.py) are trained tensors
@@ -277,6 +278,7 @@ def export_model(target: str | Path, out: str | Path, opts: ExportOptions,
     a file that fails verification is kept (with ``verified: false``) and reported as an error."""
     out = Path(out)
     opts.check(out)
+    refuse_live_run(out, "--out")
     start = time.perf_counter()
     dep = load_deployed(target, opts.checkpoint, list(overrides), weights=weights)
     read = [p for p in (dep.source.get("checkpoint"), dep.cfg.model.pretrained, weights, target) if p]

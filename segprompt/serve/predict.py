@@ -57,6 +57,7 @@ from segprompt.io import refuse_inputs_as_outputs
 from segprompt.progress import progress_bar
 from segprompt.runs.load import build_source_model, read_source
 from segprompt.runs.rundir import CONFIG
+from segprompt.runs.runlock import refuse_live_run
 from segprompt.serve.multitask import MultiTaskModel, task_names
 
 DEFAULT_FORMATS = ("index", "overlay")  # what `eval --save-preds` writes
@@ -173,6 +174,7 @@ def check_outputs(items: Sequence[InputImage], out: Path, formats: Sequence[str]
     ``force``) outputs that already exist; ``subdirs``: the folders under ``out`` the jobs write to."""
     if out.exists() and not out.is_dir():
         raise SegpromptError(f"--out '{out}' is a file, not a folder; choose another --out")
+    refuse_live_run(out, "--out")
     refuse_inputs_as_outputs((p for sub in subdirs for item in items for p in output_paths(item, out / sub, formats)),
                              (item.path for item in items))
     owner: dict[Path, InputImage] = {}

@@ -23,10 +23,12 @@ from segprompt.errors import SegpromptError
 from segprompt.io import atomic_torch_save, refuse_inputs_as_outputs, sha256_file
 from segprompt.runs import delta as delta_file
 from segprompt.runs.load import Source, build_source_model, read_source
+from segprompt.runs.runlock import refuse_live_run
 from segprompt.serve.export import merge_lora
 
 
 def _check_out(out: Path, suffixes: tuple[str, ...], what: str, force: bool) -> None:
+    refuse_live_run(out, "--out")
     if out.suffix.lower() not in suffixes:
         raise SegpromptError(f"--out '{out}': {what} is a {' or '.join(suffixes)} file, e.g. "
                              f"{out.with_suffix(suffixes[0])}")

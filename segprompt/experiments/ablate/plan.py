@@ -25,7 +25,7 @@ from segprompt.experiments.ablate.smoke import (
     smoke_overrides,
 )
 from segprompt.experiments.tables import Column, Row, Table, all_tables, tables_dir
-from segprompt.runs.rundir import CKPT_DIR, CONFIG, LAST, failed_start
+from segprompt.runs.rundir import CKPT_DIR, CONFIG, LAST, failed_start, finished
 
 ABLATE_ROOT = Path("results/ablate")
 
@@ -278,7 +278,7 @@ def refresh_state(run: Run, root: Path = ABLATE_ROOT) -> None:
     run.result_dir, run.iteration = None, None
     if (d / CONFIG).is_file():
         _check_config(run, d)
-        if (d / "eval.json").is_file():
+        if finished(d) and (d / "eval.json").is_file():  # its end record, not eval.json alone (docs/runs.md)
             run.state, run.result_dir = "done", d
             return
         if (d / CKPT_DIR / LAST).is_file():
@@ -292,7 +292,7 @@ def refresh_state(run: Run, root: Path = ABLATE_ROOT) -> None:
     else:
         run.state = "missing"
     for other in sorted(Path(root).glob(f"*/*-{run.hash[:12]}")):
-        if other != d and (other / "eval.json").is_file() and (other / CONFIG).is_file():
+        if other != d and finished(other) and (other / "eval.json").is_file() and (other / CONFIG).is_file():
             _check_config(run, other)
             run.state, run.result_dir, run.iteration = "done", other, None
             return
