@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -320,3 +321,17 @@ def test_a_live_run_is_read_only_to_other_commands(tmp_path, synthetic_root, mon
         lock.release()
     after = sorted(p.relative_to(run) for p in run.rglob("*"))
     assert after == before  # nothing was written into it (the lock file aside, which training keeps)
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    """ENOENT from creating an output (a folder under /proc) once ended in a traceback."""
+    from segprompt.cli import main
+
+    blocked = Path("/proc/segprompt-nope/tables") if Path("/proc/self").is_dir() else tmp_path / "f" / "x"
+    if not blocked.parts[1] == "proc":
+        (tmp_path / "f").write_text("a file where a folder is wanted")
+    with pytest.raises(SystemExit) as e:
+        main(["ablate", "--table", "4", "--collect", "--results", str(tmp_path / "ab"), "--out", str(blocked)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and str(blocked) in err[0] and "Traceback" not in err[0]
+    assert "ENOENT" in err[0] or "ENOTDIR" in err[0]

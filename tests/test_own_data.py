@@ -15,6 +15,7 @@ import matplotlib
 import numpy as np
 import pytest
 from conftest import REPO
+from test_bad_input import bomb_png
 
 from segprompt.cli import main
 from segprompt.data.prepare.folder import prepare_folder
@@ -134,6 +135,8 @@ def test_pairs_by_stem_records_the_split_and_is_idempotent(tmp_path):
     (lambda p, m: cv2.imwrite(str(m / "0002.png"), np.full((24, 24), 7, np.uint8)),
      r"mask '.*0002.png' has values \[7\] that are neither a class \(0..1"),
     (lambda p, m: (m / "0003.png").rename(m / "0003.jpg"), "mask '.*0003.jpg' is a .jpg file"),
+    (lambda p, m: (p / "0002.jpg").write_bytes(bomb_png()), "0002.jpg.* is refused: it declares 30000 x 30000"),
+    (lambda p, m: (m / "0002.png").write_bytes(bomb_png()), "0002.png.* is refused: it declares 30000 x 30000"),
     (lambda p, m: cv2.imwrite(str(m / "0003.png"), np.zeros((24, 24, 3), np.uint8)),
      "mask '.*0003.png' is a RGB colour image, not an index mask; pass --mask-format rgb"),
 ])

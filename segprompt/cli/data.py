@@ -197,7 +197,11 @@ def _prepare_folder(images: Path | None, masks: Path | None, out: Path, classes:
                     classes_file: Path | None, palette: str | None, mask_format: str, mask_suffix: str,
                     ignore_index: int, reduce_zero_label: bool, val_fraction: float | None, seed: int,
                     workers: int, force: bool):
-    from segprompt.data.prepare.folder import parse_classes, parse_palette, prepare_folder
+    from segprompt.data.prepare.folder import (
+        parse_classes,
+        parse_palette,
+        prepare_folder,
+    )
 
     if images is None or masks is None:
         raise SegpromptError(f"`prepare folder` needs --images and --masks: {FOLDER_USAGE}")

@@ -8,7 +8,14 @@ from typing import Annotated, Optional
 import typer
 import typer.core
 
-from segprompt.cli.app import EXAMPLES, app, complete_recipe, console, err_console, is_main
+from segprompt.cli.app import (
+    EXAMPLES,
+    app,
+    complete_recipe,
+    console,
+    err_console,
+    is_main,
+)
 from segprompt.errors import SegpromptError
 
 WEIGHTS_HELP = ("The frozen backbone's weights file, when it is no longer where the run recorded it (checked by its "

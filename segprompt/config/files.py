@@ -202,13 +202,14 @@ def yaml_load(text: str) -> Any:
 
 
 def yaml_error(e: Exception) -> str:
-    """A YAML error in one line: what went wrong and where (PyYAML's own message spans lines)."""
+    """A YAML error in one line, `` at line L, column C: what went wrong`` (PyYAML's own message spans
+    lines), to follow "is not valid YAML"."""
     if isinstance(e, RecipeTooBig):
-        return str(e)
+        return f": {e}"
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
-    return f"{' '.join(what.split())}{where}"
+    return f"{where}: {' '.join(what.split())}"
 
 
 def _not_text(path: Path, data: bytes) -> str:
@@ -287,7 +288,7 @@ def read_yaml(path: Path, referrer: Path | None = None) -> dict:
     except RecipeTooBig as e:
         raise SegpromptError(f"recipe '{path}' is refused: {e}") from None
     except yaml.YAMLError as e:
-        raise SegpromptError(f"recipe '{path}' is not valid YAML: {yaml_error(e)}") from None
+        raise SegpromptError(f"recipe '{path}' is not valid YAML{yaml_error(e)}") from None
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -329,7 +330,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml_load(raw) if raw.strip() else None
     except (yaml.YAMLError, RecipeTooBig) as e:
-        raise SegpromptError(f"--set '{item}': the value is not valid YAML ({yaml_error(e)}); quote a string, "
+        raise SegpromptError(f"--set '{item}': the value is not valid YAML{yaml_error(e)}; quote a string, "
                              f"e.g. --set 'key=\"[\"'") from None
     return key.strip().split("."), value
 

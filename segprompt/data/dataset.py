@@ -23,13 +23,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta
+from segprompt.data.pixel_limit import over_limit
 from segprompt.data.transforms import (
     TestTransform,
     TrainTransform,
     label_to_tensor,
     to_tensor,
 )
-from segprompt.data.pixel_limit import over_limit
 from segprompt.data.truncation import truncated
 from segprompt.data.view import identity_view
 from segprompt.errors import SegpromptError

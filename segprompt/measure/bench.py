@@ -46,8 +46,8 @@ from segprompt.io import write_json_keeping_history
 from segprompt.measure.flops import mmcv_flops, torch_flops
 from segprompt.measure.ort_bench import OrtModel, is_onnx
 from segprompt.runs.load import run_recipe
-from segprompt.runs.runlock import refuse_live_run
 from segprompt.runs.rundir import git_commit
+from segprompt.runs.runlock import refuse_live_run
 
 # the deployed model of a recipe (random weights) lives in serve/deployed.py, which `segprompt export` shares
 from segprompt.serve.deployed import random_model as bench_model

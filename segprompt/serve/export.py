@@ -38,7 +38,12 @@ from torch import nn
 from segprompt import __version__
 from segprompt.config import Recipe
 from segprompt.errors import SegpromptError
-from segprompt.io import atomic_write_bytes, atomic_write_json, refuse_inputs_as_outputs, sha256_file
+from segprompt.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    refuse_inputs_as_outputs,
+    sha256_file,
+)
 from segprompt.runs.rundir import git_commit
 from segprompt.runs.runlock import refuse_live_run
 from segprompt.serve.deployed import Deployed, load_deployed

@@ -33,7 +33,11 @@ from torch import nn
 from segprompt.config import Recipe
 from segprompt.errors import SegpromptError
 from segprompt.io import atomic_write_json
-from segprompt.training.tensorboard import OVERLAY_IMAGES, TensorBoardLog, overlay_images
+from segprompt.training.tensorboard import (
+    OVERLAY_IMAGES,
+    TensorBoardLog,
+    overlay_images,
+)
 
 __all__ = ["TRACKERS_FILE", "Trackers"]
 

@@ -31,7 +31,14 @@ from segprompt.data.pixel_limit import over_limit
 from segprompt.data.prepare.archive import ArchiveSpec, Source
 from segprompt.data.prepare.labels import IGNORE_INDEX, apply_colour_table, value_lut
 from segprompt.data.prepare.runner import CONVERTER_VERSION, STATE_FILE, convert
-from segprompt.data.prepare.samples import IMAGE_EXTS, Job, Plan, Progress, Sample, write_sample
+from segprompt.data.prepare.samples import (
+    IMAGE_EXTS,
+    Job,
+    Plan,
+    Progress,
+    Sample,
+    write_sample,
+)
 from segprompt.errors import SegpromptError
 
 NAME = "folder"

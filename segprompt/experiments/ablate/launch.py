@@ -20,7 +20,13 @@ import submitit
 
 from segprompt.config import resolve_recipe, shipped_name, shipped_recipes
 from segprompt.errors import RunCrashed, RunInterrupted, SegpromptError
-from segprompt.experiments.ablate.plan import Plan, Run, missing_inputs, recipe_key, refresh_state
+from segprompt.experiments.ablate.plan import (
+    Plan,
+    Run,
+    missing_inputs,
+    recipe_key,
+    refresh_state,
+)
 from segprompt.experiments.ablate.smoke import load_smoke_profile, prepare_smoke_data
 from segprompt.io import atomic_write_json, move_aside
 from segprompt.runs import runlock
