@@ -20,6 +20,7 @@ TensorBoard and W&B also get the validation overlays (:mod:`.tensorboard`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import time
@@ -47,7 +48,7 @@ TRACKERS_FILE = "trackers.json"  # the tracked runs' ids, so a resume continues 
 def _import(name: str, module: str) -> Any:
     # function-level imports: each library is an optional extra, loaded only when its logger is on
     try:
-        return __import__(module, fromlist=["_"])
+        return importlib.import_module(module)
     except ImportError as e:
         raise SegpromptError(f"runtime.loggers names {name} but it cannot be imported ({e}); install it with "
                              f"`pip install 'segprompt[track]'`, or remove {name} from runtime.loggers") from None
