@@ -177,3 +177,16 @@ def test_an_interrupted_demo_continues_with_resume(tmp_path, monkeypatch):
     assert [r["method"] for r in json.loads((out / "demo.json").read_text())["rows"]] == ["head", "full"]
     empty = CliRunner().invoke(app, ["demo", "--resume", "--out", str(tmp_path / "nothing")])
     assert isinstance(empty.exception, SegpromptError) and "holds no demo" in str(empty.exception)
+
+
+def test_iters_lengthens_every_adaptation_run(tmp_path):
+    """--iters: the longer schedule that is the lever on the seeds' spread (docs/demo.md, "Precision")."""
+    report = run_demo(tmp_path / "out", ["head", "full"], controls=False, iters=3,
+                      **_tiny_kw(tmp_path, lrs=(0.01,), seeds=1))
+    assert report["scale"]["adapt_iters"] == 3
+    for method in ("head", "full"):
+        ends = [json.loads(line) for line in (tmp_path / f"out/runs/{method}/lr0.01-seed0/metrics.jsonl")
+                .read_text().splitlines() if '"end"' in line]
+        assert ends[-1] == {"event": "end", "status": "finished", "iter": 3}
+    with pytest.raises(SegpromptError, match="--iters must be >= 1"):
+        run_demo(tmp_path / "out2", ["head", "full"], iters=0, **_tiny_kw(tmp_path, seeds=1))

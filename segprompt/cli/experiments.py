@@ -22,6 +22,8 @@ def demo(
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated tuning methods (head and full are needed; "
                                                         "default: all of the backbone's).")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Seeds per method (default: the scale's, 3 for quick).")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Adaptation iterations per run (default: the scale's, 300 for "
+                                                      "quick, 500 for imagenet).")] = None,
     scale: Annotated[Optional[str], typer.Option(help="quick (~6 min on 2 CPU cores), full (longer, larger; a GPU) or "
                                                       "imagenet (efficientnet_lite0's; default: the backbone's).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Runs in parallel (default: min(2, CPU cores)).")] = None,
@@ -58,7 +60,8 @@ def demo(
                                  f"interrupted demo, with the options it ran with")
     else:
         out = new_run_dir(out or Path("results/demo") / time.strftime("%Y%m%d-%H%M%S"))
-    report = run_demo(out, chosen, backbone=backbone, scale=scale, seeds=seeds, seed=seed, workers=workers, controls=controls,
+    report = run_demo(out, chosen, backbone=backbone, scale=scale, seeds=seeds, iters=iters, seed=seed, workers=workers,
+                      controls=controls,
                       progress=lambda msg: err_console.print(msg, highlight=False))
     cols, lines = table_lines(report, rows_from_report(report))
     sc = report["scale"]

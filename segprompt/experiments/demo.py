@@ -316,7 +316,7 @@ def check_methods(backbone: str, methods: list[str] | None) -> list[str]:
 
 
 def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "resnet", scale: str | Scale | None = None,
-             seeds: int | None = None, data_root: Path = Path("data/demo"),
+             seeds: int | None = None, iters: int | None = None, data_root: Path = Path("data/demo"),
              cache_root: Path = Path("results/demo/cache"), seed: int = 0, workers: int | None = None,
              controls: bool = True, pretrain_overrides: list[str] = (), adapt_overrides: list[str] = (),
              progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
@@ -327,6 +327,10 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
         if seeds < 1:
             raise SegpromptError(f"--seeds must be >= 1, got {seeds}")
         sc = replace(sc, seeds=seeds)
+    if iters is not None:  # a longer schedule: the lever on the seeds' spread (docs/demo.md, "Precision")
+        if iters < 1:
+            raise SegpromptError(f"--iters must be >= 1, got {iters}")
+        sc = replace(sc, adapt_iters=iters)
     methods = check_methods(backbone, methods)
     bb = BACKBONES[backbone]
     workers = workers or max(1, min(2, os.cpu_count() or 1))
