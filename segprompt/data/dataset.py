@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta
+from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta, shared_stem
 from segprompt.data.pixel_limit import over_limit
 from segprompt.data.transforms import (
     TestTransform,
@@ -103,12 +103,10 @@ class SegDataset(Dataset):
         self.images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMG_EXTS)
         if not self.images:
             raise SegpromptError(f"split folder '{img_dir}' holds no images")
-        by_stem: dict[str, Path] = {}
-        for p in self.images:  # one rule everywhere (prepare, train, eval, predict): a stem names one sample
-            if p.stem in by_stem:
-                raise SegpromptError(f"'{by_stem[p.stem]}' and '{p}' share the stem '{p.stem}', so both would pair "
-                                     f"with the label '{ann_dir / (p.stem + '.png')}'; keep one of them")
-            by_stem[p.stem] = p
+        twins = shared_stem(self.images)
+        if twins:
+            raise SegpromptError(f"'{twins[0]}' and '{twins[1]}' share the stem '{twins[1].stem}', so both would pair "
+                                 f"with the label '{ann_dir / (twins[1].stem + '.png')}'; keep one of them")
         if subset is not None:
             if not 1 <= subset <= len(self.images):
                 raise SegpromptError(f"data.train_subset {subset} is not in 1..{len(self.images)} "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,17 @@ class DatasetMeta:
         d = asdict(self)
         d["num_classes"] = self.num_classes
         return d
+
+
+def shared_stem(paths: Iterable[Path]) -> tuple[Path, Path] | None:
+    """The first two of ``paths`` with one stem (``a.jpg``, ``a.png``), or None: a stem names one
+    sample, the same rule in prepare, train, eval and predict (docs/runs.md)."""
+    seen: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in seen:
+            return seen[p.stem], p
+        seen[p.stem] = p
+    return None
 
 
 def write_meta(root: str | Path, meta: DatasetMeta) -> None:

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,20 @@ def default_run_dir(recipe: str | Path, results: str | Path = "results") -> Path
     return Path(results) / Path(recipe).stem / time.strftime("%Y%m%d-%H%M%S")
 
 
-def _trained(metrics: Path) -> bool:
-    """Whether ``metrics.jsonl`` records a training iteration or an evaluation."""
+def _records(metrics: Path) -> Iterator[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, skipping a line cut by a kill."""
     for line in metrics.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if isinstance(rec, dict) and ("loss" in rec or "split" in rec):
-            return True
-    return False
+            continue
+        if isinstance(rec, dict):
+            yield rec
+
+
+def _trained(metrics: Path) -> bool:
+    """Whether ``metrics.jsonl`` records a training iteration or an evaluation."""
+    return any("loss" in rec or "split" in rec for rec in _records(metrics))
 
 
 def finished(run_dir: Path) -> bool:
@@ -64,14 +69,10 @@ def finished(run_dir: Path) -> bool:
     if not metrics.is_file():
         return False
     status = None
-    for line in metrics.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if isinstance(rec, dict) and rec.get("event") == "end":
+    for rec in _records(metrics):
+        if rec.get("event") == "end":
             status = rec.get("status")
-        elif isinstance(rec, dict) and rec.get("event") == "resume":
+        elif rec.get("event") == "resume":
             status = None  # a resumed run is unfinished until it ends again
     return status == "finished"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta, read_meta
+from segprompt.data.meta import ANN_DIR, IMG_DIR, DatasetMeta, read_meta, shared_stem
 from segprompt.data.prepare.samples import (
     IMAGE_EXTS,
     Progress,
@@ -55,12 +55,10 @@ def check(dataset: str, out: Path, *, nproc: int = 1, progress: Progress | None 
             problems += [f"missing file '{folder / n}'" for n in sorted(wanted - have)]
             problems += [f"unexpected file '{folder / n}' (not listed in meta.json)" for n in sorted(have - wanted)]
         folder = out / IMG_DIR / split
-        stems: dict[str, str] = {}
-        for name in sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []:
-            stem = Path(name).stem
-            if stem in stems:  # one rule everywhere: a stem names one sample
-                problems.append(f"'{folder / stems[stem]}' and '{folder / name}' share the stem '{stem}'")
-            stems[stem] = name
+        twins = shared_stem(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)) \
+            if folder.is_dir() else None
+        if twins:
+            problems.append(f"'{twins[0]}' and '{twins[1]}' share the stem '{twins[1].stem}'")
         samples += [Sample(split, Path(n).stem, Path(n).suffix) for n in names]
     results = parallel_map(_check_sample, [(out, s, meta.num_classes) for s in samples], nproc, "verifying",
                            progress)

@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from segprompt.data.meta import META_FILE, DatasetMeta, golden_palette, read_meta
+from segprompt.data.meta import (
+    META_FILE,
+    DatasetMeta,
+    golden_palette,
+    read_meta,
+    shared_stem,
+)
 from segprompt.data.pixel_limit import over_limit
 from segprompt.data.prepare.archive import ArchiveSpec, Source
 from segprompt.data.prepare.labels import IGNORE_INDEX, apply_colour_table, value_lut
@@ -110,19 +116,13 @@ def _checked_names(names: list[str], where: str) -> list[str]:
 def _files(folder: Path, exts: tuple[str, ...], what: str) -> tuple[dict[str, Path], list[Path]]:
     """stem -> file of one split folder (files with other suffixes are returned apart); two files with
     one stem are an error naming both."""
-    by_stem: dict[str, Path] = {}
-    other = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.is_dir():
-            continue
-        if p.suffix.lower() not in exts:
-            other.append(p)
-            continue
-        if p.stem in by_stem:
-            raise SegpromptError(f"{what} '{by_stem[p.stem]}' and '{p}' share the stem '{p.stem}'; keep one "
-                                 f"of them (a sample is named by its stem)")
-        by_stem[p.stem] = p
-    return by_stem, other
+    files = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir()]
+    ours = [p for p in files if p.suffix.lower() in exts]
+    twins = shared_stem(ours)
+    if twins:
+        raise SegpromptError(f"{what} '{twins[0]}' and '{twins[1]}' share the stem '{twins[1].stem}'; keep one "
+                             f"of them (a sample is named by its stem)")
+    return {p.stem: p for p in ours}, [p for p in files if p.suffix.lower() not in exts]
 
 
 def _split_folders(images: Path, masks: Path) -> dict[str, tuple[Path, Path]] | None:
