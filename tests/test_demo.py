@@ -47,7 +47,7 @@ def test_demo_protocol_sweeps_seeds_controls_and_reports(tmp_path):
     tiny = replace(SCALES["quick"], image=32, crop=32, pretrain_iters=3, adapt_iters=2, lrs=(0.01, 0.02), seeds=2,
                    counts_source={"train": 8, "val": 2, "test": 0}, counts_target={"train": 4, "val": 2, "test": 2})
     kw = dict(scale=tiny, data_root=tmp_path / "data", cache_root=tmp_path / "cache", workers=1,
-              pretrain_overrides=["runtime.num_workers=0"], adapt_overrides=["runtime.num_workers=0"])
+              pretrain_overrides=["runtime.num_workers=0"])
     report = run_demo(tmp_path / "out", ["head", "spm", "full"], **kw)
     rows = {r["method"]: r for r in report["rows"]}
     assert list(rows) == ["head", "spm", "full", "only-stem", "only-layer1", "only-layer2", "only-layer3", "only-layer4"]
@@ -92,7 +92,7 @@ TINY = dict(image=32, crop=32, pretrain_iters=3, adapt_iters=2, counts_source={"
 
 def _tiny_kw(tmp_path, **scale):
     return dict(scale=replace(SCALES["quick"], **TINY | scale), data_root=tmp_path / "data", cache_root=tmp_path / "cache",
-                workers=1, pretrain_overrides=["runtime.num_workers=0"], adapt_overrides=["runtime.num_workers=0"])
+                workers=1, pretrain_overrides=["runtime.num_workers=0"])
 
 
 def test_a_diverging_rate_is_a_result_of_the_sweep_not_a_crash(tmp_path):
@@ -137,7 +137,8 @@ def test_imagenet_demo_adapts_the_frozen_lite0_with_no_source_pretraining(tmp_pa
     tiny = replace(SCALES["imagenet"], image=32, crop=32, adapt_iters=2, lrs=(0.02,), seeds=1,
                    counts_target={"train": 4, "val": 2, "test": 2})
     report = run_demo(tmp_path / "out", ["head", "spm", "full"], backbone="efficientnet_lite0", scale=tiny,
-                      data_root=tmp_path / "data", cache_root=tmp_path / "cache", workers=1)
+                      data_root=tmp_path / "data", cache_root=tmp_path / "cache", workers=1,
+                      adapt_overrides=["model.backbone.output_stride=8"])  # what `demo --set` passes
     rows = {r["method"]: r for r in report["rows"]}
     assert list(rows) == ["head", "spm", "full", "only-stem", "only-stage1", "only-stage2", "only-stage3",
                           "only-stage4"]
@@ -149,6 +150,8 @@ def test_imagenet_demo_adapts_the_frozen_lite0_with_no_source_pretraining(tmp_pa
     # every run froze the same ImageNet file: the head run's config names it
     cfg = (tmp_path / "out" / "runs" / "head" / "lr0.001-seed0" / "config.yaml").read_text()
     assert report["weights"] in cfg and "efficientnet_lite0" in cfg
+    assert "output_stride: 8" in cfg and report["overrides"] == ["model.backbone.output_stride=8"]
+    assert "--set model.backbone.output_stride=8" in source_line(report)
     assert rows["head"]["trainable"] < rows["only-stem"]["trainable"] < rows["full"]["trainable"]
 
 
@@ -190,3 +193,18 @@ def test_iters_lengthens_every_adaptation_run(tmp_path):
         assert ends[-1] == {"event": "end", "status": "finished", "iter": 3}
     with pytest.raises(SegpromptError, match="--iters must be >= 1"):
         run_demo(tmp_path / "out2", ["head", "full"], iters=0, **_tiny_kw(tmp_path, seeds=1))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=0.1", r"--set optimizer.lr=0.1: the demo sets optimizer.lr itself \(rates are swept on val"),
+    ("runtime.seed=3", r"the demo sets runtime.seed itself"),
+    ("schedule=0", r"the demo sets schedule.iters itself"),  # a parent of a key the demo sets
+    ("model.backbone.no_such_key=1", r"no_such_key"),
+])
+def test_demo_set_refuses_what_the_protocol_sets_and_unknown_keys_before_any_run(tmp_path, override, message):
+    """`demo --set` changes every adaptation run; a key the protocol sweeps or sets itself, or one
+    no recipe has, is refused before the source pretraining or any run starts."""
+    with pytest.raises(SegpromptError, match=message):
+        run_demo(tmp_path / "out", ["head", "full"], data_root=tmp_path / "d", cache_root=tmp_path / "c",
+                 adapt_overrides=[override])
+    assert not any(p.exists() for p in (tmp_path / "c", tmp_path / "d", tmp_path / "out" / "runs"))

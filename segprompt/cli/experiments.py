@@ -18,17 +18,20 @@ def demo(
                                                      "(default results/demo/<timestamp>/).")] = None,
     backbone: Annotated[str, typer.Option(help="resnet (the default, ~8 min on 2 CPU cores), vit (adds VPT and "
                                                "AdaptFormer; ~30 min) or efficientnet_lite0 (real ImageNet "
-                                               "features, the imagenet extra; about an hour).")] = "resnet",
+                                               "features, the imagenet extra; 1-2 hours on 2 CPU cores).")] = "resnet",
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated tuning methods (head and full are needed; "
                                                         "default: all of the backbone's).")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Seeds per method (default: the scale's, 3 for quick).")] = None,
     iters: Annotated[Optional[int], typer.Option(help="Adaptation iterations per run (default: the scale's, 300 for "
-                                                      "quick, 500 for imagenet).")] = None,
+                                                      "quick, 1000 for imagenet).")] = None,
     scale: Annotated[Optional[str], typer.Option(help="quick (~6 min on 2 CPU cores), full (longer, larger; a GPU) or "
                                                       "imagenet (efficientnet_lite0's; default: the backbone's).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Runs in parallel (default: min(2, CPU cores)).")] = None,
     controls: Annotated[bool, typer.Option(help="Also tune one backbone stage at a time (where the gap lives).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic domains.")] = 0,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override KEY.PATH=VALUE in every adaptation "
+                                                                    "run, e.g. model.backbone.output_stride=8; "
+                                                                    "repeatable.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the demo in --out: finished runs are read back, an "
                                               "unfinished one continues from its last checkpoint.")] = False,
 ) -> None:
@@ -61,7 +64,7 @@ def demo(
     else:
         out = new_run_dir(out or Path("results/demo") / time.strftime("%Y%m%d-%H%M%S"))
     report = run_demo(out, chosen, backbone=backbone, scale=scale, seeds=seeds, iters=iters, seed=seed, workers=workers,
-                      controls=controls,
+                      controls=controls, adapt_overrides=set_ or [],
                       progress=lambda msg: err_console.print(msg, highlight=False))
     cols, lines = table_lines(report, rows_from_report(report))
     sc = report["scale"]

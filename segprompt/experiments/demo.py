@@ -240,6 +240,23 @@ def method_overrides(backbone: Backbone, method: str, target: Path, weights: Pat
             f"optimizer.lr={lr}", f"runtime.seed={seed}", "runtime.num_workers=0", *tuning, *extra]
 
 
+def check_adapt_overrides(backbone: Backbone, methods: list[str], target: Path, weights: Path, scale: Scale,
+                          overrides: list[str]) -> None:
+    """The user's ``--set`` for every adaptation run: refused where the protocol sets the key itself
+    (the rate is swept, the seed and schedule have their own options), checked against a recipe
+    before any run starts."""
+    own = {o.split("=", 1)[0] for m in [*methods, f"only-{next(iter(backbone.parts))}"]
+           for o in method_overrides(backbone, m, target, weights, scale, 0.0, 0, [])}
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        clash = next((k for k in own if key == k or key.startswith(k + ".") or k.startswith(key + ".")), None)
+        if clash is not None:
+            raise SegpromptError(f"--set {o}: the demo sets {clash} itself (rates are swept on val; the seeds, "
+                                 f"the schedule and the methods have --seeds, --iters and --methods)")
+    for m in methods:  # an unknown key or a bad value stops here, not in a worker after the sweep began
+        load_recipe(method_recipe(backbone, m), method_overrides(backbone, m, target, weights, scale, 1e-3, 0, overrides))
+
+
 def run_job(job: Job) -> RunResult:
     """Train, then score on each split (a worker process: its console output goes to the run's
     ``console.log`` so parallel runs do not interleave)."""
@@ -317,6 +334,17 @@ def check_methods(backbone: str, methods: list[str] | None) -> list[str]:
     return methods
 
 
+def resolve_scale(scale: str | Scale, seeds: int | None, iters: int | None) -> Scale:
+    """The scale with the user's --seeds and --iters (a longer schedule: docs/demo.md, "Real features")."""
+    sc = SCALES[scale] if isinstance(scale, str) else scale
+    for option, value, field_name in (("--seeds", seeds, "seeds"), ("--iters", iters, "adapt_iters")):
+        if value is not None:
+            if value < 1:
+                raise SegpromptError(f"{option} must be >= 1, got {value}")
+            sc = replace(sc, **{field_name: value})
+    return sc
+
+
 def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "resnet", scale: str | Scale | None = None,
              seeds: int | None = None, iters: int | None = None, data_root: Path = Path("data/demo"),
              cache_root: Path = Path("results/demo/cache"), seed: int = 0, workers: int | None = None,
@@ -324,20 +352,15 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
              progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Run the whole protocol; returns the report (also written to ``out``)."""
     scale = scale or (BACKBONES[backbone].scale if backbone in BACKBONES else "quick")
-    sc = SCALES[scale] if isinstance(scale, str) else scale
-    if seeds is not None:
-        if seeds < 1:
-            raise SegpromptError(f"--seeds must be >= 1, got {seeds}")
-        sc = replace(sc, seeds=seeds)
-    if iters is not None:  # a longer schedule: the lever on the seeds' spread (docs/demo.md, "Precision")
-        if iters < 1:
-            raise SegpromptError(f"--iters must be >= 1, got {iters}")
-        sc = replace(sc, adapt_iters=iters)
+    sc = resolve_scale(scale, seeds, iters)
     methods = check_methods(backbone, methods)
     bb = BACKBONES[backbone]
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
     weights = bb.imagenet() if bb.pretrain is None else None  # a missing package stops before any data is made
+    # before any data or source model is made: a bad --set stops in seconds (the paths stand in)
+    check_adapt_overrides(bb, methods, data_root / "target", weights or cache_root / "backbone.pth", sc,
+                          list(adapt_overrides))
     source, target = prepare_domains(data_root, sc, seed, source=bb.pretrain is not None)
     if bb.pretrain is None:  # ImageNet is the source: no source pretraining, no zero-shot
         pre = None
@@ -389,7 +412,8 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
     spm_diag = diags.pop("spm", {})
     # a rate chosen at an end of the grid may be short of the method's best: said, not hidden
     edge = {m: lr for m, lr in chosen.items() if len(lrs) > 1 and lr in (lrs[0], lrs[-1])}
-    report = {"backbone": backbone, "scale_name": scale if isinstance(scale, str) else "custom", "scale": asdict(sc), "lrs": lrs, "edge_of_grid": edge, "workers": workers,
+    report = {"backbone": backbone, "scale_name": scale if isinstance(scale, str) else "custom", "scale": asdict(sc),
+              "overrides": extra, "lrs": lrs, "edge_of_grid": edge, "workers": workers,
               "source": "ImageNet" if pre is None else "synthetic", "weights": str(weights),
               "source_val_mIoU": None if pre is None else pre.scores["val"], "zero_shot": zero,
               "rows": [row_json(r) for r in rows], "spm_diagnostics": spm_diag, "spm_variant_diagnostics": diags,

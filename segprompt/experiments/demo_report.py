@@ -151,12 +151,14 @@ def edge_note(report: dict) -> str:
 
 
 def source_line(report: dict) -> str:
-    """What the adapted backbone is and whether its weights are ImageNet's."""
+    """What the adapted backbone is, whether its weights are ImageNet's, and the user's ``--set``."""
+    changed = (f" Every adaptation run with --set {' '.join(report['overrides'])}."
+               if report.get("overrides") else "")
     if report.get("source") == "ImageNet":
         return (f"Backbone: {report['backbone']}, ImageNet-pretrained (real features; weights {report['weights']}), "
-                f"adapted to the synthetic target with no source pretraining.")
+                f"adapted to the synthetic target with no source pretraining.{changed}")
     return (f"Backbone: {report['backbone']}, pre-trained on the synthetic source (not ImageNet); "
-            f"source-val mIoU of the source model: {report['source_val_mIoU']:.2f}.")
+            f"source-val mIoU of the source model: {report['source_val_mIoU']:.2f}.{changed}")
 
 
 def write_report(out: Path, report: dict, rows: list[Row]) -> None:
