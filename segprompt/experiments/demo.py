@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from segprompt.config import dump_recipe, load_recipe, shipped_recipes
+from segprompt.config import dump_recipe, load_recipe, parse_override, shipped_recipes
 from segprompt.data.meta import read_meta
 from segprompt.data.synthetic import generate_synthetic
 from segprompt.errors import NonFiniteLoss, SegpromptError
@@ -245,14 +245,15 @@ def check_adapt_overrides(backbone: Backbone, methods: list[str], target: Path, 
     """The user's ``--set`` for every adaptation run: refused where the protocol sets the key itself
     (the rate is swept, the seed and schedule have their own options), checked against a recipe
     before any run starts."""
-    own = {o.split("=", 1)[0] for m in [*methods, f"only-{next(iter(backbone.parts))}"]
+    own = {tuple(parse_override(o)[0]) for m in [*methods, f"only-{next(iter(backbone.parts))}"]
            for o in method_overrides(backbone, m, target, weights, scale, 0.0, 0, [])}
     for o in overrides:
-        key = o.split("=", 1)[0].strip()
-        clash = next((k for k in own if key == k or key.startswith(k + ".") or k.startswith(key + ".")), None)
+        keys = tuple(parse_override(o)[0])
+        # the same key, one inside it, or one holding it (--set schedule=... would replace schedule.iters)
+        clash = next((k for k in own if keys[:len(k)] == k or k[:len(keys)] == keys), None)
         if clash is not None:
-            raise SegpromptError(f"--set {o}: the demo sets {clash} itself (rates are swept on val; the seeds, "
-                                 f"the schedule and the methods have --seeds, --iters and --methods)")
+            raise SegpromptError(f"--set {o}: the demo sets {'.'.join(clash)} itself (rates are swept on val; the "
+                                 f"seeds, the schedule and the methods have --seeds, --iters and --methods)")
     for m in methods:  # an unknown key or a bad value stops here, not in a worker after the sweep began
         load_recipe(method_recipe(backbone, m), method_overrides(backbone, m, target, weights, scale, 1e-3, 0, overrides))
 
@@ -358,9 +359,9 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
     weights = bb.imagenet() if bb.pretrain is None else None  # a missing package stops before any data is made
+    extra = list(adapt_overrides)
     # before any data or source model is made: a bad --set stops in seconds (the paths stand in)
-    check_adapt_overrides(bb, methods, data_root / "target", weights or cache_root / "backbone.pth", sc,
-                          list(adapt_overrides))
+    check_adapt_overrides(bb, methods, data_root / "target", weights or cache_root / "backbone.pth", sc, extra)
     source, target = prepare_domains(data_root, sc, seed, source=bb.pretrain is not None)
     if bb.pretrain is None:  # ImageNet is the source: no source pretraining, no zero-shot
         pre = None
@@ -371,8 +372,6 @@ def run_demo(out: Path, methods: list[str] | None = None, *, backbone: str = "re
         pre = _run_all([job], 1, lambda r: None)["pretrain"]
         weights = _extract_backbone(Path(pre.run), cache)
         progress(f"source model: source-val mIoU {pre.scores['val']:.2f}")
-
-    extra = list(adapt_overrides)
 
     def job(m: str, lr: float, s: int) -> Job:
         return Job(f"{m}/lr{lr:g}/seed{s}", method_recipe(bb, m),
