@@ -183,7 +183,7 @@ def test_an_interrupted_demo_continues_with_resume(tmp_path, monkeypatch):
 
 
 def test_iters_lengthens_every_adaptation_run(tmp_path):
-    """--iters: the longer schedule that is the lever on the seeds' spread (docs/demo.md, "Precision")."""
+    """--iters: the longer schedule that is the lever on the seeds' spread (docs/demo.md, "Real features")."""
     report = run_demo(tmp_path / "out", ["head", "full"], controls=False, iters=3,
                       **_tiny_kw(tmp_path, lrs=(0.01,), seeds=1))
     assert report["scale"]["adapt_iters"] == 3

@@ -151,7 +151,8 @@ SCALES = {
     # pretraining (counts_source is unused), 96-pixel target images, 64-pixel crops, 1000 iterations
     # (500 left full tuning's seeds 2.2 mIoU apart), a 192-image test split. Target objects at twice
     # the default size: at 1.0 they span one or two cells of the last stage's stride-16 map, and a
-    # head on it stayed at the all-background score (docs/demo.md, "The target's object size").
+    # head on it stayed at the all-background score (docs/demo.md, "Real features", "Objects at
+    # twice the default size").
     # AdamW rates 1e-4 to 3e-2 (this grid x the backbone's lr_scale 1/20): full tuning's best rate
     # lies at 1e-2, inside the grid.
     "imagenet": Scale(image=96, crop=64, classes=6,
